@@ -1,0 +1,145 @@
+"""The ``mdiff`` command line: one command per research question, over the library.
+
+Errors in the user's input (:class:`~mdiff.errors.MdiffError`) are printed as one line, with no
+traceback, and exit with status 2.
+"""
+
+import functools
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mdiff.errors import MdiffError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    help="mdiff: mechanistic model diffing of a base LLM and its fine-tune (TransformerLens 4).",
+)
+console = Console(stderr=True)
+out = Console()
+
+PairOpt = Annotated[str, typer.Option("--pair", "-p", help="Built-in pair name (see `mdiff pairs`) or a pair .toml file.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="Torch device (default: cuda if available, else cpu).")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice; 1 in tests/CI).")]
+
+
+def cli_errors(fn):
+    """Turn MdiffError into a one-line message and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MdiffError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _setup(threads: int | None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads is not None:
+        if threads < 1:
+            raise MdiffError(f"--threads must be ≥ 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@app.command("pairs")
+@cli_errors
+def pairs_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (name, base, tuned, truth...).")] = False,
+    build: Annotated[bool, typer.Option(help="Build the toy pairs first if they are not cached yet.")] = False,
+):
+    """List the built-in pairs: the two real 8B pairs and the offline toy pairs with their planted truth."""
+    from mdiff.pairs import list_pairs
+
+    rows = list_pairs(build_toys=build)
+    if as_json:
+        out.print_json(json.dumps(rows)) if sys.stdout.isatty() else print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title="mdiff pairs")
+    for col in ("name", "base", "tuned", "notes"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        note = r["description"]
+        if r["kind"] == "toy":
+            note += f"  [truth: {json.dumps(r['truth'], separators=(',', ':'))}]"
+            if not r["built"]:
+                note += "  (built on first use, ~1 min)"
+        t.add_row(r["name"], r["base"], r["tuned"], note)
+    out.print(t)
+
+
+@app.command("build-toys")
+@cli_errors
+def build_toys_cmd(threads: ThreadsOpt = None):
+    """Build the offline toy pairs (tokenizer, trained base, planted and fine-tuned variants) into the cache."""
+    _setup(threads)
+    from mdiff import toy
+
+    if toy.is_built():
+        out.print(f"toy pairs already built: {toy.toy_dir()}")
+        return
+    out.print(f"building toy pairs into {toy.toy_dir()} ...")
+    root = toy.build_toys(progress=True)
+    info = json.loads((root / "build.json").read_text())
+    out.print(f"built in {info['seconds']} s: {root}")
+
+
+@app.command("info")
+@cli_errors
+def info_cmd(
+    pair: PairOpt = "toy-lowrank",
+    load: Annotated[bool, typer.Option(help="Also load each model (one at a time) and compare next-token predictions.")] = False,
+    n: Annotated[int, typer.Option(help="Prompts to compare with --load.")] = 32,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """Describe a pair: shapes, tokenizer relation and hashes; with --load, next-token KL between the models."""
+    _setup(threads)
+    from mdiff.models import inspect_pair
+    from mdiff.pairs import resolve_pair
+
+    spec = resolve_pair(pair, progress=True)
+    info = inspect_pair(spec)
+    summary = {"pair": spec.name, "base": spec.base, "tuned": spec.tuned, "dtype": spec.dtype, **info.to_dict()}
+    if spec.truth is not None:
+        summary["truth"] = spec.truth
+    if load:
+        from mdiff.quick import next_token_comparison
+
+        summary["comparison"] = next_token_comparison(spec, n=n, device=device)
+    print(json.dumps(summary, indent=2))
+
+
+@app.command("demo")
+@cli_errors
+def demo_cmd(
+    pair: PairOpt = "toy-lowrank",
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder.")] = "results",
+    threads: ThreadsOpt = None,
+):
+    """The main job on the embedded default pair: build the toys if needed, describe the pair, compare the models."""
+    _setup(threads)
+    from mdiff.demo import run_demo
+
+    run_demo(pair, out_dir, console=out)
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,258 @@
+"""Loading a pair as hooked TransformerLens models: the only module that knows TL's loading API.
+
+Both models of a pair load through ``TransformerBridge.boot_transformers(dir_or_hub_id)`` in raw mode
+(HF weights as they are, no LayerNorm folding, so both live in HF's own residual basis), with the same
+dtype and device. Shapes are compared from the configs *before* any weights are read, so an
+incompatible pair is refused cheaply, and the two models can be loaded one at a time
+(:func:`load_model`, :func:`free`): two 8B models do not fit in 24 GB of RAM, nor on one card in fp32.
+"""
+
+import contextlib
+import dataclasses
+import gc
+import io
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from mdiff.errors import MdiffError
+from mdiff.pairs import PairSpec
+
+Side = Literal["base", "tuned"]
+Relation = Literal["identical", "extends", "different"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The shapes a pair must share."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    n_kv_heads: int
+    d_vocab: int
+    architecture: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairInfo:
+    """What is known about a pair without holding either model: shapes and tokenizer relation."""
+
+    base: Dims
+    tuned: Dims
+    tokenizer_relation: Relation
+    base_tokenizer_hash: str
+    tuned_tokenizer_hash: str
+    n_shared_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), "tuned": self.tuned.to_dict(),
+                "tokenizer_relation": self.tokenizer_relation,
+                "base_tokenizer_hash": self.base_tokenizer_hash, "tuned_tokenizer_hash": self.tuned_tokenizer_hash,
+                "n_shared_tokens": self.n_shared_tokens}
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise MdiffError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or ref.count("/") != 1 or os.sep == "\\" and "\\" in ref
+
+
+def _check_ref(ref: str, side: str) -> None:
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise MdiffError(f"{side} model {ref!r} is a file; give a model directory (with config.json) or a hub id")
+        if not (p / "config.json").is_file():
+            raise MdiffError(f"{side} model directory {ref} has no config.json: is it a Hugging Face model folder?")
+        return
+    if _looks_local(ref):
+        raise MdiffError(f"{side} model directory not found: {ref} (check the path in the pair file)")
+
+
+def _hub_error(ref: str, side: str, err: Exception) -> MdiffError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return MdiffError(
+        f"could not load {side} model {ref!r}: {first[:200]} (no hub is reachable offline: download it and give "
+        f"its local directory in a pair .toml file)")
+
+
+def read_config(ref: str, revision: str | None = None, side: str = "model"):
+    """The Hugging Face config of a model (no weights read)."""
+    from transformers import AutoConfig
+
+    _check_ref(ref, side)
+    try:
+        return AutoConfig.from_pretrained(ref, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(ref, side, e) from None
+
+
+def dims_of(cfg) -> Dims:
+    """Shapes from an HF config (text config for multimodal wrappers)."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n_heads = int(text.num_attention_heads)
+    d_model = int(text.hidden_size)
+    d_head = int(getattr(text, "head_dim", None) or d_model // n_heads)
+    return Dims(n_layers=int(text.num_hidden_layers), d_model=d_model, n_heads=n_heads, d_head=d_head,
+                n_kv_heads=int(getattr(text, "num_key_value_heads", None) or n_heads),
+                d_vocab=int(text.vocab_size), architecture=(cfg.architectures or ["?"])[0])
+
+
+def check_compatible(base: Dims, tuned: Dims) -> None:
+    """Refuse a pair whose n_layers, d_model, n_heads or d_head differ, naming both values."""
+    for field in ("n_layers", "d_model", "n_heads", "d_head"):
+        b, t = getattr(base, field), getattr(tuned, field)
+        if b != t:
+            raise MdiffError(f"incompatible pair: {field} differs (base {b}, tuned {t}); mdiff compares models "
+                             f"of one architecture")
+
+
+def load_tokenizer(ref: str, revision: str | None = None, side: str = "model"):
+    from transformers import AutoTokenizer
+
+    _check_ref(ref, side)
+    try:
+        return AutoTokenizer.from_pretrained(ref, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(ref, side, e) from None
+
+
+def tokenizer_hash(tok) -> str:
+    """sha256 of the tokenizer's full definition (vocabulary, merges, added tokens, normaliser...)."""
+    backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str()
+    else:  # slow tokenizer
+        payload = json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _merges(tok) -> list | None:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    model = json.loads(backend.to_str()).get("model", {})
+    return model.get("merges")
+
+
+def tokenizer_relation(base_tok, tuned_tok) -> tuple[Relation, int]:
+    """How the tuned tokenizer relates to the base one, and how many token ids they share.
+
+    ``identical``: same definition. ``extends``: every base token keeps its id in the tuned vocabulary and
+    the base merges are a prefix of the tuned ones (new tokens only added), so text tokenized with the
+    base tokenizer is valid for both models. ``different``: anything else (positions are then aligned by
+    character offsets, see METHODS.md).
+    """
+    if tokenizer_hash(base_tok) == tokenizer_hash(tuned_tok):
+        return "identical", len(base_tok)
+    bv, tv = base_tok.get_vocab(), tuned_tok.get_vocab()
+    shared = sum(1 for t, i in bv.items() if tv.get(t) == i)
+    if shared == len(bv) and len(tv) >= len(bv):
+        bm, tm = _merges(base_tok), _merges(tuned_tok)
+        if bm is None or tm is None or tm[: len(bm)] == bm:
+            return "extends", shared
+    return "different", shared
+
+
+def inspect_pair(spec: PairSpec) -> PairInfo:
+    """Shapes and tokenizers of both sides, from configs and tokenizer files only (no weights)."""
+    bcfg = read_config(spec.base, spec.base_revision, "base")
+    tcfg = read_config(spec.tuned, spec.tuned_revision, "tuned")
+    bd, td = dims_of(bcfg), dims_of(tcfg)
+    check_compatible(bd, td)
+    btok = load_tokenizer(spec.base, spec.base_revision, "base")
+    ttok = load_tokenizer(spec.tuned, spec.tuned_revision, "tuned")
+    rel, shared = tokenizer_relation(btok, ttok)
+    return PairInfo(base=bd, tuned=td, tokenizer_relation=rel, base_tokenizer_hash=tokenizer_hash(btok),
+                    tuned_tokenizer_hash=tokenizer_hash(ttok), n_shared_tokens=shared)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _quiet_transformers() -> None:
+    """Library code stays quiet: no weight-loading progress bars or info logs from transformers."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str | None = None):
+    """Load one side of a pair as a ``TransformerBridge`` (raw mode), in eval mode, without gradients.
+
+    The returned model carries ``model.mdiff_side`` and ``model.mdiff_ref`` for provenance.
+    """
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if side not in ("base", "tuned"):
+        raise MdiffError(f"side must be 'base' or 'tuned', got {side!r}")
+    ref = spec.base if side == "base" else spec.tuned
+    revision = spec.base_revision if side == "base" else spec.tuned_revision
+    _check_ref(ref, side)
+    device = device or default_device()
+    tdtype = _torch_dtype(dtype or spec.dtype)
+    _quiet_transformers()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = TransformerBridge.boot_transformers(ref, device=device, dtype=tdtype, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(ref, side, e) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if isinstance(spec.chat_template, str) and model.tokenizer is not None:
+        model.tokenizer.chat_template = spec.chat_template
+    model.mdiff_side = side
+    model.mdiff_ref = ref
+    return model
+
+
+def load_pair(spec: PairSpec, device: str | None = None, dtype: str | None = None):
+    """Both models at once (small pairs only), after the shape check. Returns ``(base, tuned, info)``."""
+    info = inspect_pair(spec)
+    base = load_model(spec, "base", device, dtype)
+    tuned = load_model(spec, "tuned", device, dtype)
+    return base, tuned, info
+
+
+def free(model) -> None:
+    """Drop a model's memory: call as ``free(model); del model`` (or let the last reference go)."""
+    import torch
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # TL prints "Moving model to device"
+            model.to("meta")
+    except Exception:  # noqa: BLE001 - freeing is best effort
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def model_dims(model) -> Dims:
+    cfg = model.cfg
+    return Dims(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head,
+                n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, d_vocab=cfg.d_vocab,
+                architecture=str(getattr(cfg, "architecture", "?")))

@@ -1,0 +1,224 @@
+"""Naming a (base, tuned) pair: the built-in registry and TOML pair files.
+
+A pair is given on the command line as ``--pair NAME`` (a built-in) or ``--pair path/to/pair.toml``::
+
+    # pair.toml
+    name = "my-pair"                 # optional, defaults to the file name
+    base = "meta-llama/Llama-3.1-8B-Instruct"     # hub id or local directory
+    tuned = "../models/my-finetune"              # relative paths are relative to this file
+    revision = "main"                # optional: one string for both, or {base = "...", tuned = "..."}
+    dtype = "bfloat16"               # optional: float32 (default), bfloat16, float16
+    prompts = "prompts.jsonl"        # optional JSONL prompt set
+    chat_template = true             # optional: true/false, or a Jinja template string
+
+Toy pairs (``toy-lowrank``, ``toy-distributed``) are built offline on first use (see :mod:`mdiff.toy`);
+their spec carries ``truth``, what was planted.
+"""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mdiff.errors import MdiffError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DTYPES = ("float32", "bfloat16", "float16")
+_TOML_KEYS = {"name", "base", "tuned", "revision", "dtype", "prompts", "chat_template", "description",
+              "min_shared_ratio", "behaviour"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSpec:
+    """Where the two models of a pair come from, and how to read them."""
+
+    name: str
+    base: str
+    """Hub id or local directory of the base model."""
+    tuned: str
+    """Hub id or local directory of the fine-tuned model."""
+    base_revision: str | None = None
+    tuned_revision: str | None = None
+    dtype: str = "float32"
+    prompts: str | None = None
+    """Path of a JSONL prompt set."""
+    chat_template: bool | str = False
+    """False: plain prompts; True: the tokenizer's chat template; a string: that Jinja template."""
+    description: str = ""
+    truth: dict | None = None
+    """What is planted (toy pairs only)."""
+    toy: bool = False
+    source: str = "builtin"
+    """'builtin', 'toy', or the TOML file the spec was read from."""
+    min_shared_ratio: float = 0.0
+    behaviour: dict | None = None
+    """Optional behaviour-diagnostic settings (refusal/neutral continuations, style markers)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Sherkala's chat template is published in its model card (not in its tokenizer files); reproduced as given
+# there, including the stray space it emits before the BOS of the first message.
+SHERKALA_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role']+'<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %} {% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+BUILTIN: dict[str, PairSpec] = {
+    "cultural": PairSpec(
+        name="cultural",
+        base="meta-llama/Llama-3.1-8B-Instruct",
+        tuned="inceptionai/Llama-3.1-Sherkala-8B-Chat",
+        dtype="bfloat16",
+        chat_template=SHERKALA_CHAT_TEMPLATE,
+        min_shared_ratio=0.65,
+        description="Kazakh cultural fine-tune; the tuned tokenizer extends Llama-3.1's vocabulary (128,256 -> 159,766).",
+    ),
+    "cognitive": PairSpec(
+        name="cognitive",
+        base="meta-llama/Llama-3.1-8B",
+        tuned="nvidia/OpenMath2-Llama3.1-8B",
+        dtype="bfloat16",
+        chat_template=True,
+        description="Maths fine-tune (OpenMathInstruct-2) of Llama-3.1-8B, Llama-3.1 chat format.",
+    ),
+}
+
+TOY_NAMES = ("toy-lowrank", "toy-distributed")
+DEFAULT_PAIR = "toy-lowrank"
+
+
+def pair_names() -> list[str]:
+    return [*BUILTIN, *TOY_NAMES]
+
+
+def resolve_pair(pair: str, build: bool = True, progress: bool = False) -> PairSpec:
+    """Turn ``--pair`` (a built-in name or a TOML path) into a :class:`PairSpec`.
+
+    Toy pairs are built (offline, deterministically, cached) when ``build`` is true.
+    """
+    if pair in BUILTIN:
+        return BUILTIN[pair]
+    if pair in TOY_NAMES:
+        from mdiff import toy
+
+        return toy.toy_pair(pair, build=build, progress=progress)
+    path = Path(pair).expanduser()
+    if path.suffix == ".toml" or path.exists():
+        return load_pair_file(path)
+    raise MdiffError(
+        f"unknown pair {pair!r}: use one of {', '.join(pair_names())} or the path of a pair .toml file"
+    )
+
+
+def _check_str(key: str, value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MdiffError(f"{where}: key {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _model_ref(value: str, base_dir: Path) -> str:
+    """Resolve a relative local path against the pair file's folder; leave hub ids alone."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = base_dir / p
+    if candidate.exists() or value.startswith((".", "~")) or value.count("/") != 1:
+        return str(candidate.resolve())
+    return value  # looks like a hub id "org/name"
+
+
+def load_pair_file(path: str | Path) -> PairSpec:
+    """Read a pair TOML file, checking every key; errors name the file and the key at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise MdiffError(f"pair file not found: {path} (give a built-in name: {', '.join(pair_names())})")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise MdiffError(f"{path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise MdiffError(f"{path}: not UTF-8 text ({e.reason})") from None
+    where = str(path)
+    unknown = sorted(set(data) - _TOML_KEYS)
+    if unknown:
+        raise MdiffError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_TOML_KEYS))})")
+    for key in ("base", "tuned"):
+        if key not in data:
+            raise MdiffError(f"{where}: missing required key {key!r} (a hub id or a local model directory)")
+    base_dir = path.parent.resolve()
+    base = _model_ref(_check_str("base", data["base"], where), base_dir)
+    tuned = _model_ref(_check_str("tuned", data["tuned"], where), base_dir)
+
+    rev = data.get("revision")
+    if rev is None:
+        base_rev = tuned_rev = None
+    elif isinstance(rev, str):
+        base_rev = tuned_rev = rev
+    elif isinstance(rev, dict):
+        extra = set(rev) - {"base", "tuned"}
+        if extra:
+            raise MdiffError(f"{where}: key 'revision' has unknown entry {sorted(extra)[0]!r} (use base, tuned)")
+        base_rev = rev.get("base")
+        tuned_rev = rev.get("tuned")
+        for k, v in (("revision.base", base_rev), ("revision.tuned", tuned_rev)):
+            if v is not None:
+                _check_str(k, v, where)
+    else:
+        raise MdiffError(f"{where}: key 'revision' must be a string or a table {{base=..., tuned=...}}")
+
+    dtype = data.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise MdiffError(f"{where}: key 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+    prompts = data.get("prompts")
+    if prompts is not None:
+        prompts = str((base_dir / Path(_check_str("prompts", prompts, where)).expanduser()).resolve())
+
+    chat = data.get("chat_template", False)
+    if not isinstance(chat, (bool, str)):
+        raise MdiffError(f"{where}: key 'chat_template' must be true, false or a template string, got {chat!r}")
+
+    ratio = data.get("min_shared_ratio", 0.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise MdiffError(f"{where}: key 'min_shared_ratio' must be a number in [0, 1], got {ratio!r}")
+    behaviour = data.get("behaviour")
+    if behaviour is not None and not isinstance(behaviour, dict):
+        raise MdiffError(f"{where}: key 'behaviour' must be a table")
+    name = data.get("name", path.stem)
+    _check_str("name", name, where)
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise MdiffError(f"{where}: key 'description' must be a string")
+    return PairSpec(
+        name=name, base=base, tuned=tuned, base_revision=base_rev, tuned_revision=tuned_rev, dtype=dtype,
+        prompts=prompts, chat_template=chat, description=description, source=str(path.resolve()),
+        min_shared_ratio=float(ratio), behaviour=behaviour,
+    )
+
+
+def list_pairs(build_toys: bool = False) -> list[dict[str, Any]]:
+    """The built-in pairs as JSON-ready dicts (``name``, ``base``, ``tuned``, ``truth`` for toys...)."""
+    from mdiff import toy
+
+    rows = []
+    for spec in BUILTIN.values():
+        rows.append({"name": spec.name, "base": spec.base, "tuned": spec.tuned, "dtype": spec.dtype,
+                     "kind": "hub", "description": spec.description})
+    for name in TOY_NAMES:
+        spec = toy.toy_pair(name, build=build_toys)
+        rows.append({"name": name, "base": spec.base, "tuned": spec.tuned, "dtype": spec.dtype, "kind": "toy",
+                     "built": toy.is_built(name), "truth": spec.truth, "description": spec.description})
+    return rows
+
+
+def dumps_pairs(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2)
