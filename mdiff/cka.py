@@ -559,9 +559,13 @@ def bootstrap_cka(
         n=int(n),
         n_groups=int(n_groups),
         ci=ci,
-        method="prompt bootstrap, percentile interval"
-        if groups is not None
-        else "bootstrap, percentile interval",
+        method=(
+            "bootstrap with given weights, percentile interval"
+            if weights is not None
+            else "prompt bootstrap, percentile interval"
+            if groups is not None
+            else "bootstrap, percentile interval"
+        ),
     )
 
 

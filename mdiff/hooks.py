@@ -48,6 +48,7 @@ Example::
 """
 
 import functools
+import numbers
 import operator
 import re
 from collections.abc import Callable, Hashable, MutableMapping, Sequence
@@ -386,11 +387,8 @@ def _mix(cur: Tensor, src: Tensor, alpha: float, mode: str) -> Tensor:
 def _check_alpha_mode(alpha: Any, mode: Any) -> float:
     if mode not in MODES:
         raise MdiffError(f"unknown mode {mode!r}; use 'blend' ((1-a)*h + a*source) or 'scale' (a*source)")
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        and not (isinstance(alpha, Tensor) and alpha.numel() == 1)
-    ):
+    is_number = isinstance(alpha, numbers.Real) or (isinstance(alpha, Tensor) and alpha.numel() == 1)
+    if isinstance(alpha, bool) or not is_number:
         raise MdiffError(f"alpha must be a number, got {alpha!r}")
     alpha = float(alpha)
     if alpha != alpha or alpha in (float("inf"), float("-inf")):
@@ -399,7 +397,13 @@ def _check_alpha_mode(alpha: Any, mode: Any) -> float:
 
 
 def _where(hook: Any) -> str:
-    return str(getattr(hook, "name", None) or "this hook point")
+    """The hook point's name for messages, as the alias users register (TL 4 shows canonical names)."""
+    name = getattr(hook, "name", None)
+    if not isinstance(name, str):
+        return "this hook point"
+    match = _FULL_NAME.match(name)
+    short = _SUFFIX_TO_SHORT.get(match.group(2)) if match else None
+    return f"blocks.{match.group(1)}.{_ALIAS_SUFFIX[short]}" if match and short else name
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,7 +742,8 @@ def head_result_patch(
     No ``set_use_attn_result`` is needed. Build ``source_result`` with :func:`head_results` from the
     source run's ``z`` and the *source* model's ``W_O``; ``W_O_target`` is the patched model's
     ``blocks[L].attn.W_O`` (taken as a constant). The capture state is created per call and
-    cleared by the attn_out hook in every forward.
+    cleared by the attn_out hook in every forward. If a forward aborts between the two hooks, the
+    stale ``z`` is never read: the next forward's capture overwrites it first.
 
     Register the pair after any hook that edits this layer's ``z``: the capture sees ``z`` as
     left by the hooks registered before it.

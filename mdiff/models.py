@@ -10,8 +10,8 @@ incompatible pair is refused cheaply, and the two models can be loaded one at a 
 import contextlib
 import dataclasses
 import gc
-import io
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -203,7 +203,6 @@ def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str
 
     The returned model carries ``model.mdiff_side`` and ``model.mdiff_ref`` for provenance.
     """
-    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
     if side not in ("base", "tuned"):

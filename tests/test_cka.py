@@ -158,6 +158,12 @@ def test_float32_path_accuracy_on_residual_like_data():
     Y = np.float32(0.9) * X + np.float32(0.05) * rng.standard_normal((n, d), dtype=np.float32)
     exact = linear_cka(X.astype(np.float64), Y.astype(np.float64))
     assert linear_cka(X, Y) == pytest.approx(exact, abs=1e-6)
+    # tall float32 data takes the float32 feature form
+    T = rng.standard_normal((20000, 64), dtype=np.float32) * scale[:64] + np.float32(20.0)
+    U = T @ rng.standard_normal((64, 64), dtype=np.float32) + rng.standard_normal(
+        (20000, 64), dtype=np.float32
+    )
+    assert linear_cka(T, U) == pytest.approx(linear_cka(T.astype(np.float64), U.astype(np.float64)), abs=1e-6)
     boot32 = bootstrap_cka(X, Y, n_boot=8, seed=0)
     boot64 = bootstrap_cka(X.astype(np.float64), Y.astype(np.float64), n_boot=8, seed=0)
     np.testing.assert_allclose(boot32.samples, boot64.samples, atol=1e-6)

@@ -474,12 +474,17 @@ def test_z_patch_changes_attn_out_by_delta_z_times_W_O(bridges, toks):
     _, cf = _cache(ft, toks, [zn])
     W_O = base.blocks[layer].attn.W_O  # [head, d_head, d_model]
     for heads in ([2], [0, 3]):
-        store = {}
-        _run(base, toks, [(zn, head_z_hook(cf[zn], heads)), (an, capture_hook(store, "attn_out"))])
-        delta = store["attn_out"] - cb[an]
+        # TL's own run_with_cache inside the patched run records the patched z and attn_out
+        with torch.no_grad(), base.hooks(fwd_hooks=[(zn, head_z_hook(cf[zn], heads))]):
+            _, c = base.run_with_cache(toks, names_filter=[zn, an])
+        others = [h for h in range(N_HEADS) if h not in heads]
+        assert torch.equal(c[zn][:, :, heads], cf[zn][:, :, heads])
+        assert torch.equal(c[zn][:, :, others], cb[zn][:, :, others])
+        delta = c[an] - cb[an]
         expected = sum((cf[zn][:, :, h] - cb[zn][:, :, h]) @ W_O[h] for h in heads)
         assert _close(delta, expected)
         assert expected.abs().max() > 1e-2
+    _assert_no_hooks(base)
 
 
 def test_result_patch_all_heads_equals_attn_out_patch(bridges, toks):
@@ -742,7 +747,11 @@ def test_factory_errors(make, match):
 
 RUN_ERRORS = [
     # (hook, factory, expected message)
-    ("resid_post", lambda: replace_hook(_z(BATCH, SEQ, D_MODEL + 1)), r"feature shape \[33\].*\[32\]"),
+    (
+        "resid_post",
+        lambda: replace_hook(_z(BATCH, SEQ, D_MODEL + 1)),
+        r"feature shape \[33\] but the activation at blocks\.1\.hook_resid_post has \[32\]",
+    ),
     (
         "resid_post",
         lambda: replace_hook(_z(BATCH + 1, SEQ, D_MODEL)),

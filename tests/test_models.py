@@ -1,0 +1,118 @@
+"""Loading pairs through TransformerBridge.boot_transformers(dir): shapes, tokenizers, errors, one at a time."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from typer.testing import CliRunner
+
+from mdiff import models
+from mdiff.cli import app
+from mdiff.errors import MdiffError
+from mdiff.pairs import PairSpec, load_pair_file
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+def test_toml_pair_with_different_vocab_sizes_loads(toys, tmp_path):
+    lr = toys["toy-lowrank"]
+    p = tmp_path / "pair.toml"
+    p.write_text(f'base = "{lr.base}"\ntuned = "{lr.tuned}"\ndtype = "float32"\n')
+    spec = load_pair_file(p)
+    base, tuned, info = models.load_pair(spec, device="cpu")
+    assert base.cfg.d_vocab == 600 and tuned.cfg.d_vocab == 612
+    assert info.base.d_vocab != info.tuned.d_vocab
+    assert info.tokenizer_relation == "extends" and info.n_shared_tokens == 600
+    assert info.base_tokenizer_hash != info.tuned_tokenizer_hash
+    # raw mode: bridge logits equal the HF model's own (eager) logits
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(lr.base, attn_implementation="eager").eval()
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        assert torch.allclose(base(ids), hf(ids).logits, atol=1e-5)
+    assert not any(p.requires_grad for p in base.parameters())
+
+
+def test_identical_tokenizer_relation(toys):
+    info = models.inspect_pair(toys["toy-distributed"])
+    assert info.tokenizer_relation == "identical"
+    assert info.base_tokenizer_hash == info.tuned_tokenizer_hash
+
+
+def test_different_tokenizer_relation(toys, tmp_path):
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(toys["toy-lowrank"].base)
+    vocab = a.get_vocab()
+    # a tokenizer whose ids are permuted is "different" even with the same token strings
+    b = AutoTokenizer.from_pretrained(toys["toy-lowrank"].tuned)
+    assert models.tokenizer_relation(a, b)[0] == "extends"
+    assert models.tokenizer_relation(b, a)[0] == "different"  # tuned smaller than base
+    assert models.tokenizer_relation(a, a) == ("identical", len(vocab))
+
+
+def test_incompatible_pair_is_refused_naming_both_values(toys, tmp_path):
+    tokdir = toys["toy-lowrank"].base
+    a = make_tiny_llama(tmp_path / "a", tokdir, n_layers=2)
+    b = make_tiny_llama(tmp_path / "b", tokdir, n_layers=3)
+    spec = PairSpec(name="x", base=a, tuned=b)
+    with pytest.raises(MdiffError, match=r"n_layers differs \(base 2, tuned 3\)"):
+        models.inspect_pair(spec)
+    c = make_tiny_llama(tmp_path / "c", tokdir, n_layers=2, hidden=64, heads=4, kv_heads=2)
+    with pytest.raises(MdiffError, match=r"d_model differs \(base 32, tuned 64\)"):
+        models.inspect_pair(PairSpec(name="x", base=a, tuned=c))
+    d = make_tiny_llama(tmp_path / "d", tokdir, n_layers=2, hidden=32, heads=2, kv_heads=2)
+    with pytest.raises(MdiffError, match=r"n_heads differs \(base 4, tuned 2\)"):
+        models.inspect_pair(PairSpec(name="x", base=a, tuned=d))
+    # the CLI says it in one line, exit 2
+    p = tmp_path / "bad.toml"
+    p.write_text(f'base = "{a}"\ntuned = "{b}"\n')
+    r = runner.invoke(app, ["info", "--pair", str(p)])
+    assert r.exit_code == 2 and "n_layers differs" in r.output and "Traceback" not in r.output
+
+
+def test_missing_directory_error(tmp_path):
+    p = tmp_path / "pair.toml"
+    p.write_text('base = "./nowhere"\ntuned = "/also/nowhere"\n')
+    r = runner.invoke(app, ["info", "--pair", str(p)])
+    assert r.exit_code == 2
+    assert "model directory not found" in r.output and "nowhere" in r.output and "Traceback" not in r.output
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MdiffError, match="has no config.json"):
+        models.read_config(str(tmp_path / "empty"), side="base")
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MdiffError, match="could not load base model 'meta-llama/Llama-3.1-8B'.*local directory"):
+        models.read_config("meta-llama/Llama-3.1-8B", side="base")
+
+
+def test_one_model_at_a_time_and_free(toys):
+    spec = toys["toy-lowrank"]
+    m = models.load_model(spec, "base", device="cpu")
+    ref = weakref.ref(m)
+    w = m.blocks[0].attn.W_O
+    assert w.device.type == "cpu"
+    models.free(m)
+    del m, w
+    gc.collect()
+    assert ref() is None
+    m = models.load_model(spec, "tuned", device="cpu", dtype="bfloat16")
+    assert next(m.parameters()).dtype == torch.bfloat16
+    assert m.mdiff_side == "tuned"
+
+
+def test_chat_template_string_overrides(toys):
+    from dataclasses import replace
+
+    spec = replace(toys["toy-lowrank"], chat_template="{{ bos_token }}X{{ messages[0]['content'] }}")
+    m = models.load_model(spec, "base", device="cpu")
+    assert m.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>Xhi"
