@@ -123,6 +123,55 @@ def info_cmd(
     print(json.dumps(summary, indent=2))
 
 
+@app.command("collect")
+@cli_errors
+def collect_cmd(
+    pair: PairOpt = "toy-lowrank",
+    layers: Annotated[str, typer.Option(help="Layers: all, or a comma list such as 0,2,4 (ranges a-b allowed).")] = "all",
+    hooks: Annotated[str, typer.Option(help="Comma list of resid_pre, resid_post, attn_out, mlp_out, z.")] = "resid_post",
+    positions: Annotated[str, typer.Option(help="last (last content token) or k=K (K content positions per prompt).")] = "last",
+    split: Annotated[str, typer.Option(help="train, select, val, or all (split by prompt id).")] = "train",
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/activations/.")] = "results",
+    side: Annotated[str, typer.Option(help="base, tuned or both (one model in memory at a time).")] = "both",
+    seed: Annotated[int, typer.Option(help="Seed of the splits and of k=K position sampling.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 16,
+    n: Annotated[int | None, typer.Option(help="Use only the first N prompts of the split.")] = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """Collect activations of both models, one at a time, into safetensors shards + a JSON manifest (resumable)."""
+    _setup(threads)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mdiff.activations import COLLECT_HOOKS, collect_pair
+    from mdiff.models import inspect_pair
+    from mdiff.options import parse_int_list, parse_str_list
+    from mdiff.pairs import resolve_pair
+    from mdiff.positions import parse_positions
+
+    spec = resolve_pair(pair, progress=True)
+    info = inspect_pair(spec)
+    layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")
+    hook_list = parse_str_list(hooks, "--hooks", COLLECT_HOOKS)
+    pos = parse_positions(positions, seed=seed)
+    sides = {"both": ("base", "tuned"), "base": ("base",), "tuned": ("tuned",)}.get(side)
+    if sides is None:
+        raise MdiffError(f"--side must be base, tuned or both, got {side!r}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as prog:
+        tasks = {}
+
+        def on_progress(s, done, total):
+            if s not in tasks:
+                tasks[s] = prog.add_task(f"collect {s} shards", total=total)
+            prog.update(tasks[s], completed=done)
+
+        res = collect_pair(spec, layer_list, hook_list, pos, split, out_dir, sides, seed, batch_size,
+                           device=device, n=n, on_progress=on_progress)
+    for s, r in res.items():
+        out.print(f"{s}: {r.n_rows} rows in {r.n_shards} shards ({r.skipped_shards} already done) -> {r.path}")
+
+
 @app.command("demo")
 @cli_errors
 def demo_cmd(

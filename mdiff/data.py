@@ -214,3 +214,47 @@ def pad_id_of(tokenizer) -> int:
         if v is not None:
             return int(v)
     return 0
+
+
+# --------------------------------------------------------------------------- splits
+SPLITS = ("train", "select", "val")
+DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
+
+
+def split_of(prompt_id: str, seed: int = 0, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
+    """The split of one prompt id: a pure function of (seed, id), so adding prompts never moves old ones."""
+    import hashlib
+
+    u = int.from_bytes(hashlib.sha256(f"mdiff-split:{seed}:{prompt_id}".encode()).digest()[:8], "little") / 2**64
+    a, b, _ = fractions
+    return "train" if u < a else "select" if u < a + b else "val"
+
+
+def assign_splits(prompts: list[Prompt], seed: int = 0,
+                  fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, str]:
+    """``{prompt id: split}``, split **by prompt**: an explicit ``split`` field wins, else :func:`split_of`."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
+        raise MdiffError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    out = {}
+    for p in prompts:
+        if p.split is not None:
+            if p.split not in SPLITS:
+                raise MdiffError(f"prompt {p.id!r} has split {p.split!r}; use one of {', '.join(SPLITS)}")
+            out[p.id] = p.split
+        else:
+            out[p.id] = split_of(p.id, seed, fractions)
+    return out
+
+
+def select_split(prompts: list[Prompt], split: str | None, seed: int = 0,
+                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> list[Prompt]:
+    """Prompts of one split (``None`` or ``"all"``: every prompt)."""
+    if split in (None, "all"):
+        return list(prompts)
+    if split not in SPLITS:
+        raise MdiffError(f"unknown split {split!r}: use {', '.join(SPLITS)} or all")
+    splits = assign_splits(prompts, seed, fractions)
+    kept = [p for p in prompts if splits[p.id] == split]
+    if not kept:
+        raise MdiffError(f"the {split!r} split is empty ({len(prompts)} prompts, seed {seed}): add prompts")
+    return kept

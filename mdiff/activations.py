@@ -1,0 +1,278 @@
+"""Collecting activations one model at a time into an on-disk store (safetensors shards + JSON manifest).
+
+Real pairs are too big to hold both models at once, so every analysis that needs activations of
+both sides reads them from here. A collection lives in
+``DIR/<pair>/activations/<side>-<split>-<positions>/``::
+
+    settings.json            what is collected (model, revision, tokenizer hash, prompts, token ids, ...)
+    shard-00000.safetensors  rows of a block of prompts: "<hook>.<layer>" tensors + row_prompt, row_pos
+    ...
+    manifest.json            written last: settings + the list of shards (a complete collection)
+
+* **Memory-bounded**: prompts are processed a block (shard) at a time and only the chosen positions are
+  kept (gathered inside the hook), so all layers of all prompts are never held at once.
+* **Resumable**: every shard is written atomically (temporary file, then rename); a re-run skips the
+  shards already on disk and produces a store identical, bit for bit, to an uninterrupted run.
+* **Never mixed**: a folder holding a collection with other settings (model, prompts, token ids, hooks,
+  layers, positions, dtype...) is refused with an error, never overwritten.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mdiff import hooks as H
+from mdiff.align import Prepared
+from mdiff.data import pad_left
+from mdiff.errors import MdiffError
+
+STORE_VERSION = 1
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def collection_dir(out: str | Path, pair: str, side: str, split: str | None, positions_tag: str) -> Path:
+    return Path(out) / pair / "activations" / f"{side}-{split or 'all'}-{positions_tag}"
+
+
+@dataclasses.dataclass
+class CollectResult:
+    path: Path
+    n_shards: int
+    n_rows: int
+    skipped_shards: int
+
+
+def _rows_positions(lengths: list[int], width: int, positions: list[list[int]]) -> Tensor:
+    """Padded-batch positions: ``[batch]`` when one position per prompt, else ``[batch, k]``."""
+    ks = {len(p) for p in positions}
+    if len(ks) != 1:
+        raise MdiffError("prompts in a batch have different numbers of positions")
+    pos = torch.tensor([[width - n + q for q in p] for n, p in zip(lengths, positions, strict=True)],
+                       dtype=torch.long)
+    return pos[:, 0] if ks == {1} else pos
+
+
+def gather_batch(model, ids: list[list[int]], positions: list[list[int]], names: list[str],
+                 pad_id: int, stop_at_layer: int | None = None) -> dict[str, Tensor]:
+    """Run ``model`` on a left-padded batch and return each hook's activation at the given positions.
+
+    Rows are flattened prompt-major: ``[sum_k, ...]`` (prompt 0's positions first). Nothing but the
+    gathered rows is kept.
+    """
+    inp, mask = pad_left(ids, pad_id)
+    width = inp.shape[1]
+    pos = _rows_positions([len(x) for x in ids], width, positions)
+    dev = next(model.parameters()).device
+    store: dict[str, Tensor] = {}
+    fwd = [(n, H.capture_hook(store, n, positions=pos.to(dev), device="cpu")) for n in names]
+    with torch.no_grad():
+        model.run_with_hooks(inp.to(dev), attention_mask=mask.to(dev), fwd_hooks=fwd, return_type=None,
+                             stop_at_layer=stop_at_layer)
+    out = {}
+    for n in names:
+        a = store[n]
+        out[n] = a.reshape(-1, *a.shape[2:]) if pos.ndim == 2 else a
+    return out
+
+
+def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list[int], path: str | Path,
+            meta: dict[str, Any], shard_prompts: int = 64, batch_size: int = 16,
+            on_shard: Callable[[int, int], None] | None = None, _stop_after: int | None = None) -> CollectResult:
+    """Collect ``hooks`` × ``layers`` of one side at the prepared positions into ``path`` (resumable).
+
+    ``meta`` (model id, revision, tokenizer hash, dtype, split...) is part of the settings that must match
+    for a resume. ``on_shard(done, total)`` reports progress. ``_stop_after`` simulates an interrupt (tests).
+    """
+    if side not in ("base", "tuned"):
+        raise MdiffError(f"side must be base or tuned, got {side!r}")
+    n_layers = model.cfg.n_layers
+    names = [H.hook_name(h, L, n_layers) for h in hooks for L in layers]
+    keys = [f"{h}.{L}" for h in hooks for L in layers]
+    ids = prepared.base_ids if side == "base" else prepared.tuned_ids
+    positions = prepared.base_positions if side == "base" else prepared.tuned_positions
+    if shard_prompts < 1 or batch_size < 1:
+        raise MdiffError("shard size and batch size must be ≥ 1")
+    settings = {
+        "store_version": STORE_VERSION, "side": side, "hooks": list(hooks), "layers": list(layers),
+        "prompt_ids": prepared.prompt_ids, "token_ids_sha256": _sha(ids), "positions_sha256": _sha(positions),
+        "tokenized_with": prepared.tokenized_with, "shard_prompts": shard_prompts, "batch_size": batch_size,
+        **meta,
+    }
+    fingerprint = _sha(settings)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sfile = path / "settings.json"
+    if sfile.exists():
+        old = json.loads(sfile.read_text())
+        if old.get("fingerprint") != fingerprint:
+            diff = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
+            raise MdiffError(
+                f"{path} already holds activations collected with other settings (differs in: {', '.join(diff)}); "
+                f"choose another --out or remove that folder")
+    else:
+        atomic_write_text(sfile, json.dumps({"fingerprint": fingerprint, "settings": settings,
+                                             "token_ids": ids, "positions": positions}, indent=1))
+    n = len(prepared)
+    blocks = [(s, min(n, s + shard_prompts)) for s in range(0, n, shard_prompts)]
+    pad_id = meta.get("pad_id", 0)
+    stop = max(layers) + 1
+    shards, skipped, rows_total = [], 0, 0
+    for i, (s, e) in enumerate(blocks):
+        fname = f"shard-{i:05d}.safetensors"
+        fpath = path / fname
+        if fpath.exists():
+            with safe_open(str(fpath), "pt") as f:
+                md = f.metadata() or {}
+                ok = md.get("fingerprint") == fingerprint and md.get("prompt_start") == str(s)
+                rows = f.get_slice("row_prompt").get_shape()[0] if ok else 0
+            if ok:
+                shards.append({"file": fname, "prompt_start": s, "prompt_end": e, "rows": rows})
+                rows_total += rows
+                skipped += 1
+                if on_shard:
+                    on_shard(i + 1, len(blocks))
+                continue
+        if _stop_after is not None and i - skipped >= _stop_after:
+            raise KeyboardInterrupt(f"simulated interrupt before shard {i}")
+        parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+        row_prompt, row_pos = [], []
+        for bs in range(s, e, batch_size):
+            be = min(e, bs + batch_size)
+            got = gather_batch(model, ids[bs:be], positions[bs:be], names, pad_id, stop)
+            for k, nme in zip(keys, names, strict=True):
+                parts[k].append(got[nme])
+            for j in range(bs, be):
+                row_prompt += [j] * len(positions[j])
+                row_pos += positions[j]
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        tensors["row_prompt"] = torch.tensor(row_prompt, dtype=torch.long)
+        tensors["row_pos"] = torch.tensor(row_pos, dtype=torch.long)
+        tmp = path / f".{fname}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "prompt_start": str(s),
+                                               "prompt_end": str(e)})
+        os.replace(tmp, fpath)
+        shards.append({"file": fname, "prompt_start": s, "prompt_end": e, "rows": len(row_prompt)})
+        rows_total += len(row_prompt)
+        if on_shard:
+            on_shard(i + 1, len(blocks))
+    manifest = {"fingerprint": fingerprint, "settings": settings, "shards": shards, "n_rows": rows_total,
+                "keys": keys}
+    atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=1))
+    return CollectResult(path, len(shards), rows_total, skipped)
+
+
+class ActivationSet:
+    """Read side of a complete collection: ``load(hook, layer)`` concatenates that key over shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            hint = " (an interrupted collection: run the same collect again to finish it)" \
+                if (self.path / "settings.json").exists() else ""
+            raise MdiffError(f"no complete activation collection at {self.path}{hint}")
+        self.manifest = json.loads(mf.read_text())
+        self.settings = self.manifest["settings"]
+
+    @property
+    def prompt_ids(self) -> list[str]:
+        return self.settings["prompt_ids"]
+
+    def _cat(self, key: str) -> Tensor:
+        parts = []
+        for sh in self.manifest["shards"]:
+            with safe_open(str(self.path / sh["file"]), "pt") as f:
+                if (f.metadata() or {}).get("fingerprint") != self.manifest["fingerprint"]:
+                    raise MdiffError(f"{self.path / sh['file']} belongs to another collection; refusing to mix")
+                parts.append(f.get_tensor(key))
+        return torch.cat(parts)
+
+    def load(self, hook: str, layer: int) -> Float[Tensor, "rows ..."]:
+        key = f"{hook}.{layer}"
+        if key not in self.manifest["keys"]:
+            raise MdiffError(f"{self.path} has no {hook} at layer {layer} (collected: {', '.join(self.manifest['keys'])})")
+        return self._cat(key)
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """``(row_prompt, row_pos)``: each row's prompt index (into ``prompt_ids``) and token position."""
+        return self._cat("row_prompt"), self._cat("row_pos")
+
+
+COLLECT_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
+
+
+def prepare_pair_prompts(spec, info, positions, split: str | None, split_seed: int = 0, n: int | None = None):
+    """Load the pair's prompt set, keep one split, tokenize for both models and align positions."""
+    from mdiff import align, data, models
+
+    if spec.prompts is None:
+        raise MdiffError(f"pair {spec.name!r} has no prompt set: add prompts = \"file.jsonl\" to the pair file")
+    prompts = data.select_split(data.load_prompts(spec.prompts), split, split_seed)
+    if n is not None:
+        if n < 1:
+            raise MdiffError(f"--n must be ≥ 1, got {n}")
+        prompts = prompts[:n]
+    btok = models.load_tokenizer(spec.base, spec.base_revision, "base")
+    ttok = models.load_tokenizer(spec.tuned, spec.tuned_revision, "tuned")
+    sv = align.shared_vocab(btok, ttok, info.base.d_vocab, info.tuned.d_vocab)
+    prepared = align.prepare(prompts, btok, ttok, info.tokenizer_relation, spec.chat_template, positions,
+                             spec.min_shared_ratio, shared=sv)
+    from mdiff.data import pad_id_of
+
+    return prepared, pad_id_of(btok), pad_id_of(ttok), sv
+
+
+def collect_pair(spec, layers: list[int], hooks: list[str], positions, split: str | None, out: str | Path,
+                 sides: tuple[str, ...] = ("base", "tuned"), split_seed: int = 0, batch_size: int = 16,
+                 shard_prompts: int = 64, device: str | None = None, n: int | None = None,
+                 on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, CollectResult]:
+    """Collect both sides of a pair, one model in memory at a time."""
+    from mdiff import models
+
+    info = models.inspect_pair(spec)
+    n_layers = info.base.n_layers
+    for L in layers:
+        if not 0 <= L < n_layers:
+            raise MdiffError(f"layer {L} is out of range 0..{n_layers - 1}")
+    for h in hooks:
+        if h not in COLLECT_HOOKS:
+            raise MdiffError(f"unknown hook {h!r}: choose from {', '.join(COLLECT_HOOKS)}")
+    prepared, pad_b, pad_t, _ = prepare_pair_prompts(spec, info, positions, split, split_seed, n)
+    results = {}
+    for side in sides:
+        ref = spec.base if side == "base" else spec.tuned
+        meta = {"pair": spec.name, "model": ref,
+                "revision": spec.base_revision if side == "base" else spec.tuned_revision,
+                "tokenizer_sha256": info.base_tokenizer_hash if prepared.tokenized_with == "shared" or side == "base"
+                else info.tuned_tokenizer_hash,
+                "tokenizer_relation": info.tokenizer_relation, "dtype": spec.dtype, "split": split or "all",
+                "split_seed": split_seed, "positions": positions.to_dict(), "chat_template": spec.chat_template,
+                "min_shared_ratio": spec.min_shared_ratio, "pad_id": pad_b if side == "base" else pad_t}
+        path = collection_dir(out, spec.name, side, split, positions.tag)
+        model = models.load_model(spec, side, device=device)
+        try:
+            cb = (lambda d, t, s=side: on_progress(s, d, t)) if on_progress else None
+            results[side] = collect(model, prepared, side, hooks, layers, path, meta, shard_prompts, batch_size, cb)
+        finally:
+            models.free(model)
+            del model
+    return results

@@ -1,0 +1,62 @@
+"""Parsing of the CLI's list options (``--layers 0,2,4|all``, ``--k 1,2,4,8``, ``--hooks ...``): one tested helper.
+
+Typer has no list separator, so every comma list goes through :func:`parse_int_list`, whose errors say
+which option, which item, and the allowed range.
+"""
+
+from mdiff.errors import MdiffError
+
+
+def parse_int_list(text: str, option: str, lo: int, hi: int, allow_all: bool = False,
+                   what: str = "value") -> list[int]:
+    """``"1,2,4"`` → ``[1, 2, 4]`` (sorted, unique), each in ``lo..hi``; ``"all"`` → ``lo..hi`` when allowed.
+
+    Ranges ``a-b`` and ``a:b`` (inclusive) are accepted too.
+    """
+    t = (text or "").strip().lower()
+    if not t:
+        raise MdiffError(f"{option} is empty: give a comma list such as 1,2,4" + (" or all" if allow_all else ""))
+    if t == "all":
+        if not allow_all:
+            raise MdiffError(f"{option} does not take 'all': give a comma list such as 1,2,4")
+        return list(range(lo, hi + 1))
+    out: set[int] = set()
+    for item in t.split(","):
+        item = item.strip()
+        if not item:
+            raise MdiffError(f"{option} {text!r} has an empty item: use a comma list such as 1,2,4")
+        for sep in ("-", ":"):
+            if sep in item.lstrip("-"):
+                a, b = item.split(sep, 1) if not item.startswith("-") else (item, "")
+                try:
+                    a_i, b_i = int(a), int(b)
+                except ValueError:
+                    raise MdiffError(f"{option}: {item!r} is not a number or a range a-b") from None
+                if a_i > b_i:
+                    raise MdiffError(f"{option}: range {item!r} is empty")
+                vals = range(a_i, b_i + 1)
+                break
+        else:
+            try:
+                vals = [int(item)]
+            except ValueError:
+                raise MdiffError(f"{option}: {item!r} is not a whole number (expected e.g. 1,2,4)") from None
+        for v in vals:
+            if not lo <= v <= hi:
+                raise MdiffError(f"{option}: {what} {v} is out of range {lo}..{hi}")
+            out.add(v)
+    return sorted(out)
+
+
+def parse_str_list(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
+    """``"resid_post,attn_out"`` → list, each checked against ``allowed`` (order kept, duplicates dropped)."""
+    items = [x.strip() for x in (text or "").split(",") if x.strip()]
+    if not items:
+        raise MdiffError(f"{option} is empty: choose from {', '.join(allowed)}")
+    out = []
+    for x in items:
+        if x not in allowed:
+            raise MdiffError(f"{option}: unknown {x!r}; choose from {', '.join(allowed)}")
+        if x not in out:
+            out.append(x)
+    return out
