@@ -172,6 +172,60 @@ def collect_cmd(
         out.print(f"{s}: {r.n_rows} rows in {r.n_shards} shards ({r.skipped_shards} already done) -> {r.path}")
 
 
+def _progress_bar():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+@app.command("rq1")
+@cli_errors
+def rq1_cmd(
+    pair: PairOpt = "toy-lowrank",
+    layers: Annotated[str, typer.Option(help="all, or a comma list such as 0,4,8 (ranges a-b allowed).")] = "all",
+    stride: Annotated[int, typer.Option(help="Keep every S-th of the chosen layers.")] = 1,
+    hooks: Annotated[str, typer.Option(help="Comma list of resid_pre, resid_post, attn_out, mlp_out.")] = "resid_post",
+    positions: Annotated[str, typer.Option(help="CKA positions: last, or k=K content positions per prompt.")] = "last",
+    split: Annotated[str, typer.Option(help="Prompts used: all, train, select or val.")] = "all",
+    n: Annotated[int | None, typer.Option(help="Use at most N prompts.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts for the CIs (≥ 1).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of splits, positions and bootstrap.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq1/.")] = "results",
+    overwrite: Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings.")] = False,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """RQ1 where: CKA and debiased CKA per layer (prompt-bootstrap CIs) and cross-model layer patch KL, both ways."""
+    _setup(threads)
+    from mdiff.models import inspect_pair
+    from mdiff.options import parse_int_list, parse_str_list
+    from mdiff.pairs import resolve_pair
+    from mdiff.positions import parse_positions
+    from mdiff.rq1 import RQ1_HOOKS, RQ1Config, run_rq1
+    from mdiff.stats import check_bootstrap
+
+    check_bootstrap(bootstrap)
+    if stride < 1:
+        raise MdiffError(f"--stride must be ≥ 1, got {stride}")
+    spec = resolve_pair(pair, progress=True)
+    info = inspect_pair(spec)
+    layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")[::stride]
+    cfg = RQ1Config(layers=layer_list, hooks=parse_str_list(hooks, "--hooks", RQ1_HOOKS),
+                    positions=parse_positions(positions, seed=seed), split=split, n=n, n_boot=bootstrap, seed=seed,
+                    batch_size=batch_size, device=device)
+    with _progress_bar() as prog:
+        task = prog.add_task("rq1", total=1.0)
+        summary = run_rq1(spec, cfg, out_dir, overwrite,
+                          progress=lambda msg, frac: prog.update(task, description=f"rq1: {msg}", completed=frac))
+    out.print(f"[bold]RQ1 {spec.name}[/] ({summary['hook']}): largest divergence at layers "
+              f"{summary['largest_divergence_layers']} (CKA), largest patch KL at {summary['largest_patch_kl_layers']}; "
+              f"probe layers {summary['suggested_probe_layers']}, control layer {summary['suggested_control_layer']}; "
+              f"self-patch max KL {summary['self_patch_max_kl']:.2e}")
+    out.print(f"wrote {summary['path']}")
+
+
 @app.command("demo")
 @cli_errors
 def demo_cmd(
