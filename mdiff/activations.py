@@ -49,6 +49,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files left by a run killed while writing (a resume writes those files again)."""
+    for tmp in path.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
 def collection_dir(out: str | Path, pair: str, side: str, split: str | None, positions_tag: str) -> Path:
     return Path(out) / pair / "activations" / f"{side}-{split or 'all'}-{positions_tag}"
 
@@ -61,26 +79,38 @@ class CollectResult:
     skipped_shards: int
 
 
-def _rows_positions(lengths: list[int], width: int, positions: list[list[int]]) -> Tensor:
-    """Padded-batch positions: ``[batch]`` when one position per prompt, else ``[batch, k]``."""
+def _rows_positions(lengths: list[int], width: int, positions: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+    """Padded-batch positions: ``[batch]`` when one position per prompt, else ``[batch, k]``.
+
+    Prompts may have different numbers of positions (positions dropped as unpaired by the alignment of
+    two different tokenizers): rows are then filled up to the largest ``k`` with other, distinct
+    positions of the padded row, and the second value, a ``[batch, k]`` bool mask, marks the real ones.
+    """
+    if any(len(p) == 0 for p in positions):
+        raise MdiffError("a prompt in the batch has no position to collect")
     ks = {len(p) for p in positions}
-    if len(ks) != 1:
-        raise MdiffError("prompts in a batch have different numbers of positions")
-    pos = torch.tensor([[width - n + q for q in p] for n, p in zip(lengths, positions, strict=True)],
-                       dtype=torch.long)
-    return pos[:, 0] if ks == {1} else pos
+    rows = [[width - n + q for q in p] for n, p in zip(lengths, positions, strict=True)]
+    if ks == {1}:
+        return torch.tensor(rows, dtype=torch.long)[:, 0], None
+    kmax = max(ks)
+    valid = torch.tensor([[j < len(r) for j in range(kmax)] for r in rows], dtype=torch.bool)
+    if len(ks) > 1:
+        for r in rows:
+            taken = set(r)
+            r += [q for q in range(width) if q not in taken][: kmax - len(r)]  # width >= kmax always
+    return torch.tensor(rows, dtype=torch.long), (None if len(ks) == 1 else valid)
 
 
 def gather_batch(model, ids: list[list[int]], positions: list[list[int]], names: list[str],
                  pad_id: int, stop_at_layer: int | None = None) -> dict[str, Tensor]:
     """Run ``model`` on a left-padded batch and return each hook's activation at the given positions.
 
-    Rows are flattened prompt-major: ``[sum_k, ...]`` (prompt 0's positions first). Nothing but the
-    gathered rows is kept.
+    Rows are flattened prompt-major: ``[sum_k, ...]`` (prompt 0's positions first); prompts may have
+    different numbers of positions. Nothing but the gathered rows is kept.
     """
     inp, mask = pad_left(ids, pad_id)
     width = inp.shape[1]
-    pos = _rows_positions([len(x) for x in ids], width, positions)
+    pos, valid = _rows_positions([len(x) for x in ids], width, positions)
     dev = next(model.parameters()).device
     store: dict[str, Tensor] = {}
     fwd = [(n, H.capture_hook(store, n, positions=pos.to(dev), device="cpu")) for n in names]
@@ -90,8 +120,13 @@ def gather_batch(model, ids: list[list[int]], positions: list[list[int]], names:
     out = {}
     for n in names:
         a = store[n]
-        out[n] = a.reshape(-1, *a.shape[2:]) if pos.ndim == 2 else a
+        if pos.ndim == 2:
+            a = a[valid] if valid is not None else a.reshape(-1, *a.shape[2:])
+        out[n] = a.contiguous()
     return out
+
+
+COLLECT_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
 
 
 def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list[int], path: str | Path,
@@ -104,6 +139,14 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
     """
     if side not in ("base", "tuned"):
         raise MdiffError(f"side must be base or tuned, got {side!r}")
+    # every check before anything is written: bad input leaves no folder behind
+    if not hooks or not layers:
+        raise MdiffError("nothing to collect: give at least one hook and one layer")
+    for h in hooks:
+        if h not in COLLECT_HOOKS:
+            raise MdiffError(f"unknown hook {h!r}: choose from {', '.join(COLLECT_HOOKS)}")
+    if len(set(hooks)) != len(hooks) or len(set(layers)) != len(layers):
+        raise MdiffError(f"hooks {list(hooks)} / layers {list(layers)} repeat an entry; list each once")
     n_layers = model.cfg.n_layers
     names = [H.hook_name(h, L, n_layers) for h in hooks for L in layers]
     keys = [f"{h}.{L}" for h in hooks for L in layers]
@@ -117,12 +160,23 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
         "tokenized_with": prepared.tokenized_with, "shard_prompts": shard_prompts, "batch_size": batch_size,
         **meta,
     }
+    if len(ids) != len(prepared) or len(positions) != len(prepared):
+        raise MdiffError("the prepared prompts are inconsistent (token ids, positions and prompt ids differ in number)")
+    for pid, x, p in zip(prepared.prompt_ids, ids, positions, strict=True):
+        if not p or any(not 0 <= q < len(x) for q in p):
+            raise MdiffError(f"prompt {pid!r}: positions {p} are not inside its {len(x)} tokens")
     fingerprint = _sha(settings)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sfile = path / "settings.json"
     if sfile.exists():
-        old = json.loads(sfile.read_text())
+        try:
+            old = json.loads(sfile.read_text())
+        except ValueError:
+            old = None
+        if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
+            raise MdiffError(f"{sfile} is not an mdiff collection's settings file; choose another --out "
+                             f"or remove that folder")
         if old.get("fingerprint") != fingerprint:
             diff = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
             raise MdiffError(
@@ -131,6 +185,7 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
     else:
         atomic_write_text(sfile, json.dumps({"fingerprint": fingerprint, "settings": settings,
                                              "token_ids": ids, "positions": positions}, indent=1))
+    _remove_stale_temporaries(path)
     n = len(prepared)
     blocks = [(s, min(n, s + shard_prompts)) for s in range(0, n, shard_prompts)]
     pad_id = meta.get("pad_id", 0)
@@ -140,10 +195,13 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
         fname = f"shard-{i:05d}.safetensors"
         fpath = path / fname
         if fpath.exists():
-            with safe_open(str(fpath), "pt") as f:
-                md = f.metadata() or {}
-                ok = md.get("fingerprint") == fingerprint and md.get("prompt_start") == str(s)
-                rows = f.get_slice("row_prompt").get_shape()[0] if ok else 0
+            try:
+                with safe_open(str(fpath), "pt") as f:
+                    md = f.metadata() or {}
+                    ok = md.get("fingerprint") == fingerprint and md.get("prompt_start") == str(s)
+                    rows = f.get_slice("row_prompt").get_shape()[0] if ok else 0
+            except Exception:  # noqa: BLE001 - an unreadable shard is simply collected again
+                ok, rows = False, 0
             if ok:
                 shards.append({"file": fname, "prompt_start": s, "prompt_end": e, "rows": rows})
                 rows_total += rows
@@ -215,9 +273,6 @@ class ActivationSet:
     def rows(self) -> tuple[Tensor, Tensor]:
         """``(row_prompt, row_pos)``: each row's prompt index (into ``prompt_ids``) and token position."""
         return self._cat("row_prompt"), self._cat("row_pos")
-
-
-COLLECT_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
 
 
 def prepare_pair_prompts(spec, info, positions, split: str | None, split_seed: int = 0, n: int | None = None):

@@ -174,12 +174,17 @@ def prepare(prompts, base_tok, tuned_tok, relation: str, chat_template, position
             t_ids, t_pos = b_ids, b_pos
         else:
             t_ids = t_own
+            # the LAST token ending at an offset is the one whose prefix is complete there: byte-level BPE
+            # splits a character over several tokens that share its offsets, and a piece before the
+            # last one ends mid-character (its prefix text differs from the other tokenization's)
             ends = {e: j for j, (s, e) in enumerate(t_offs) if e > s}
+            b_ends = {e: j for j, (s, e) in enumerate(b_offs) if e > s}
             t_last = last_position(t_ids, trail_t)
             b_last = last_position(b_ids, trail_b)
             keep_b, t_pos = [], []
             for pos in b_pos:
-                q = t_last if pos == b_last else ends.get(b_offs[pos][1])
+                e = b_offs[pos][1]
+                q = t_last if pos == b_last else ends.get(e) if b_ends.get(e) == pos else None
                 if q is None:
                     out.dropped_unpaired_positions += 1
                     continue

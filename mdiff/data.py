@@ -86,11 +86,15 @@ def load_prompts(path: str | Path, category: str | list[str] | None = None) -> l
         raise MdiffError(f"prompt file not found: {path}")
     rows: list[Prompt] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a non-UTF-8 line is reported with its number
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a byte-order mark
+            except UnicodeDecodeError as e:
+                raise MdiffError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -129,6 +133,10 @@ def load_hf_dataset(name: str, split: str = "test", category: str | list[str] | 
         import datasets
     except ImportError:  # pragma: no cover
         raise MdiffError("the 'datasets' package is needed to read Hugging Face datasets") from None
+    try:  # library code stays quiet: no "Generating train split" progress bars
+        datasets.utils.logging.disable_progress_bar()
+    except AttributeError:  # pragma: no cover
+        pass
     try:
         ds = datasets.load_dataset(name, split=split, data_files=data_files)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot read it"
@@ -138,14 +146,24 @@ def load_hf_dataset(name: str, split: str = "test", category: str | list[str] | 
     pf = prompt_field or next((c for c in ("prompt", "question", "problem", "text", "instruction") if c in cols), None)
     if pf is None or pf not in cols:
         raise MdiffError(f"dataset {name!r}: no prompt field (columns: {', '.join(sorted(cols))}); pass prompt_field=")
+    for given, what in ((id_field, "id_field"), (choices_field, "choices_field"), (answer_field, "answer_field")):
+        if given is not None and given not in cols:
+            raise MdiffError(f"dataset {name!r}: no column {given!r} for {what} (columns: {', '.join(sorted(cols))})")
     cf = choices_field or next((c for c in ("choices", "options") if c in cols), None)
     af = answer_field or next((c for c in ("answer", "solution", "label") if c in cols), None)
+    idf = id_field
+    if idf is None:  # a stable id column keeps splits stable when the dataset grows; else the row index
+        guess = next((c for c in ("id", "unique_id", "idx", "question_id") if c in cols), None)
+        if guess is not None and len({str(v) for v in ds[guess]}) == len(ds):
+            idf = guess
+    elif len({str(v) for v in ds[idf]}) != len(ds):
+        raise MdiffError(f"dataset {name!r}: column {idf!r} has duplicate values; it cannot serve as the prompt id")
     rows = []
     for i, ex in enumerate(ds):
         cat = ex.get(category_field) if category_field in cols else None
         choices = ex.get(cf) if cf else None
         rows.append(Prompt(
-            id=str(ex[id_field]) if id_field else f"{name.rsplit('/', 1)[-1]}-{i:05d}",
+            id=str(ex[idf]) if idf else f"{name.rsplit('/', 1)[-1]}-{i:05d}",
             prompt=str(ex[pf]), category=None if cat is None else str(cat),
             choices=tuple(str(c) for c in choices) if isinstance(choices, list) else None,
             answer=ex.get(af) if af else None))

@@ -34,6 +34,8 @@ def parse_int_list(text: str, option: str, lo: int, hi: int, allow_all: bool = F
                     raise MdiffError(f"{option}: {item!r} is not a number or a range a-b") from None
                 if a_i > b_i:
                     raise MdiffError(f"{option}: range {item!r} is empty")
+                if a_i < lo or b_i > hi:  # checked on the ends: a huge range is never expanded
+                    raise MdiffError(f"{option}: range {item!r} goes outside the {what} range {lo}..{hi}")
                 vals = range(a_i, b_i + 1)
                 break
         else:

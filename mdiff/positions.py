@@ -5,7 +5,7 @@
   whose next-token distribution is the model's decision.
 * ``k=K``: K positions per prompt, drawn without replacement (seeded by the prompt id, so a prompt gets
   the same positions in every run) among *content* tokens only: never BOS, never special tokens, never
-  chat-template or system-prompt tokens, and not the last ``m`` tokens (``exclude_last``, default 4).
+  chat-template or system-prompt tokens, and not the last ``m`` tokens (``exclude_last``, default 1: the decision token; chat template tokens at the end are excluded anyway).
 
 Positions are indices into a prompt's unpadded token list.
 """
@@ -25,7 +25,7 @@ _K = re.compile(r"^k\s*=\s*(\d+)$")
 class PositionSpec:
     kind: str  # "last" | "k"
     k: int = 1
-    exclude_last: int = 4
+    exclude_last: int = 1
     seed: int = 0
 
     @property
@@ -36,7 +36,7 @@ class PositionSpec:
         return dataclasses.asdict(self)
 
 
-def parse_positions(text: str, seed: int = 0, exclude_last: int = 4) -> PositionSpec:
+def parse_positions(text: str, seed: int = 0, exclude_last: int = 1) -> PositionSpec:
     """``last`` or ``k=K`` (K ≥ 1)."""
     t = text.strip().lower()
     if t == "last":

@@ -75,9 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--naive", type=int, default=5, help="naive resamples to time and compare")
     p.add_argument("--skip-jackknife", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="limit BLAS/OpenMP threads (default: as set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-seconds", type=float, default=2.0, help="fail if the bootstrap takes longer")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=args.threads):
+            return run(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
 
     dtype = np.dtype(args.dtype)
     X, Y, groups = make_data(args.n, args.d, args.positions_per_prompt, dtype, args.seed)
