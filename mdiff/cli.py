@@ -233,11 +233,14 @@ def demo_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="Output folder.")] = "results",
     threads: ThreadsOpt = None,
 ):
-    """The main job on the embedded default pair: build the toys if needed, describe the pair, compare the models."""
+    """The main job on the embedded default pair: build the toys if needed, then run the analyses end to end."""
     _setup(threads)
     from mdiff.demo import run_demo
 
-    run_demo(pair, out_dir, console=out)
+    with _progress_bar() as prog:
+        task = prog.add_task("demo", total=1.0)
+        run_demo(pair, out_dir, console=out,
+                 progress=lambda msg, frac: prog.update(task, description=f"rq1: {msg}", completed=frac))
 
 
 def main() -> None:  # console-script entry point

@@ -60,8 +60,9 @@ def content_mask(text: str, ids: list[int], offsets: list[tuple[int, int]], spec
         inside = np.zeros(len(ids), dtype=bool)
         for j, (s, e) in enumerate(offsets):
             piece = text[s:e]
-            s = s + len(piece) - len(piece.lstrip())  # byte-level BPE tokens carry their leading space
-            if e <= s:
+            if piece.strip():  # byte-level BPE tokens carry their leading space (maybe a template separator)
+                s = s + len(piece) - len(piece.lstrip())
+            if e <= s:  # whitespace-only tokens count when they lie wholly inside the content
                 continue
             inside[j] = any(s >= a and e <= b for a, b in content_spans)
         mask &= inside
