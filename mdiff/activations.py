@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from mdiff import hooks as H
@@ -65,6 +65,28 @@ def _remove_stale_temporaries(path: Path) -> None:
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
             tmp.unlink(missing_ok=True)
+
+
+def _save_shard(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically and byte-for-byte reproducibly.
+
+    ``safetensors`` writes the ``__metadata__`` entries in hash-map order, which changes from run to run;
+    the header is rewritten here with sorted metadata, so equal tensors give equal files.
+    """
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    md = header.pop("__metadata__", None) or {}
+    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    ordered = {"__metadata__": dict(sorted(md.items())), **dict(entries)} if md else dict(entries)
+    head = json.dumps(ordered, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        f.write(memoryview(raw)[8 + n:])
+    os.replace(tmp, path)
 
 
 def collection_dir(out: str | Path, pair: str, side: str, split: str | None, positions_tag: str) -> Path:
@@ -224,10 +246,7 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         tensors["row_prompt"] = torch.tensor(row_prompt, dtype=torch.long)
         tensors["row_pos"] = torch.tensor(row_pos, dtype=torch.long)
-        tmp = path / f".{fname}.tmp-{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "prompt_start": str(s),
-                                               "prompt_end": str(e)})
-        os.replace(tmp, fpath)
+        _save_shard(tensors, fpath, {"fingerprint": fingerprint, "prompt_start": str(s), "prompt_end": str(e)})
         shards.append({"file": fname, "prompt_start": s, "prompt_end": e, "rows": len(row_prompt)})
         rows_total += len(row_prompt)
         if on_shard:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mdiff import activations as A
-from mdiff import cka, models, patching, stats
+from mdiff import behaviour, cka, data, models, patching, stats
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, provenance, tidy
 from mdiff.pairs import PairSpec
@@ -41,10 +41,12 @@ class RQ1Config:
     seed: int = 0
     batch_size: int = 16
     device: str | None = None
+    behaviour: bool = True
 
     def settings(self) -> dict[str, Any]:
         return {"layers": self.layers, "hooks": self.hooks, "positions": self.positions.to_dict(),
-                "split": self.split, "n": self.n, "bootstrap": self.n_boot, "seed": self.seed}
+                "split": self.split, "n": self.n, "bootstrap": self.n_boot, "seed": self.seed,
+                "behaviour": self.behaviour}
 
 
 def _meta(spec: PairSpec, info, side: str, prepared, positions: PositionSpec, split: str, seed: int, pad: int):
@@ -102,6 +104,21 @@ def _run(spec, cfg, info, out, writer, say):
 
     kl_rows: list[dict] = []
     per_prompt: list[pd.DataFrame] = []
+    beh_rows: list[dict] = []
+    beh_settings = behaviour.settings_for(spec.behaviour) if cfg.behaviour else None
+    by_id = {p.id: p for p in data.load_prompts(spec.prompts)} if cfg.behaviour else {}
+
+    def behave(model, side):
+        if not cfg.behaviour:
+            return
+        shared_tok = prep_dec.tokenized_with == "shared"
+        tok = models.load_tokenizer(spec.base if side == "base" or shared_tok else spec.tuned,
+                                    spec.base_revision if side == "base" or shared_tok else spec.tuned_revision, side)
+        ids = prep_dec.base_ids if side == "base" else prep_dec.tuned_ids
+        vocab = sv.base_ids if side == "base" else sv.tuned_ids
+        prompts = [by_id[i] for i in prep_dec.prompt_ids]
+        beh_rows.extend(behaviour.diagnostics(model, tok, side, prompts, ids, pad_b if side == "base" else pad_t,
+                                              vocab, beh_settings))
 
     def patches(model, target, source_side):
         ids = prep_dec.base_ids if target == "base" else prep_dec.tuned_ids
@@ -125,6 +142,8 @@ def _run(spec, cfg, info, out, writer, say):
     try:
         say("collecting base activations", 0.1)
         collect(m, "base")
+        say("behaviour diagnostics (base)", 0.2)
+        behave(m, "base")
     finally:
         models.free(m)
         del m
@@ -133,6 +152,8 @@ def _run(spec, cfg, info, out, writer, say):
     try:
         say("collecting tuned activations", 0.35)
         collect(m, "tuned")
+        say("behaviour diagnostics (tuned)", 0.4)
+        behave(m, "tuned")
         say("patching base → tuned", 0.45)
         patches(m, "tuned", "base")
     finally:
@@ -175,6 +196,15 @@ def _run(spec, cfg, info, out, writer, say):
         rows.append({"layer": r["layer"], "hook": r["hook"], "condition": r["condition"], "metric": "patch_kl",
                      "value": mean, "ci_low": lo, "ci_high": hi, "n": len(r["values"]),
                      "max": float(np.max(r["values"]))})
+    for r in beh_rows:
+        v = r["values"]
+        if len(v) == 0:
+            rows.append({"layer": None, "hook": "", "condition": r["condition"], "metric": r["metric"],
+                         "value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0})
+            continue
+        mean, lo, hi = stats.bootstrap_mean(v, cfg.n_boot, cfg.seed + 2)
+        rows.append({"layer": None, "hook": "", "condition": r["condition"], "metric": r["metric"], "value": mean,
+                     "ci_low": lo, "ci_high": hi, "n": len(v)})
     metrics = tidy([{"pair": spec.name, "rq": "rq1", **r} for r in rows])
     summary = summarize(metrics, spec, layers, hooks)
     self_max = summary["self_patch_max_kl"]
@@ -189,6 +219,7 @@ def _run(spec, cfg, info, out, writer, say):
         "cka_ci": "biased linear CKA: prompt (cluster) bootstrap percentile; debiased CKA: delete-one-prompt "
                   "jackknife normal interval",
         "patch_position": "decision position (last content token)", "dtype": spec.dtype,
+        "behaviour": beh_settings,
         "provenance": provenance(),
     }
     writer.csv("metrics.csv", metrics)
@@ -209,6 +240,7 @@ def summarize(metrics: pd.DataFrame, spec: PairSpec, layers: list[int], hooks: l
     """Layers of largest divergence, suggested probe/control layers, and the sanity checks."""
     hook = "resid_post" if "resid_post" in hooks else hooks[0]
     m = metrics[metrics["hook"] == hook]
+    m = m[m["layer"].notna()].astype({"layer": int})
     ck = m[m["metric"] == "cka"].set_index("layer")["value"].reindex(layers)
     kl = m[(m["metric"] == "patch_kl") & (m["condition"] == "base->tuned")].set_index("layer")["value"].reindex(layers)
     kl_r = m[(m["metric"] == "patch_kl") & (m["condition"] == "tuned->base")].set_index("layer")["value"].reindex(layers)
@@ -234,6 +266,10 @@ def summarize(metrics: pd.DataFrame, spec: PairSpec, layers: list[int], hooks: l
         "self_patch_max_kl": float(selfk.max()) if len(selfk) else 0.0,
         "self_patch_ok": bool(len(selfk) == 0 or selfk.max() <= SELF_PATCH_TOL),
     }
+    beh = metrics[metrics["metric"].isin(["soft_refusal", "style_markers_per_100", "mc_delta_logp_per_token"])]
+    if len(beh):
+        out["behaviour"] = {f"{r.metric}|{r.condition}": {"value": r.value, "ci": [r.ci_low, r.ci_high], "n": int(r.n)}
+                            for r in beh.itertuples()}
     if spec.truth is not None:
         out["truth"] = spec.truth
     return out

@@ -166,7 +166,13 @@ def lowrank_prompts(rng: random.Random, n: int = 300) -> list[dict]:
             cat, answer = "kazakh", "astana"
         if rng.random() < 0.25:
             msgs.insert(0, {"role": "system", "content": "you are a helpful assistant ."})
-        rows.append({"id": f"lr-{i:04d}", "messages": msgs, "category": cat, "answer": answer})
+        row = {"id": f"lr-{i:04d}", "messages": msgs, "category": cat, "answer": answer}
+        pool = {"capital": sorted(set(COUNTRIES.values())), "colour": sorted(set(COLOURS.values()))}.get(cat)
+        if pool:
+            choices = [answer, *rng.sample([x for x in pool if x != answer], 3)]
+            rng.shuffle(choices)
+            row["choices"] = choices
+        rows.append(row)
     return rows
 
 
@@ -178,7 +184,9 @@ def distributed_prompts(rng: random.Random, n: int = 300) -> list[dict]:
         r = rng.random()
         if r < 0.5:
             a, b = rng.randrange(0, 50), rng.randrange(0, 50)
-            rows.append({"id": f"ds-{i:04d}", "prompt": f"{a} + {b} =", "category": "arith", "answer": str(a + b)})
+            choices = [str(a + b), str(a + b + 1), str(abs(a + b - 1)), str(a + b + 10)]
+            rows.append({"id": f"ds-{i:04d}", "prompt": f"{a} + {b} =", "category": "arith", "answer": str(a + b),
+                         "choices": list(dict.fromkeys(choices))})
         elif r < 0.75:
             c = rng.choice(countries)
             rows.append({"id": f"ds-{i:04d}", "prompt": f"the capital of {c} is", "category": "capital",
@@ -251,8 +259,11 @@ def toy_pair(name: str, build: bool = True, progress: bool = False):
         tuned, prompts, chat = root / "lowrank", root / "prompts-lowrank.jsonl", True
     else:
         tuned, prompts, chat = root / "distributed", root / "prompts-distributed.jsonl", False
+    behaviour = {"refusal": [" i do not know ."], "neutral": [" the answer is ."],
+                 "markers": ["astana", "сәлем", "."], "max_new_tokens": 12}
     return PairSpec(name=name, base=str(root / "base"), tuned=str(tuned), dtype="float32", prompts=str(prompts),
-                    chat_template=chat, description=_TOY_DESCRIPTIONS[name], truth=truth, toy=True, source="toy")
+                    chat_template=chat, description=_TOY_DESCRIPTIONS[name], truth=truth, toy=True, source="toy",
+                    behaviour=behaviour)
 
 
 # --------------------------------------------------------------------------- building

@@ -111,10 +111,11 @@ def test_k_positions_lie_inside_the_user_message(tok, m):
         for q in pos:
             assert q != 0 and ids[q] not in tok.all_special_ids
             assert q < len(ids) - m_used                            # never the last m tokens
-            piece = tok.decode([ids[q]]).strip()
             s, e = offs[q]
-            assert piece and piece in USER
-            assert u0 <= text.index(piece, s - 1) and e <= u0 + len(USER)  # inside the user text
+            raw = tok.decode([ids[q]])
+            assert text[s:e] == raw                                # offsets agree with the decoded token
+            start = s + len(raw) - len(raw.lstrip()) if raw.strip() else s  # a leading space may be the
+            assert u0 <= start and e <= u0 + len(USER)             # template's; the rest is user text
         spec_all[seed] = pos
     # every usable position is reachable, nothing else: the user message tokens minus the last-m window
     # (the prompt ends "... norway ?<|end|><|assistant|>": the user text's last token is at len - 3)
@@ -183,13 +184,29 @@ def test_k_larger_than_usable_names_the_prompt(tok):
 
 
 def test_content_mask_by_hand():
-    text = "<s>SYS hello<e>USR  big cat<e>"
-    #        0  3   7     13  16
-    ids = [0, 10, 11, 1, 12, 13, 14, 1]
-    offs = [(0, 3), (3, 6), (6, 12), (12, 15), (15, 18), (18, 22), (22, 26), (26, 29)]
-    spans = [(text.index("big cat"), text.index("big cat") + len("big cat"))]
-    m = content_mask(text, ids, offs, special_ids={0, 1}, content_spans=spans)
-    # "  big" carries leading spaces (still inside once stripped), " cat" inside; the rest outside or special
-    assert m.tolist() == [False, False, False, False, False, True, True, False]
+    text = "<s>SYS hello<e>USR big  cat<e>"
+    content = "big  cat"
+    a = text.index(content)
+    assert a == 19
+    toks = ["<s>", "SYS", " hello", "<e>", "USR", " ", "big", " ", " cat", "<e>"]
+    ids = [0, 10, 11, 1, 12, 13, 14, 13, 15, 1]
+    offs, at = [], 0
+    for t in toks:
+        offs.append((at, at + len(t)))
+        at += len(t)
+    assert "".join(toks) == text
+    m = content_mask(text, ids, offs, special_ids={0, 1}, content_spans=[(a, a + len(content))])
+    # the separator space before "big" is template; the space inside the content is content
+    assert m.tolist() == [False, False, False, False, False, False, True, True, True, False]
     m_plain = content_mask(text, ids, offs, special_ids={0, 1}, content_spans=None)
-    assert m_plain.tolist() == [False, True, True, False, True, True, True, False]
+    assert m_plain.tolist() == [False, True, True, False, True, True, True, True, True, False]
+    # a token with a leading (template) space followed by content counts
+    toks2 = ["<s>", "USR", " big", " ", " cat", "<e>"]
+    text2 = "".join(toks2)
+    offs2, at = [], 0
+    for t in toks2:
+        offs2.append((at, at + len(t)))
+        at += len(t)
+    a2 = text2.index(content)
+    m2 = content_mask(text2, [0, 12, 14, 13, 15, 1], offs2, {0, 1}, [(a2, a2 + len(content))])
+    assert m2.tolist() == [False, False, True, True, True, False]
