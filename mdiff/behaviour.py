@@ -82,7 +82,7 @@ def _score(model, prompts_ids, conts: list[list[int]], pad_id, vocab_ids) -> np.
     res = np.empty((len(prompts_ids), len(conts)))
     k = 0
     for i, p in enumerate(prompts_ids):
-        for j, c in enumerate(conts):
+        for j in range(len(conts)):
             res[i, j] = lps[k][len(p) - 1:].sum()
             k += 1
     return res

@@ -51,8 +51,12 @@ def test_outputs_are_tidy_and_self_contained(rq1_lowrank):
     m = pd.read_csv(rq1_lowrank / "metrics.csv")
     assert list(m.columns[:10]) == ["pair", "rq", "layer", "hook", "condition", "metric", "value", "ci_low",
                                     "ci_high", "n"]
-    assert set(m.metric) == {"cka", "cka_debiased", "patch_kl"}
-    assert set(m.condition) >= {"base_vs_tuned", "base->tuned", "tuned->base", "self:base", "self:tuned"}
+    assert set(m.metric) == {"cka", "cka_debiased", "patch_kl", "soft_refusal", "style_markers_per_100",
+                             "mc_delta_logp_per_token"}
+    assert set(m.condition) >= {"base_vs_tuned", "base->tuned", "tuned->base", "self:base", "self:tuned",
+                                "base:masked", "base:unmasked", "tuned:masked", "tuned:unmasked"}
+    mc = m[m.metric == "mc_delta_logp_per_token"]
+    assert (mc.n > 0).all() and (mc.value > 0).all()  # the trained toys prefer the correct choice
     ok = m.dropna(subset=["ci_low"])
     assert ((ok.ci_low <= ok.value + 1e-9) & (ok.value <= ok.ci_high + 1e-9)).all()
     cfg = json.loads((rq1_lowrank / "config.json").read_text())
