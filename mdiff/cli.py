@@ -141,8 +141,6 @@ def collect_cmd(
 ):
     """Collect activations of both models, one at a time, into safetensors shards + a JSON manifest (resumable)."""
     _setup(threads)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from mdiff.activations import COLLECT_HOOKS, collect_pair
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
@@ -157,14 +155,9 @@ def collect_cmd(
     sides = {"both": ("base", "tuned"), "base": ("base",), "tuned": ("tuned",)}.get(side)
     if sides is None:
         raise MdiffError(f"--side must be base, tuned or both, got {side!r}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as prog:
-        tasks = {}
-
+    with _progress_bar("collect") as prog:
         def on_progress(s, done, total):
-            if s not in tasks:
-                tasks[s] = prog.add_task(f"collect {s} shards", total=total)
-            prog.update(tasks[s], completed=done)
+            prog.count(s, f"collect {s} shards", done, total)
 
         res = collect_pair(spec, layer_list, hook_list, pos, split, out_dir, sides, seed, batch_size,
                            device=device, n=n, on_progress=on_progress)
@@ -172,11 +165,43 @@ def collect_cmd(
         out.print(f"{s}: {r.n_rows} rows in {r.n_shards} shards ({r.skipped_shards} already done) -> {r.path}")
 
 
-def _progress_bar():
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+class _LazyProgress:
+    """A rich progress bar that appears on the first update, so errors raised before any work print cleanly."""
 
-    return Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                    TimeElapsedColumn(), console=console, transient=False)
+    def __init__(self, name: str):
+        self.name = name
+        self.prog = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        return self
+
+    def _start(self):
+        if self.prog is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.prog = Progress(TextColumn("{task.description:<40}"), BarColumn(),
+                                 TextColumn("{task.completed:>.0f}/{task.total:>.0f}"), TimeElapsedColumn(),
+                                 console=console, transient=False)
+            self.prog.start()
+
+    def fraction(self, msg: str, frac: float) -> None:
+        self.count(self.name, f"{self.name}: {msg}", round(100 * frac), 100)
+
+    def count(self, key: str, desc: str, done: int, total: int) -> None:
+        self._start()
+        if key not in self.tasks:
+            self.tasks[key] = self.prog.add_task(desc, total=total)
+        self.prog.update(self.tasks[key], description=desc, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.prog is not None:
+            self.prog.stop()
+        return False
+
+
+def _progress_bar(name: str = "run") -> _LazyProgress:
+    return _LazyProgress(name)
 
 
 @app.command("rq1")
@@ -215,10 +240,9 @@ def rq1_cmd(
     cfg = RQ1Config(layers=layer_list, hooks=parse_str_list(hooks, "--hooks", RQ1_HOOKS),
                     positions=parse_positions(positions, seed=seed), split=split, n=n, n_boot=bootstrap, seed=seed,
                     batch_size=batch_size, device=device)
-    with _progress_bar() as prog:
-        task = prog.add_task("rq1", total=1.0)
+    with _progress_bar("rq1") as prog:
         summary = run_rq1(spec, cfg, out_dir, overwrite,
-                          progress=lambda msg, frac: prog.update(task, description=f"rq1: {msg}", completed=frac))
+                          progress=prog.fraction)
     out.print(f"[bold]RQ1 {spec.name}[/] ({summary['hook']}): largest divergence at layers "
               f"{summary['largest_divergence_layers']} (CKA), largest patch KL at {summary['largest_patch_kl_layers']}; "
               f"probe layers {summary['suggested_probe_layers']}, control layer {summary['suggested_control_layer']}; "
@@ -237,10 +261,9 @@ def demo_cmd(
     _setup(threads)
     from mdiff.demo import run_demo
 
-    with _progress_bar() as prog:
-        task = prog.add_task("demo", total=1.0)
+    with _progress_bar("demo") as prog:
         run_demo(pair, out_dir, console=out,
-                 progress=lambda msg, frac: prog.update(task, description=f"rq1: {msg}", completed=frac))
+                 progress=prog.fraction)
 
 
 def main() -> None:  # console-script entry point
