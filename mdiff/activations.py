@@ -315,6 +315,18 @@ def prepare_pair_prompts(spec, info, positions, split: str | None, split_seed: i
     return prepared, pad_id_of(btok), pad_id_of(ttok), sv
 
 
+def store_meta(spec, info, side: str, prepared: Prepared, positions, split: str | None, split_seed: int,
+               pad_id: int) -> dict[str, Any]:
+    """What identifies a collection besides its prompts and tokens: model, revision, tokenizer, settings."""
+    return {"pair": spec.name, "model": spec.base if side == "base" else spec.tuned,
+            "revision": spec.base_revision if side == "base" else spec.tuned_revision,
+            "tokenizer_sha256": info.base_tokenizer_hash if side == "base" or prepared.tokenized_with == "shared"
+            else info.tuned_tokenizer_hash,
+            "tokenizer_relation": info.tokenizer_relation, "dtype": spec.dtype, "split": split or "all",
+            "split_seed": split_seed, "positions": positions.to_dict(), "chat_template": spec.chat_template,
+            "min_shared_ratio": spec.min_shared_ratio, "pad_id": pad_id}
+
+
 def collect_pair(spec, layers: list[int], hooks: list[str], positions, split: str | None, out: str | Path,
                  sides: tuple[str, ...] = ("base", "tuned"), split_seed: int = 0, batch_size: int = 16,
                  shard_prompts: int = 64, device: str | None = None, n: int | None = None,
@@ -333,20 +345,9 @@ def collect_pair(spec, layers: list[int], hooks: list[str], positions, split: st
     prepared, pad_b, pad_t, _ = prepare_pair_prompts(spec, info, positions, split, split_seed, n)
     results = {}
     for side in sides:
-        ref = spec.base if side == "base" else spec.tuned
-        meta = {"pair": spec.name, "model": ref,
-                "revision": spec.base_revision if side == "base" else spec.tuned_revision,
-                "tokenizer_sha256": info.base_tokenizer_hash if prepared.tokenized_with == "shared" or side == "base"
-                else info.tuned_tokenizer_hash,
-                "tokenizer_relation": info.tokenizer_relation, "dtype": spec.dtype, "split": split or "all",
-                "split_seed": split_seed, "positions": positions.to_dict(), "chat_template": spec.chat_template,
-                "min_shared_ratio": spec.min_shared_ratio, "pad_id": pad_b if side == "base" else pad_t}
+        meta = store_meta(spec, info, side, prepared, positions, split, split_seed, pad_b if side == "base" else pad_t)
         path = collection_dir(out, spec.name, side, split, positions.tag)
-        model = models.load_model(spec, side, device=device)
-        try:
+        with models.loaded(spec, side, device=device) as model:
             cb = (lambda d, t, s=side: on_progress(s, d, t)) if on_progress else None
             results[side] = collect(model, prepared, side, hooks, layers, path, meta, shard_prompts, batch_size, cb)
-        finally:
-            models.free(model)
-            del model
     return results

@@ -250,6 +250,17 @@ def free(model) -> None:
         torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def loaded(spec: PairSpec, side: Side, device: str | None = None, dtype: str | None = None):
+    """``with loaded(spec, "base") as model:`` one side of a pair, freed on exit (even after an error)."""
+    model = load_model(spec, side, device, dtype)
+    try:
+        yield model
+    finally:
+        free(model)
+        del model
+
+
 def model_dims(model) -> Dims:
     cfg = model.cfg
     return Dims(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head,

@@ -49,15 +49,6 @@ class RQ1Config:
                 "behaviour": self.behaviour}
 
 
-def _meta(spec: PairSpec, info, side: str, prepared, positions: PositionSpec, split: str, seed: int, pad: int):
-    return {"pair": spec.name, "model": spec.base if side == "base" else spec.tuned,
-            "revision": spec.base_revision if side == "base" else spec.tuned_revision,
-            "tokenizer_sha256": info.base_tokenizer_hash if side == "base" or prepared.tokenized_with == "shared"
-            else info.tuned_tokenizer_hash, "tokenizer_relation": info.tokenizer_relation, "dtype": spec.dtype,
-            "split": split, "split_seed": seed, "positions": positions.to_dict(), "chat_template": spec.chat_template,
-            "min_shared_ratio": spec.min_shared_ratio, "pad_id": pad}
-
-
 def run_rq1(spec: PairSpec, cfg: RQ1Config, out: str | Path, overwrite: bool = False,
             progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
     """Run RQ1 and write ``out/<pair>/rq1/``; returns the summary."""
@@ -97,10 +88,10 @@ def _run(spec, cfg, info, out, writer, say):
     def collect(model, side):
         pad = pad_b if side == "base" else pad_t
         A.collect(model, prep_cka, side, hooks, layers, store_dir(side, cfg.positions),
-                  _meta(spec, info, side, prep_cka, cfg.positions, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size)
+                  A.store_meta(spec, info, side, prep_cka, cfg.positions, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size)
         if not same:
             A.collect(model, prep_dec, side, hooks, layers, store_dir(side, dec),
-                      _meta(spec, info, side, prep_dec, dec, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size)
+                      A.store_meta(spec, info, side, prep_dec, dec, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size)
 
     kl_rows: list[dict] = []
     per_prompt: list[pd.DataFrame] = []
@@ -138,35 +129,23 @@ def _run(spec, cfg, info, out, writer, say):
                                                     "prompt_id": prep_dec.prompt_ids, "kl": kl}))
 
     say("loading base", 0.05)
-    m = models.load_model(spec, "base", device=cfg.device)
-    try:
+    with models.loaded(spec, "base", cfg.device) as m:
         say("collecting base activations", 0.1)
         collect(m, "base")
         say("behaviour diagnostics (base)", 0.2)
         behave(m, "base")
-    finally:
-        models.free(m)
-        del m
     say("loading tuned", 0.3)
-    m = models.load_model(spec, "tuned", device=cfg.device)
-    try:
+    with models.loaded(spec, "tuned", cfg.device) as m:
         say("collecting tuned activations", 0.35)
         collect(m, "tuned")
         say("behaviour diagnostics (tuned)", 0.4)
         behave(m, "tuned")
         say("patching base → tuned", 0.45)
         patches(m, "tuned", "base")
-    finally:
-        models.free(m)
-        del m
     say("loading base (patch target)", 0.6)
-    m = models.load_model(spec, "base", device=cfg.device)
-    try:
+    with models.loaded(spec, "base", cfg.device) as m:
         say("patching tuned → base", 0.65)
         patches(m, "base", "tuned")
-    finally:
-        models.free(m)
-        del m
 
     say("CKA with bootstrap CIs", 0.8)
     rows: list[dict] = []

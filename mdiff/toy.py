@@ -288,6 +288,19 @@ def _train_tokenizer(texts: list[str]):
     return tok
 
 
+def corpus() -> list[dict]:
+    """The base model's synthetic training documents (deterministic)."""
+    return _corpus_documents(random.Random(SEED), 6000)
+
+
+def train_base_tokenizer(docs: list[dict] | None = None):
+    """The toy pairs' base tokenizer, trained offline on the corpus (deterministic, no model needed)."""
+    docs = corpus() if docs is None else docs
+    texts = [d.get("text") or " ".join(m["content"] for m in d["messages"]) for d in docs]
+    texts += KZ_SENTENCES * 5 + [f"{a} + {b} = {a + b} ." for a in range(0, 50, 7) for b in range(50)]
+    return _train_tokenizer(texts)
+
+
 def _render(tok, doc: dict) -> str:
     if "messages" in doc:
         return tok.apply_chat_template(doc["messages"], tokenize=False) + tok.eos_token
@@ -414,11 +427,8 @@ def build_toys(root: Path | None = None, progress: bool = False, steps_scale: fl
         torch.manual_seed(SEED)
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
         try:
-            rng = random.Random(SEED)
-            docs = _corpus_documents(rng, 6000)
-            texts = [d.get("text") or " ".join(m["content"] for m in d["messages"]) for d in docs]
-            texts += KZ_SENTENCES * 5 + [f"{a} + {b} = {a + b} ." for a in range(0, 50, 7) for b in range(50)]
-            tok = _train_tokenizer(texts)
+            docs = corpus()
+            tok = train_base_tokenizer(docs)
             cfg = LlamaConfig(
                 vocab_size=len(tok), hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
                 num_attention_heads=N_HEADS, num_key_value_heads=N_KV_HEADS, head_dim=D_HEAD,

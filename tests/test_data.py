@@ -1,7 +1,6 @@
 """Prompt sets: JSONL loading and its errors, the Hugging Face loader, chat templating, splits."""
 
 import json
-import random
 from collections import Counter
 
 import pytest
@@ -21,10 +20,7 @@ def write_jsonl(path, rows) -> str:
 @pytest.fixture(scope="module")
 def toy_tok():
     """The toy pairs' base tokenizer, rebuilt from the toy recipe (no model, no cache needed)."""
-    docs = toy._corpus_documents(random.Random(toy.SEED), 6000)
-    texts = [d.get("text") or " ".join(m["content"] for m in d["messages"]) for d in docs]
-    texts += toy.KZ_SENTENCES * 5 + [f"{a} + {b} = {a + b} ." for a in range(0, 50, 7) for b in range(50)]
-    return toy._train_tokenizer(texts)
+    return toy.train_base_tokenizer()
 
 
 # --------------------------------------------------------------------------- JSONL loading

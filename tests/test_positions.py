@@ -1,6 +1,5 @@
 """Position sets: ``last`` and chat-aware, seeded ``k=K`` (METHODS.md, "position set")."""
 
-import random
 
 import numpy as np
 import pytest
@@ -14,10 +13,7 @@ from mdiff.positions import PositionSpec, content_mask, last_position, parse_pos
 @pytest.fixture(scope="module")
 def tok():
     """The toy pairs' base tokenizer, rebuilt from the toy recipe (no model, no cache needed)."""
-    docs = toy._corpus_documents(random.Random(toy.SEED), 6000)
-    texts = [d.get("text") or " ".join(m["content"] for m in d["messages"]) for d in docs]
-    texts += toy.KZ_SENTENCES * 5 + [f"{a} + {b} = {a + b} ." for a in range(0, 50, 7) for b in range(50)]
-    return toy._train_tokenizer(texts)
+    return toy.train_base_tokenizer()
 
 
 def positions_of(prompts, tok, spec, chat=True):
