@@ -250,6 +250,86 @@ def rq1_cmd(
     out.print(f"wrote {summary['path']}")
 
 
+def _parse_floats(text: str, option: str) -> list[float]:
+    vals = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            raise MdiffError(f"{option} {text!r} has an empty item: use a comma list such as 0.3,0.5,1.0")
+        try:
+            vals.append(float(item))
+        except ValueError:
+            raise MdiffError(f"{option}: {item!r} is not a number") from None
+    return vals
+
+
+@app.command("rq2")
+@cli_errors
+def rq2_cmd(
+    pair: PairOpt = "toy-lowrank",
+    layers: Annotated[str, typer.Option(help="Probe layers, comma list (e.g. 24,26).")] = "4",
+    hooks: Annotated[str, typer.Option(help="Comma list of resid_pre, resid_post, attn_out, mlp_out.")] = "resid_post",
+    solvers: Annotated[str, typer.Option(help="Comma list of ridge, procrustes, procrustes-scaled, whiten-procrustes, "
+                                             "pca-procrustes, logit-subspace (identity and mean-shift always run).")]
+    = "ridge,procrustes,procrustes-scaled,whiten-procrustes",
+    alphas: Annotated[str, typer.Option(help="Comma list of α values.")] = "1.0",
+    alpha_mode: Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")] = "blend",
+    fit_positions: Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")] = "last",
+    control_layer: Annotated[int, typer.Option(help="Early-layer control site.")] = 0,
+    n: Annotated[int | None, typer.Option(help="Use at most N prompts per split.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (≥ 1).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of splits, positions, shuffles and bootstrap.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq2/.")] = "results",
+    freeze: Annotated[bool, typer.Option(help="Also pin each site's winning map and α into rq2/winners.json.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings.")] = False,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """RQ2 transport: fit linear maps base → tuned per site; how much of the raw cross-patch KL does the map remove?"""
+    _setup(threads)
+    from mdiff.models import inspect_pair
+    from mdiff.options import parse_int_list, parse_str_list
+    from mdiff.pairs import resolve_pair
+    from mdiff.positions import parse_positions
+    from mdiff.rq2 import RQ2_HOOKS, SOLVERS, RQ2Config, freeze_winners, run_rq2
+    from mdiff.stats import check_bootstrap
+
+    check_bootstrap(bootstrap)
+    spec = resolve_pair(pair, progress=True)
+    info = inspect_pair(spec)
+    nl = info.base.n_layers
+    cfg = RQ2Config(layers=parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer"),
+                    hooks=parse_str_list(hooks, "--hooks", RQ2_HOOKS),
+                    solvers=parse_str_list(solvers, "--solvers", SOLVERS), alphas=_parse_floats(alphas, "--alphas"),
+                    alpha_mode=alpha_mode, fit_positions=parse_positions(fit_positions, seed=seed),
+                    control_layer=control_layer, n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size,
+                    device=device)
+    with _progress_bar("rq2") as prog:
+        summary = run_rq2(spec, cfg, out_dir, overwrite,
+                          progress=prog.fraction)
+    for site in summary["sites"]:
+        tag = " (control)" if site["control_site"] else ""
+        out.print(f"L{site['layer']} {site['hook']}{tag}: {site['verdict']}")
+    out.print(f"wrote {summary['path']}")
+    if freeze:
+        out.print(f"winners pinned in {freeze_winners(out_dir, spec.name)}")
+
+
+@app.command("freeze")
+@cli_errors
+def freeze_cmd(
+    pair: PairOpt = "toy-lowrank",
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder holding OUT/<pair>/rq2/.")] = "results",
+):
+    """Pin RQ2's winning map and α per site into rq2/winners.json, so RQ3/RQ4 never chase timestamps."""
+    from mdiff.pairs import resolve_pair
+    from mdiff.rq2 import freeze_winners
+
+    name = resolve_pair(pair, build=False).name
+    out.print(f"winners pinned in {freeze_winners(out_dir, name)}")
+
+
 @app.command("demo")
 @cli_errors
 def demo_cmd(

@@ -1,0 +1,1430 @@
+"""Affine maps from base-model to tuned-model activations (RQ2 linear transport, RQ3 rank).
+
+Convention
+----------
+``X`` (n × d_in) holds base activations and ``Y`` (n × d_out) the tuned model's activations at the
+same n samples (row i of both: same prompt, same position). Every estimator here learns an affine
+map ``ŷ = x @ W_ + b_`` with ``W_`` of shape (d_in, d_out) and ``b_`` of shape (d_out,), the
+row-vector convention of :func:`mdiff.hooks.map_hook`, so a fitted map can be patched in directly.
+The API follows scikit-learn: ``__init__`` only stores parameters, ``fit(X, Y, groups=None)``
+returns ``self``, learned attributes end in ``_`` (``W_``, ``b_``, ``n_features_in_``,
+``n_features_out_`` and the per-class ones below), ``transform(X)`` applies the map and
+``score(X, Y)`` is the **variance-weighted R²** ``1 − Σ_ij (Y_ij − Ŷ_ij)² / Σ_ij (Y_ij − Ȳ_j)²``
+summed over all output dimensions (sklearn's ``r2_score(..., multioutput="variance_weighted")``),
+so high-variance dimensions count more. ``groups`` (one prompt label per row) is used wherever rows
+are split or shuffled, so that the positions of one prompt stay together.
+
+``X_c``, ``Y_c`` are the column-centred data with means ``x̄``, ``ȳ``; every map is fitted on
+them and gets ``b_ = ȳ − x̄ W_``.
+
+Maps (``make_map`` name → class)
+--------------------------------
+* ``identity`` (:class:`IdentityMap`): ``W = I``, ``b = 0``.
+* ``mean-shift`` (:class:`MeanShiftMap`): ``ŷ = x + mean(y − x)``.
+* ``ridge`` (:class:`RidgeMap`): ``W_λ = (X_cᵀX_c + λI)⁻¹ X_cᵀY_c``, the minimiser of
+  ``‖Y_c − X_cW‖² + λ‖W‖²`` (λ is on the scale of ``XᵀX``, the same α as sklearn's ``Ridge``). λ is
+  chosen from a grid (default: 20 values, ``logspace(-6, 3)`` times the mean eigenvalue
+  ``‖X_c‖²_F / d_in`` of the training fold's ``X_cᵀX_c``) by the squared error on a held-out fold.
+  One spectral decomposition of the training fold ``X_cᵀX_c = V diag(e) Vᵀ`` serves every λ:
+  with ``A = X_val V`` and ``B = Vᵀ X_cᵀ Y_c``, the hold-out error of ``W_λ = V diag(f_λ) B``,
+  ``f_λ = 1/(e + λ)``, is ``‖Y_val‖² − 2 f_λ·r + f_λᵀ (AᵀA ∘ BBᵀ) f_λ`` with
+  ``r_i = Σ_j (AᵀY_val)_ij B_ij`` (PERF.md §2.4), so each λ costs O(d²) after the decomposition.
+  The chosen λ is then refit on all rows (training fold + hold-out; ``refit=False`` keeps the
+  training fold) with one float64 Cholesky solve of ``X_cᵀX_c + λI`` (updated from the training
+  fold's matrices), the only second factorisation; λ keeps its absolute value in the refit.
+  **n < d**: when the training fold has fewer rows than features the decomposition is a thin SVD
+  of the centred ``X`` (``e = s²``, ``B = diag(s) UᵀY_c``: only the n non-trivial directions), and a
+  refit with n < d uses the dual form ``W = X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c``; both give exactly the primal
+  solution for λ > 0, and λ = 0 gives the minimum-norm least-squares solution (directions with
+  ``e ≤ eps·max(e)·d`` are dropped).
+* ``procrustes`` (:class:`ProcrustesMap`): ``W = U Vᵀ`` from the SVD ``X_cᵀY_c = U Σ Vᵀ``, the
+  orthogonal (semi-orthogonal when d_in ≠ d_out) W minimising ``‖X_cW − Y_c‖_F`` (the same R as
+  ``scipy.linalg.orthogonal_procrustes(X_c, Y_c)``). ``procrustes-scaled`` (``scale=True``) uses
+  ``W = s U Vᵀ`` with the least-squares scale ``s = tr(Σ) / ‖X_c‖²_F``, reported as ``scale_``.
+* ``whiten-procrustes`` (:class:`WhitenedProcrustesMap`): shrunk covariances
+  ``Σ_x(α) = (1 − α) Σ_x + α μ_x I`` (``Σ_x = X_cᵀX_c/n``, ``μ_x = tr(Σ_x)/d_in``; same for y), with
+  α fixed or the Ledoit–Wolf estimate (as sklearn's ``ledoit_wolf_shrinkage``), then
+  ``W = Σ_x^{-1/2} R Σ_y^{1/2}`` where ``R`` is the Procrustes rotation between the whitened sides
+  ``X_cΣ_x^{-1/2}`` and ``Y_cΣ_y^{-1/2}``. One ``eigh`` per side gives both powers for every α (the
+  shrunk matrix has the same eigenvectors), so a singular covariance is fine whenever α > 0;
+  α = 0 with a singular covariance raises.
+* ``pca-procrustes`` (:class:`PCAProcrustesMap`): ``P_x``, ``P_y`` = the top-q principal axes of
+  each side (covariance + ``eigh`` of the top-q subset), Procrustes ``R`` (q × q) between
+  ``X_cP_x`` and ``Y_cP_y``, mapped back: ``W = P_x R P_yᵀ`` (rank q).
+* ``logit-subspace`` (:class:`LogitSubspaceMap`): ``Q`` (d × q) = the top-q left singular vectors
+  of the tuned unembedding ``W_U`` (d_model × d_vocab; by default with its mean over the vocabulary
+  removed, since softmax ignores a shift common to all logits), ``P = QQᵀ``. Only the component of
+  x in span(Q) moves: a ridge (default) or Procrustes map ``z ↦ zR + c`` is fitted from ``xQ`` to
+  ``yQ`` and ``ŷ = x − xP + (xQR + c)Qᵀ``, i.e. ``W = I + Q(R − I)Qᵀ``, ``b = cQᵀ``. For any v
+  orthogonal to span(Q), ``vW = v``: the complement is left exactly unchanged.
+* ``lowrank`` (:class:`LowRankCorrectionMap`, RQ3): the base → tuned map is near the identity, so
+  the **correction** is restricted to rank k: ``W = I + U_k V_kᵀ``.
+  ``method="rrr"``: reduced-rank (ridge) regression of ``D = y − x`` on x (Izenman 1975 with
+  identity weight; Mukherjee & Zhu 2011 for the ridge version): ``B̂`` = the ridge coefficient of
+  D on x (λ chosen as in ``ridge``, or fixed; λ = 0 is ordinary least squares), ``F = X_cB̂`` the
+  fitted values, ``V_k`` = the top-k right singular vectors of F (top-k eigenvectors of
+  ``B̂ᵀX_cᵀX_cB̂``), and ``U_k = B̂V_k``, so ``U_kV_kᵀ = B̂V_kV_kᵀ`` is the rank-k coefficient
+  closest to B̂ in the fitted-value metric ``‖X_c(B̂ − B)‖_F``.
+  ``method="pca-procrustes"``: ``V_k`` = the top-k principal axes of ``D``, Procrustes ``R`` (k × k)
+  between ``X_cV_k`` and ``Y_cV_k``, and ``U_k = V_k(R − I)`` (the logit-subspace construction with
+  the PCA basis of D). ``rank="full"`` means no truncation. :func:`fit_lowrank_path` fits many
+  ranks from one decomposition.
+
+Controls: :func:`fit_shuffled` fits a fresh copy of an estimator on ``(X, Y[π])`` where π pairs no
+row with a row of its own prompt (the shuffled-pairs null); :func:`map_diagnostics` gives R²,
+CKA(mapped, tuned) and mean cosine.
+
+Standardisation
+---------------
+``standardize`` ∈ {"none", "x", "y", "both"} z-scores the chosen side(s) with the fit data's mean
+and standard deviation (ddof 0; a constant column keeps scale 1) before fitting, and the result is
+folded back so ``W_``/``b_`` act on raw activations: with ``x_s = (x − m_x)/s_x`` and fitted
+``(W_s, b_s)``, ``W_ = diag(1/s_x) W_s diag(s_y)`` and ``b_ = (b_s − (m_x/s_x)W_s) ∘ s_y + m_y``. The
+statistics are kept as ``x_mean_``, ``x_scale_``, ``y_mean_``, ``y_scale_`` (None when unused).
+
+Precision and cost (PERF.md §2.4–2.6, §4)
+-----------------------------------------
+Column means are accumulated in float64. The factorisations run in the estimator's ``dtype``:
+``"auto"`` (default) picks float32 when both inputs are float32 (or lower precision) and each has
+at least 2²⁰ elements, and float64 otherwise. Ridge (also inside ``lowrank``/``logit-subspace``)
+uses that precision only to *choose* λ: a float32 ``eigh`` of ``XᵀX`` squares the condition number
+and gives W only to ~1e-3 on residual-stream-like data, but ranks the λ grid correctly (its
+``holdout_mse_`` values carry ~1e-5–1e-4 relative error, largest for λ below float32 rounding of
+``XᵀX``); the returned ridge W is always a float64 solve at the chosen λ (~1e-14 from a direct
+solve). Procrustes-type maps in float32 give W orthogonal to ~1e-6. Learned ``W_``/``b_`` are
+always stored as float64. ``transform`` computes in float64 for float64 input and in float32
+otherwise (torch tensors stay on their device and keep their dtype). Each fit does at most one
+d × d factorisation per side or product (plus one Cholesky for the ridge refit); large thin SVDs
+go through ``torch.linalg.svd`` (MKL), the rest through scipy. At d = 4096 on this project's
+two-core CPU, a ridge fit over a 20-λ grid (4000 + 1000 rows) takes ~12 s with float32
+activations (~19 s all-float64) and Procrustes on 5000 rows ~13 s
+(``experiments/benchmarks/bench_maps.py``).
+
+Saving
+------
+:func:`save_map` writes ``<prefix>.safetensors`` (every learned array: ``W_``, ``b_``, bases, λ grid,
+…) and ``<prefix>.json`` (class, parameters, scalar learned attributes, format and package
+version), each atomically (temporary file + rename). :func:`load_map` rebuilds the estimator from a
+registry of the classes here; nothing is pickled. ``LogitSubspaceMap`` keeps its basis ``basis_``
+but not the (large) ``W_U`` parameter, which loads as None.
+
+Inputs may be numpy arrays or torch tensors (any float dtype, any device); fitting copies them to
+CPU numpy. Bad input raises :class:`mdiff.errors.MdiffError` with a one-line message. Nothing here
+prints.
+"""
+
+import importlib.metadata as _md
+import inspect
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import numpy as np
+import scipy.linalg as sla
+import torch
+from jaxtyping import Float, Shaped
+
+from mdiff.errors import MdiffError
+
+__all__ = [
+    "DEFAULT_RELATIVE_ALPHAS",
+    "IdentityMap",
+    "LinearMap",
+    "LogitSubspaceMap",
+    "LowRankCorrectionMap",
+    "MAP_NAMES",
+    "MeanShiftMap",
+    "PCAProcrustesMap",
+    "ProcrustesMap",
+    "RidgeMap",
+    "WhitenedProcrustesMap",
+    "fit_lowrank_path",
+    "fit_shuffled",
+    "load_map",
+    "make_map",
+    "map_diagnostics",
+    "save_map",
+    "shuffled_pairs_permutation",
+]
+
+Standardize = Literal["none", "x", "y", "both"]
+DType = Literal["auto", "float32", "float64"]
+ArrayX = Float[np.ndarray, "n_samples d_in"] | Float[torch.Tensor, "n_samples d_in"]
+ArrayY = Float[np.ndarray, "_n_samples d_out"] | Float[torch.Tensor, "_n_samples d_out"]
+Groups = Shaped[np.ndarray, " _n_samples"] | Shaped[torch.Tensor, " _n_samples"] | Sequence[Hashable] | None
+Alphas = float | Sequence[float] | np.ndarray | None
+
+DEFAULT_RELATIVE_ALPHAS: np.ndarray = np.logspace(-6.0, 3.0, 20)
+"""Default ridge grid, relative to the mean eigenvalue ``‖X_c‖²_F / d_in`` of the training fold."""
+
+FORMAT = "mdiff.maps"
+FORMAT_VERSION = 1
+
+# Below this many elements per input, float32 inputs are still processed in float64 (it is cheap).
+_FP32_MIN_ELEMENTS = 1 << 20
+# Thin SVDs with min(shape) at least this large go through torch (MKL gesdd), which is 2-3x faster
+# than scipy's bundled OpenBLAS gesdd on this class of CPU; smaller ones use scipy.
+_TORCH_SVD_MIN = 512
+# Columns of W_U processed at once when forming W_U W_Uᵀ.
+_VOCAB_CHUNK = 8192
+
+_M = TypeVar("_M", bound="LinearMap")
+
+
+# --------------------------------------------------------------------------------------------
+# input handling
+
+
+def _to_numpy(a: Any, name: str, ndim: int | None = 2) -> np.ndarray:
+    """Validate a feature matrix; return it as a float32/float64 numpy array (no copy if possible)."""
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+        if t.is_complex():
+            raise MdiffError(f"{name} is complex ({t.dtype}); pass real-valued activations")
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.float64)
+        a = t.cpu().numpy()
+    try:
+        arr = np.asarray(a)
+    except (TypeError, ValueError) as err:
+        raise MdiffError(f"{name} is not an array ({type(a).__name__}: {err}); pass a numpy array or tensor") from None
+    if arr.dtype.kind not in "fiub":
+        raise MdiffError(f"{name} has dtype {arr.dtype}; pass a real-valued numeric array or tensor")
+    if ndim is not None and arr.ndim != ndim:
+        raise MdiffError(
+            f"{name} must be 2-D (n_samples, d) but has shape {arr.shape}; "
+            "flatten the batch and position axes into one sample axis first"
+        )
+    if arr.ndim == 0 or arr.shape[-1] == 0:
+        raise MdiffError(f"{name} has no features (shape {arr.shape}); pass at least one feature column")
+    if arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    _check_finite(arr, name)
+    return arr
+
+
+def _check_finite(arr: np.ndarray, name: str) -> None:
+    if not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr)
+        n_bad = int(bad.sum())
+        rows = int(bad.reshape(-1, arr.shape[-1]).any(axis=1).sum())
+        n_rows = int(np.prod(arr.shape[:-1])) if arr.ndim > 1 else 1
+        raise MdiffError(
+            f"{name} contains {n_bad} NaN/inf entries (in {rows} of {n_rows} rows); "
+            "drop or repair those rows (in both models) before fitting or applying a map"
+        )
+
+
+def _validate_pair(X: Any, Y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x = _to_numpy(X, "X")
+    y = _to_numpy(Y, "Y")
+    if x.shape[0] != y.shape[0]:
+        raise MdiffError(
+            f"X has {x.shape[0]} rows but Y has {y.shape[0]}; {what} needs the same samples "
+            "(prompt positions) in the same order for both models"
+        )
+    if x.shape[0] < 2:
+        raise MdiffError(f"{what} needs at least 2 samples but got {x.shape[0]}; use more prompts")
+    return x, y
+
+
+def _factorize_groups(groups: Any, n: int) -> tuple[np.ndarray, int]:
+    """Map prompt labels to codes 0..G-1; ``None`` means every row is its own prompt."""
+    if groups is None:
+        return np.arange(n, dtype=np.int64), n
+    if isinstance(groups, torch.Tensor):
+        groups = groups.detach().cpu().numpy()
+    g = np.asarray(groups)
+    if g.ndim != 1 or g.shape[0] != n:
+        raise MdiffError(f"groups must hold one prompt label per row ({n}) but has shape {g.shape}")
+    try:
+        _, inverse = np.unique(g, return_inverse=True)
+    except TypeError:  # unorderable mix of labels: number them by first appearance
+        codes: dict[Hashable, int] = {}
+        inverse = np.fromiter((codes.setdefault(v, len(codes)) for v in g.tolist()), dtype=np.int64)
+    inverse = np.asarray(inverse, dtype=np.int64).reshape(-1)
+    return inverse, int(inverse.max()) + 1
+
+
+def _resolve_dtype(dtype: str, x: np.ndarray, y: np.ndarray) -> np.dtype:
+    if dtype == "float64":
+        return np.dtype(np.float64)
+    if dtype == "float32":
+        return np.dtype(np.float32)
+    if x.dtype == np.float32 and y.dtype == np.float32 and min(x.size, y.size) >= _FP32_MIN_ELEMENTS:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def _centre(a: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Column-centred copy in ``dtype`` (C-contiguous) and the float64 column mean.
+
+    The mean is accumulated in float64. For float32 output from float32 input the subtraction is
+    done in float32: it adds only a constant per-column offset of at most ``eps₃₂·|mean|`` (the
+    mean's rounding), whose effect on cross-products is second order, at a tenth of the cost of a
+    float64 round trip.
+    """
+    mean = a.mean(axis=0, dtype=np.float64)
+    if dtype == np.float32 and a.dtype == np.float32:
+        return np.ascontiguousarray(a - mean.astype(np.float32)), mean
+    centred = a.astype(np.float64, copy=True) if a.dtype != np.float64 else a.copy()
+    centred -= mean
+    return np.ascontiguousarray(centred, dtype=dtype), mean
+
+
+def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise MdiffError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_int(value: Any, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise MdiffError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def _check_fraction(value: Any, name: str, low: float = 0.0, high: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= float(value) <= high:
+        raise MdiffError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _check_holdout(holdout: Any) -> float | int:
+    if isinstance(holdout, (float, np.floating)) and 0.0 < float(holdout) < 1.0:
+        return float(holdout)
+    if isinstance(holdout, (int, np.integer)) and not isinstance(holdout, bool) and holdout >= 1:
+        return int(holdout)
+    raise MdiffError(
+        f"holdout must be a fraction in (0, 1) or a number of prompts ≥ 1 to hold out for choosing λ, got {holdout!r}"
+    )
+
+
+def _check_alphas(alphas: Any) -> np.ndarray | None:
+    """None → default relative grid; a number or a sequence → absolute λ values (≥ 0)."""
+    if alphas is None:
+        return None
+    if isinstance(alphas, torch.Tensor):
+        alphas = alphas.detach().cpu().numpy()
+    if isinstance(alphas, bool):
+        raise MdiffError(f"alphas must be None, a number ≥ 0 or a list of them, got {alphas!r}")
+    try:
+        arr = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise MdiffError(f"alphas must be None, a number ≥ 0 or a list of them, got {alphas!r}") from None
+    if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise MdiffError(f"alphas must be None, a number ≥ 0 or a non-empty list of them, got {alphas!r}")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# linear algebra
+
+
+def _eigh_desc(S: np.ndarray, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors (columns) of a symmetric matrix; ``top`` = leading subset."""
+    d = S.shape[0]
+    if top is not None and top < d // 2:
+        e, V = sla.eigh(S, subset_by_index=[d - top, d - 1], driver="evr", check_finite=False)
+    else:
+        e, V = sla.eigh(S, driver="evd", check_finite=False)
+        if top is not None:
+            e, V = e[d - top :], V[:, d - top :]
+    return e[::-1].copy(), np.ascontiguousarray(V[:, ::-1])
+
+
+def _svd(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD ``M = U diag(s) Vt`` in M's dtype (torch/MKL for large matrices, scipy otherwise)."""
+    if min(M.shape) >= _TORCH_SVD_MIN:
+        U, s, Vt = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(M)), full_matrices=False)
+        return U.numpy(), s.numpy(), Vt.numpy()
+    try:
+        return sla.svd(M, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+    except np.linalg.LinAlgError:  # gesdd rarely fails to converge; gesvd is slower but robust
+        return sla.svd(M, full_matrices=False, lapack_driver="gesvd", check_finite=False)
+
+
+def _polar(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Orthogonal polar factor ``U Vᵀ`` of M (the Procrustes rotation) and M's singular values."""
+    U, s, Vt = _svd(M)
+    return U @ Vt, s
+
+
+def _filter(e: np.ndarray, lam: float, tol: float) -> np.ndarray:
+    """Ridge spectral filter ``1/(e + λ)``; directions with ``e ≤ tol`` are dropped when λ = 0."""
+    if lam > 0:
+        return 1.0 / (e + lam)
+    out = np.zeros_like(e)
+    keep = e > tol
+    out[keep] = 1.0 / e[keep]
+    return out
+
+
+def _solve_shifted(M: np.ndarray, rhs: np.ndarray, lam: float) -> np.ndarray:
+    """``(M + λI)⁻¹ rhs`` for symmetric PSD M (overwritten): Cholesky, or an ``eigh`` pseudo-inverse
+    when λ = 0 or ``M + λI`` is numerically singular (the minimum-norm solution)."""
+    m = M.shape[0]
+    M.flat[:: m + 1] += lam
+    if lam > 0:
+        try:
+            factor = sla.cho_factor(M, lower=False, overwrite_a=False, check_finite=False)
+            return sla.cho_solve(factor, rhs, check_finite=False)
+        except np.linalg.LinAlgError:  # λ below the rounding of M: fall through to the pseudo-inverse
+            pass
+    e, V = sla.eigh(M, driver="evd", overwrite_a=True, check_finite=False)
+    e = np.maximum(e, 0.0)
+    f = _filter(e.astype(np.float64), 0.0, float(e.max(initial=0.0)) * m * np.finfo(M.dtype).eps)
+    return V @ (f[:, None].astype(M.dtype) * (V.T @ rhs))
+
+
+def _ridge_direct(
+    Xc: np.ndarray, Yc: np.ndarray, lam: float, G: np.ndarray | None = None, C: np.ndarray | None = None
+) -> np.ndarray:
+    """``(X_cᵀX_c + λI)⁻¹ X_cᵀY_c``: primal form if n ≥ d (or G, C given), else the dual form
+    ``X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c``. λ = 0 gives the minimum-norm least-squares solution.
+
+    ``G = X_cᵀX_c`` and ``C = X_cᵀY_c`` may be passed in (G is overwritten).
+    """
+    n, d = Xc.shape
+    if G is not None or n >= d:
+        G = Xc.T @ Xc if G is None else G
+        C = Xc.T @ Yc if C is None else C
+        return _solve_shifted(G, C, lam)
+    return Xc.T @ _solve_shifted(Xc @ Xc.T, Yc, lam)
+
+
+def _holdout_split(n: int, groups: np.ndarray | None, holdout: float | int, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    codes, n_groups = (np.arange(n, dtype=np.int64), n) if groups is None else (groups, int(groups.max()) + 1)
+    if n_groups < 2:
+        raise MdiffError("choosing λ on a hold-out fold needs at least 2 prompts; pass a fixed alphas value or more data")
+    n_hold = int(round(holdout * n_groups)) if isinstance(holdout, float) else int(holdout)
+    n_hold = min(max(n_hold, 1), n_groups - 1)
+    held = np.random.default_rng(seed).permutation(n_groups)[:n_hold]
+    mask = np.isin(codes, held)
+    train, val = np.flatnonzero(~mask), np.flatnonzero(mask)
+    if train.size < 2:
+        raise MdiffError(
+            f"the training fold has {train.size} row(s) after holding out {val.size}; lower holdout or add prompts"
+        )
+    return train, val
+
+
+def _ledoit_wolf(Xc: np.ndarray, G: np.ndarray) -> float:
+    """Ledoit–Wolf shrinkage toward μI for centred X with ``G = X_cᵀX_c`` (same value as sklearn's)."""
+    n, d = Xc.shape
+    if d == 1:
+        return 0.0
+    row_sq = np.einsum("ij,ij->i", Xc, Xc, dtype=np.float64)
+    mu = float(row_sq.sum()) / (n * d)
+    delta_ = float(np.vdot(G.astype(np.float64, copy=False), G.astype(np.float64, copy=False))) / n**2
+    beta_ = float(row_sq @ row_sq)
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta <= 0 or delta <= 0 else float(beta / delta)
+
+
+def _subspace_affine(R: np.ndarray, c: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``W = I + Q(R − I)Qᵀ``, ``b = cQᵀ``: move only the span(Q) component; returns (W, b, Q(R − I))."""
+    U = Q @ R - Q
+    W = U @ Q.T
+    W.flat[:: W.shape[0] + 1] += 1.0
+    return W, c @ Q.T, U
+
+
+# --------------------------------------------------------------------------------------------
+# base class
+
+
+class LinearMap:
+    """Base class: an affine map ``ŷ = x @ W_ + b_`` fitted from paired activations (X → Y).
+
+    Subclasses implement ``_fit`` on (possibly standardised) float arrays and return (W, b) in that
+    space; the base class validates input, standardises, folds the standardisation back and stores
+    ``W_``, ``b_`` (float64), ``n_features_in_`` and ``n_features_out_``.
+    """
+
+    name: ClassVar[str] = ""
+    """The :func:`make_map` name."""
+    _square: ClassVar[bool] = False
+    _array_attrs: ClassVar[tuple[str, ...]] = ()
+    _scalar_attrs: ClassVar[tuple[str, ...]] = ()
+    _nonjson_params: ClassVar[tuple[str, ...]] = ()
+
+    standardize: str
+    dtype: str
+
+    def __init__(self, *, standardize: Standardize = "none", dtype: DType = "auto") -> None:
+        self.standardize = standardize
+        self.dtype = dtype
+
+    # ---- parameters -----------------------------------------------------------------------
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind != p.VAR_KEYWORD]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor parameters (scikit-learn convention)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self: _M, **params: Any) -> _M:
+        """Set constructor parameters; returns self."""
+        valid = set(self._param_names())
+        for key, value in params.items():
+            if key not in valid:
+                raise MdiffError(f"{type(self).__name__} has no parameter {key!r}; valid: {', '.join(sorted(valid))}")
+            setattr(self, key, value)
+        return self
+
+    def clone(self: _M) -> _M:
+        """A new, unfitted estimator with the same parameters."""
+        return type(self)(**self.get_params())
+
+    def __repr__(self) -> str:
+        parts = []
+        for key, value in self.get_params().items():
+            if isinstance(value, (np.ndarray, torch.Tensor)):
+                parts.append(f"{key}=<{type(value).__name__} {tuple(value.shape)}>")
+            else:
+                parts.append(f"{key}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _check_params(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Validate constructor parameters against the data (subclasses extend)."""
+        _check_choice(self.standardize, "standardize", ("none", "x", "y", "both"))
+        _check_choice(self.dtype, "dtype", ("auto", "float32", "float64"))
+        if self._square and x.shape[1] != y.shape[1]:
+            raise MdiffError(
+                f"{type(self).__name__} needs d_in == d_out (it is built around the identity) but X has "
+                f"{x.shape[1]} and Y {y.shape[1]} features; use ridge or procrustes"
+            )
+
+    # ---- fitting ----------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        for key in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+            delattr(self, key)
+
+    def _prepare(self, X: Any, Y: Any, groups: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.dtype]:
+        """Validate, set the standardisation statistics; return the arrays to fit, groups, dtype."""
+        x, y = _validate_pair(X, Y, f"{type(self).__name__}.fit")
+        self._check_params(x, y)
+        codes = None if groups is None else _factorize_groups(groups, x.shape[0])[0]
+        dt = _resolve_dtype(self.dtype, x, y)
+        self._reset()
+        self.n_features_in_ = int(x.shape[1])
+        self.n_features_out_ = int(y.shape[1])
+        self.x_mean_ = self.x_scale_ = self.y_mean_ = self.y_scale_ = None
+        if self.standardize in ("x", "both"):
+            x, self.x_mean_, self.x_scale_ = _zscore(x)
+        if self.standardize in ("y", "both"):
+            y, self.y_mean_, self.y_scale_ = _zscore(y)
+        return x, y, codes, dt
+
+    def _finish(self, W: np.ndarray, b: np.ndarray) -> None:
+        """Fold the standardisation back into (W, b) and store them as float64."""
+        W = np.asarray(W, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64).reshape(-1)
+        if self.x_scale_ is not None:
+            b = b - (self.x_mean_ / self.x_scale_) @ W
+            W = W / self.x_scale_[:, None]
+        if self.y_scale_ is not None:
+            W = W * self.y_scale_[None, :]
+            b = b * self.y_scale_ + self.y_mean_
+        self.W_ = np.ascontiguousarray(W)
+        self.b_ = np.ascontiguousarray(b)
+
+    def fit(self: _M, X: ArrayX, Y: ArrayY, groups: Groups = None) -> _M:
+        """Fit the map from paired activations.
+
+        Args:
+            X: base activations, one row per sample (prompt position).
+            Y: tuned activations for the same samples in the same order.
+            groups: optional prompt label per row; hold-out folds (ridge λ choice) are split by prompt.
+
+        Returns:
+            self, with ``W_``, ``b_`` and the class's learned attributes set.
+
+        Raises:
+            MdiffError: NaN/inf, mismatched rows, fewer than 2 samples, or invalid parameters.
+        """
+        x, y, codes, dt = self._prepare(X, Y, groups)
+        W, b = self._fit(x, y, codes, dt)
+        self._finish(W, b)
+        return self
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    # ---- applying ---------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if getattr(self, "W_", None) is None:
+            raise MdiffError(f"{type(self).__name__} is not fitted yet; call fit(X, Y) before transform or score")
+
+    def transform(
+        self, X: Float[np.ndarray, "*batch d_in"] | Float[torch.Tensor, "*batch d_in"]
+    ) -> Float[np.ndarray, "*batch d_out"] | Float[torch.Tensor, "*batch d_out"]:
+        """Apply ``x @ W_ + b_`` along the last axis.
+
+        numpy input gives numpy output (float64 for float64 input, float32 otherwise); a torch tensor
+        gives a tensor on the same device with the same dtype (computed in float32 for half types).
+        """
+        self._check_fitted()
+        d = self.n_features_in_
+        if isinstance(X, torch.Tensor):
+            t = X.detach()
+            if t.ndim < 1 or t.shape[-1] != d:
+                raise MdiffError(f"X has shape {tuple(t.shape)} but the map expects {d} features in the last axis")
+            if not t.is_floating_point():
+                t = t.to(torch.float32)
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                _check_finite(t.cpu().to(torch.float64).numpy(), "X")
+            cdt = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+            W = torch.from_numpy(self.W_).to(device=t.device, dtype=cdt)
+            b = torch.from_numpy(self.b_).to(device=t.device, dtype=cdt)
+            out = t.to(cdt) @ W + b
+            return out.to(t.dtype)
+        x = _to_numpy(X, "X", ndim=None)
+        if x.shape[-1] != d:
+            raise MdiffError(f"X has shape {x.shape} but the map expects {d} features in the last axis")
+        if x.dtype == np.float64:
+            return x @ self.W_ + self.b_
+        return x @ self.W_.astype(np.float32) + self.b_.astype(np.float32)
+
+    def score(self, X: ArrayX, Y: ArrayY) -> float:
+        """Variance-weighted R² of ``transform(X)`` against Y (``r2_score(multioutput="variance_weighted")``)."""
+        self._check_fitted()
+        x, y = _validate_pair(X, Y, "score")
+        if x.shape[1] != self.n_features_in_ or y.shape[1] != self.n_features_out_:
+            raise MdiffError(
+                f"X, Y have {x.shape[1]}, {y.shape[1]} features but the map was fit on "
+                f"{self.n_features_in_} → {self.n_features_out_}"
+            )
+        return _r2(y, x.astype(np.float64, copy=False) @ self.W_ + self.b_)
+
+    # ---- description -------------------------------------------------------------------------
+
+    def _json_params(self) -> dict[str, Any]:
+        out = {}
+        for key, value in self.get_params().items():
+            out[key] = None if key in self._nonjson_params else _jsonable(value, key)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description: class, name, parameters and scalar learned attributes."""
+        out: dict[str, Any] = {"class": type(self).__name__, "name": self.name, "params": self._json_params()}
+        fitted = getattr(self, "W_", None) is not None
+        out["fitted"] = fitted
+        if fitted:
+            attrs = {"n_features_in_": self.n_features_in_, "n_features_out_": self.n_features_out_}
+            for key in self._scalar_attrs:
+                attrs[key] = _jsonable(getattr(self, key, None), key)
+            out["attributes"] = attrs
+        return out
+
+
+def _zscore(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mean = a.mean(axis=0, dtype=np.float64)
+    scale = a.std(axis=0, dtype=np.float64)
+    scale[scale <= 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))] = 1.0
+    return (a - mean) / scale, mean, scale
+
+
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    y64 = y.astype(np.float64, copy=False)
+    ss_res = float(np.square(y64 - pred).sum())
+    ss_tot = float(np.square(y64 - y64.mean(axis=0)).sum())
+    if ss_tot <= 0.0:
+        raise MdiffError("Y is constant over the samples, so R² is undefined; score on more varied samples")
+    return 1.0 - ss_res / ss_tot
+
+
+def _jsonable(value: Any, name: str) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (np.ndarray, list, tuple)):
+        arr = np.asarray(value)
+        if arr.ndim <= 1 and arr.size <= 10_000 and arr.dtype.kind in "fiub":
+            return arr.tolist()
+    raise MdiffError(f"parameter {name} = {type(value).__name__} cannot be stored as JSON")
+
+
+# --------------------------------------------------------------------------------------------
+# estimators
+
+
+class IdentityMap(LinearMap):
+    """``ŷ = x`` (``W_ = I``, ``b_ = 0``): the no-change baseline. Needs d_in == d_out."""
+
+    name = "identity"
+    _square = True
+
+    def __init__(self, *, standardize: Standardize = "none", dtype: DType = "auto") -> None:
+        super().__init__(standardize=standardize, dtype=dtype)
+
+    def _fit(self, x, y, groups, dt):
+        d = x.shape[1]
+        return np.eye(d), np.zeros(d)
+
+
+class MeanShiftMap(LinearMap):
+    """``ŷ = x + mean(y − x)`` (``W_ = I``): the constant-offset baseline. Needs d_in == d_out."""
+
+    name = "mean-shift"
+    _square = True
+
+    def __init__(self, *, standardize: Standardize = "none", dtype: DType = "auto") -> None:
+        super().__init__(standardize=standardize, dtype=dtype)
+
+    def _fit(self, x, y, groups, dt):
+        shift = y.mean(axis=0, dtype=np.float64) - x.mean(axis=0, dtype=np.float64)
+        return np.eye(x.shape[1]), shift
+
+
+class RidgeMap(LinearMap):
+    """Ridge regression ``W = (X_cᵀX_c + λI)⁻¹X_cᵀY_c`` with λ chosen on a held-out fold.
+
+    Args:
+        alphas: None (default: 20 λ, ``DEFAULT_RELATIVE_ALPHAS`` × the training fold's mean eigenvalue
+            ``‖X_c‖²_F/d_in``), a list of absolute λ values (chosen by hold-out error), or one number
+            (fixed λ, fitted on all rows, no hold-out). λ = 0 gives minimum-norm least squares.
+        holdout: fraction of prompts (float in (0, 1)) or number of prompts (int) held out to choose λ
+            (rows when no ``groups`` are passed to fit).
+        refit: refit the chosen λ on all rows (one Cholesky solve); False keeps the training-fold fit.
+        random_state: seed of the hold-out split.
+        standardize, dtype: see the module docstring. ``dtype`` sets the precision of the λ-selection
+            decomposition only; every returned ``W_`` is a float64 Cholesky (or dual) solve.
+
+    Learned attributes: ``alpha_`` (chosen λ), ``alphas_`` (the absolute grid), ``holdout_mse_`` and
+    ``holdout_r2_`` (per λ, mean squared error per output entry and R² on the hold-out fold; None
+    for a fixed λ), ``holdout_rows_`` (indices of the held-out rows).
+
+    With n < d the decomposition is a thin SVD of the centred training rows (see module docstring).
+    """
+
+    name = "ridge"
+    _array_attrs = ("alphas_", "holdout_mse_", "holdout_r2_", "holdout_rows_")
+    _scalar_attrs = ("alpha_",)
+
+    def __init__(
+        self,
+        alphas: Alphas = None,
+        *,
+        holdout: float | int = 0.2,
+        refit: bool = True,
+        random_state: int | None = 0,
+        standardize: Standardize = "none",
+        dtype: DType = "auto",
+    ) -> None:
+        super().__init__(standardize=standardize, dtype=dtype)
+        self.alphas = alphas
+        self.holdout = holdout
+        self.refit = refit
+        self.random_state = random_state
+
+    def _check_params(self, x, y):
+        super()._check_params(x, y)
+        _check_alphas(self.alphas)
+        _check_holdout(self.holdout)
+        if not isinstance(self.refit, (bool, np.bool_)):
+            raise MdiffError(f"refit must be True or False, got {self.refit!r}")
+
+    def _fit(self, x, y, groups, dt):
+        f64 = np.dtype(np.float64)
+        grid = _check_alphas(self.alphas)
+        if grid is not None and grid.size == 1 and not isinstance(self.alphas, (list, tuple, np.ndarray)):
+            lam = float(grid[0])
+            Xc, mx = _centre(x, f64)
+            Yc, my = _centre(y, f64)
+            W = _ridge_direct(Xc, Yc, lam)
+            self.alpha_, self.alphas_ = lam, grid
+            self.holdout_mse_ = self.holdout_r2_ = self.holdout_rows_ = None
+            return W, my - mx @ W
+        train, val = _holdout_split(x.shape[0], groups, _check_holdout(self.holdout), self.random_state)
+        Xt, mx = _centre(x[train], f64)
+        Yt, my = _centre(y[train], f64)
+        Xv = np.ascontiguousarray(x[val] - mx)
+        Yv = np.ascontiguousarray(y[val] - my)
+        del x, y
+        n_tr, d = Xt.shape
+        scale = float(np.vdot(Xt, Xt)) / d
+        if scale <= 0.0:
+            raise MdiffError("X is constant on the training fold, so ridge has nothing to fit; check the activations")
+        alphas = DEFAULT_RELATIVE_ALPHAS * scale if grid is None else grid
+        # λ selection: one decomposition in the selection dtype ``dt``; the final solve is float64.
+        G = C = None
+        if n_tr >= d:
+            G = Xt.T @ Xt
+            C = Xt.T @ Yt
+            e, V = sla.eigh(G.astype(dt, copy=False), driver="evd", check_finite=False)
+            B = V.T @ C.astype(dt, copy=False)
+        else:
+            U, s, Vt = _svd(Xt.astype(dt, copy=False))
+            V = np.ascontiguousarray(Vt.T)
+            e = s.astype(f64) ** 2
+            B = s[:, None] * (U.T @ Yt.astype(dt, copy=False))
+            del U, Vt
+        e = np.maximum(e.astype(f64), 0.0)
+        tol = float(e.max(initial=0.0)) * e.size * np.finfo(dt).eps
+        Xv_s, Yv_s = Xv.astype(dt, copy=False), Yv.astype(dt, copy=False)
+        A = Xv_s @ V
+        P = (A.T @ A).astype(f64) * (B @ B.T).astype(f64)
+        r = np.einsum("ij,ij->i", A.T @ Yv_s, B, dtype=f64)
+        del A, B, V, Xv_s, Yv_s
+        yv2 = float(np.vdot(Yv, Yv))
+        errs = np.empty(alphas.size)
+        for j, lam in enumerate(alphas):
+            f = _filter(e, float(lam), tol)
+            errs[j] = max(yv2 - 2.0 * float(f @ r) + float(f @ P @ f), 0.0)
+        del P
+        ss_val = float(np.square(Yv - Yv.mean(axis=0)).sum())
+        best = int(np.flatnonzero(errs <= errs.min())[-1])  # ties → the larger λ
+        lam = float(alphas[best])
+        self.alphas_ = np.asarray(alphas, dtype=f64)
+        self.alpha_ = lam
+        self.holdout_mse_ = errs / Yv.size
+        self.holdout_r2_ = 1.0 - errs / ss_val if ss_val > 0 else np.full(alphas.size, np.nan)
+        self.holdout_rows_ = val.astype(np.int64)
+        if not self.refit:
+            W = _ridge_direct(Xt, Yt, lam, G=G, C=C)
+            return W, my - mx @ W
+        n_all = n_tr + Xv.shape[0]
+        dx = Xv.sum(axis=0) / n_all  # all-row mean minus training-fold mean
+        dy = Yv.sum(axis=0) / n_all
+        if G is not None:  # update the training fold's XᵀX, XᵀY to all rows (centred at the all-row mean)
+            G += Xv.T @ Xv
+            G -= n_all * np.outer(dx, dx)
+            C += Xv.T @ Yv
+            C -= n_all * np.outer(dx, dy)
+            W = _ridge_direct(Xt, Yt, lam, G=G, C=C)
+        else:
+            Xa = np.vstack([Xt, Xv])
+            Xa -= dx
+            Ya = np.vstack([Yt, Yv])
+            Ya -= dy
+            del Xt, Yt
+            W = _ridge_direct(Xa, Ya, lam)
+        return W, (my + dy) - (mx + dx) @ W
+
+
+class ProcrustesMap(LinearMap):
+    """Orthogonal Procrustes ``W = U Vᵀ`` (SVD of ``X_cᵀY_c``); ``scale=True`` adds the LS scale ``scale_``.
+
+    With d_in ≠ d_out, W is semi-orthogonal (orthonormal rows or columns). ``scale_`` is 1.0 when
+    ``scale=False``; ``singular_values_`` are those of ``X_cᵀY_c``.
+    """
+
+    name = "procrustes"
+    _array_attrs = ("singular_values_",)
+    _scalar_attrs = ("scale_",)
+
+    def __init__(self, scale: bool = False, *, standardize: Standardize = "none", dtype: DType = "auto") -> None:
+        super().__init__(standardize=standardize, dtype=dtype)
+        self.scale = scale
+
+    def _check_params(self, x, y):
+        super()._check_params(x, y)
+        if not isinstance(self.scale, (bool, np.bool_)):
+            raise MdiffError(f"scale must be True or False, got {self.scale!r}")
+
+    def _fit(self, x, y, groups, dt):
+        Xc, mx = _centre(x, dt)
+        Yc, my = _centre(y, dt)
+        R, s = _polar(Xc.T @ Yc)
+        self.singular_values_ = s.astype(np.float64)
+        self.scale_ = 1.0
+        if self.scale:
+            xx = float(np.vdot(Xc, Xc))
+            if xx <= 0.0:
+                raise MdiffError("X is constant, so the Procrustes scale is undefined; check the activations")
+            self.scale_ = float(s.sum(dtype=np.float64)) / xx
+        W = R.astype(np.float64) * self.scale_
+        return W, my - mx @ W
+
+
+class WhitenedProcrustesMap(LinearMap):
+    """Whiten → Procrustes → colour: ``W = Σ_x^{-1/2} R Σ_y^{1/2}`` with shrunk covariances.
+
+    Args:
+        shrinkage: α in [0, 1] for ``(1 − α)Σ + α(tr Σ/d)I`` on both sides, or ``"ledoit-wolf"``
+            (estimated per side). α > 0 makes singular covariances (n < d, duplicate columns) fine.
+
+    Learned: ``shrinkage_x_``, ``shrinkage_y_`` (the α used per side), ``singular_values_`` (of the
+    whitened cross-covariance, the canonical-correlation-like spectrum).
+    """
+
+    name = "whiten-procrustes"
+    _array_attrs = ("singular_values_",)
+    _scalar_attrs = ("shrinkage_x_", "shrinkage_y_")
+
+    def __init__(
+        self,
+        shrinkage: float | Literal["ledoit-wolf"] = 0.1,
+        *,
+        standardize: Standardize = "none",
+        dtype: DType = "auto",
+    ) -> None:
+        super().__init__(standardize=standardize, dtype=dtype)
+        self.shrinkage = shrinkage
+
+    def _check_params(self, x, y):
+        super()._check_params(x, y)
+        if self.shrinkage != "ledoit-wolf":
+            if isinstance(self.shrinkage, str):
+                raise MdiffError(f"shrinkage must be a number in [0, 1] or 'ledoit-wolf', got {self.shrinkage!r}")
+            _check_fraction(self.shrinkage, "shrinkage")
+
+    def _side(self, Xc: np.ndarray, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Eigenvectors Q and the shrunk eigenvalues' -1/2 and +1/2 powers of one side's covariance."""
+        n, d = Xc.shape
+        G = Xc.T @ Xc
+        alpha = _ledoit_wolf(Xc, G) if self.shrinkage == "ledoit-wolf" else float(self.shrinkage)
+        e, Q = sla.eigh(G, driver="evd", overwrite_a=True, check_finite=False)
+        e = np.maximum(e.astype(np.float64), 0.0) / n
+        mu = float(e.sum()) / d
+        if mu <= 0.0:
+            raise MdiffError(f"{which} is constant, so its covariance cannot be whitened; check the activations")
+        shrunk = (1.0 - alpha) * e + alpha * mu
+        eps = np.finfo(Xc.dtype).eps
+        if shrunk.min() <= shrunk.max() * eps * math.sqrt(d):
+            rank = int((e > e.max() * d * eps).sum())
+            raise MdiffError(
+                f"the shrunk covariance of {which} is numerically singular in {Xc.dtype} (rank {rank} of {d} "
+                f"before shrinkage {alpha:g}); use a larger shrinkage, 'ledoit-wolf', or dtype='float64'"
+            )
+        return Q, shrunk**-0.5, shrunk**0.5, alpha
+
+    def _fit(self, x, y, groups, dt):
+        Xc, mx = _centre(x, dt)
+        Yc, my = _centre(y, dt)
+        M = Xc.T @ Yc
+        Qx, ix, _, ax = self._side(Xc, "X")
+        Qy, iy, sy, ay = self._side(Yc, "Y")
+        del Xc, Yc
+        # SVD of Σx^{-1/2} M Σy^{-1/2} = Qx [Dx^{-1/2} (QxᵀMQy) Dy^{-1/2}] Qyᵀ; only the bracket is factorised.
+        N = Qx.T @ M @ Qy
+        N *= ix[:, None].astype(dt)
+        N *= iy[None, :].astype(dt)
+        R, s = _polar(N)
+        R *= ix[:, None].astype(dt)
+        R *= sy[None, :].astype(dt)
+        W = (Qx @ R @ Qy.T).astype(np.float64)
+        self.shrinkage_x_, self.shrinkage_y_ = float(ax), float(ay)
+        self.singular_values_ = s.astype(np.float64) / x.shape[0]
+        return W, my - mx @ W
+
+
+class PCAProcrustesMap(LinearMap):
+    """Project both sides on their top-q principal axes, Procrustes there, map back: ``W = P_x R P_yᵀ``.
+
+    Learned: ``components_x_`` (d_in × q) and ``components_y_`` (d_out × q) principal axes (columns,
+    by decreasing variance), ``rotation_`` (q × q), ``explained_variance_ratio_x_`` and ``_y_`` (the
+    fraction of each side's variance in its q axes).
+    """
+
+    name = "pca-procrustes"
+    _array_attrs = ("components_x_", "components_y_", "rotation_")
+    _scalar_attrs = ("explained_variance_ratio_x_", "explained_variance_ratio_y_")
+
+    def __init__(self, q: int = 64, *, standardize: Standardize = "none", dtype: DType = "auto") -> None:
+        super().__init__(standardize=standardize, dtype=dtype)
+        self.q = q
+
+    def _check_params(self, x, y):
+        super()._check_params(x, y)
+        q = _check_int(self.q, "q")
+        if q > min(x.shape[1], y.shape[1]):
+            raise MdiffError(f"q = {q} exceeds the smaller width min(d_in, d_out) = {min(x.shape[1], y.shape[1])}")
+
+    def _fit(self, x, y, groups, dt):
+        q = int(self.q)
+        Xc, mx = _centre(x, dt)
+        Yc, my = _centre(y, dt)
+        ex, Px = _eigh_desc(Xc.T @ Xc, top=q)
+        ey, Py = _eigh_desc(Yc.T @ Yc, top=q)
+        self.explained_variance_ratio_x_ = float(np.clip(ex, 0, None).sum() / max(np.vdot(Xc, Xc), np.finfo(float).tiny))
+        self.explained_variance_ratio_y_ = float(np.clip(ey, 0, None).sum() / max(np.vdot(Yc, Yc), np.finfo(float).tiny))
+        R, _ = _polar((Xc @ Px).T @ (Yc @ Py))
+        self.components_x_ = Px.astype(np.float64)
+        self.components_y_ = Py.astype(np.float64)
+        self.rotation_ = R.astype(np.float64)
+        W = self.components_x_ @ self.rotation_ @ self.components_y_.T
+        return W, my - mx @ W
+
+
+class LogitSubspaceMap(LinearMap):
+    """Move only the component of x in the tuned unembedding's top-q left singular subspace.
+
+    Args:
+        W_U: the tuned model's unembedding, shape (d_model, d_vocab) (TransformerLens ``W_U``).
+        q: subspace dimension.
+        solver: ``"ridge"`` (a general q × q map, λ chosen on a hold-out fold as in
+            :class:`RidgeMap`) or ``"procrustes"`` (a rotation within the subspace).
+        center_unembed: remove W_U's mean over the vocabulary first (softmax ignores it).
+        alphas, holdout, random_state: passed to the inner ridge.
+
+    ``W_ = I + Q(R − I)Qᵀ``, ``b_ = cQᵀ`` with ``Q = basis_`` (d_model × q, orthonormal columns) and
+    ``(R, c)`` = ``subspace_map_``, ``subspace_offset_`` the inner fit from ``xQ`` to ``yQ``;
+    vectors orthogonal to span(Q) pass through unchanged. ``basis_singular_values_`` are W_U's top-q
+    singular values. A loaded map has ``W_U=None`` (refitting it needs W_U again).
+    """
+
+    name = "logit-subspace"
+    _square = True
+    _nonjson_params = ("W_U",)
+    _array_attrs = ("basis_", "basis_singular_values_", "subspace_map_", "subspace_offset_")
+    _scalar_attrs = ("alpha_",)
+
+    def __init__(
+        self,
+        W_U: Float[np.ndarray, "d_model d_vocab"] | Float[torch.Tensor, "d_model d_vocab"] | None = None,
+        q: int = 64,
+        *,
+        solver: Literal["ridge", "procrustes"] = "ridge",
+        center_unembed: bool = True,
+        alphas: Alphas = None,
+        holdout: float | int = 0.2,
+        random_state: int | None = 0,
+        standardize: Standardize = "none",
+        dtype: DType = "auto",
+    ) -> None:
+        super().__init__(standardize=standardize, dtype=dtype)
+        self.W_U = W_U
+        self.q = q
+        self.solver = solver
+        self.center_unembed = center_unembed
+        self.alphas = alphas
+        self.holdout = holdout
+        self.random_state = random_state
+
+    def _check_params(self, x, y):
+        super()._check_params(x, y)
+        d = x.shape[1]
+        if not isinstance(self.W_U, (np.ndarray, torch.Tensor)):
+            raise MdiffError("LogitSubspaceMap needs W_U, the tuned model's unembedding (d_model, d_vocab) array or tensor")
+        shape = tuple(self.W_U.shape)
+        if len(shape) != 2 or shape[0] != d:
+            hint = "; pass W_U.T" if len(shape) == 2 and shape[1] == d else ""
+            raise MdiffError(f"W_U must have shape (d_model={d}, d_vocab) but has {shape}{hint}")
+        q = _check_int(self.q, "q")
+        if q > min(shape):
+            raise MdiffError(f"q = {q} exceeds min(d_model, d_vocab) = {min(shape)}")
+        _check_choice(self.solver, "solver", ("ridge", "procrustes"))
+        if self.solver == "ridge":
+            _check_alphas(self.alphas)
+            _check_holdout(self.holdout)
+
+    def _basis(self, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Top-q left singular vectors of (centred) W_U from ``W_U W_Uᵀ``, accumulated over vocab chunks."""
+        WU = self.W_U
+        d, V = WU.shape
+
+        def chunk(j: int) -> np.ndarray:
+            block = WU[:, j : j + _VOCAB_CHUNK]
+            return _to_numpy(block, "W_U").astype(np.float64 if dt == np.float64 else np.float32, copy=False)
+
+        mean = np.zeros(d)
+        if self.center_unembed:
+            for j in range(0, V, _VOCAB_CHUNK):
+                mean += chunk(j).sum(axis=1, dtype=np.float64)
+            mean /= V
+        G = np.zeros((d, d), dtype=dt)
+        for j in range(0, V, _VOCAB_CHUNK):
+            block = chunk(j)
+            if self.center_unembed:
+                block = block - mean.astype(block.dtype)[:, None]
+            G += (block @ block.T).astype(dt, copy=False)
+        e, Q = _eigh_desc(G, top=int(self.q))
+        return Q.astype(np.float64), np.sqrt(np.maximum(e.astype(np.float64), 0.0))
+
+    def _fit(self, x, y, groups, dt):
+        Q, sv = self._basis(dt)
+        zx, zy = x @ Q, y @ Q
+        if self.solver == "ridge":
+            inner: LinearMap = RidgeMap(self.alphas, holdout=self.holdout, random_state=self.random_state, dtype="float64")
+        else:
+            inner = ProcrustesMap(dtype="float64")
+        R, c = inner._fit(zx, zy, groups, np.dtype(np.float64))
+        R = np.asarray(R, dtype=np.float64)
+        self.alpha_ = getattr(inner, "alpha_", None)
+        self.basis_, self.basis_singular_values_ = Q, sv
+        self.subspace_map_, self.subspace_offset_ = R, np.asarray(c, dtype=np.float64)
+        W, b, _ = _subspace_affine(R, self.subspace_offset_, Q)
+        return W, b
+
+
+class LowRankCorrectionMap(LinearMap):
+    """``W = I + U_k V_kᵀ``: a rank-k correction of the identity (RQ3).
+
+    Args:
+        rank: k ≥ 1, or ``"full"`` (no truncation).
+        method: ``"rrr"`` (reduced-rank ridge regression of y − x on x) or ``"pca-procrustes"``
+            (Procrustes within the top-k principal subspace of y − x); see the module docstring.
+        alphas, holdout, random_state: the ridge λ for ``"rrr"`` (as :class:`RidgeMap`; 0.0 = OLS).
+
+    Learned: ``rank_`` (k used; ≤ min(n, d), or d for "full"), ``U_``, ``V_`` (d × k factors,
+    ``V_`` orthonormal), ``alpha_`` (rrr), ``component_values_`` (all singular values of the fitted
+    correction (rrr) or standard deviations of y − x along its principal axes (pca-procrustes), by
+    decreasing size: the spectrum to choose k from).
+    """
+
+    name = "lowrank"
+    _square = True
+    _array_attrs = ("U_", "V_", "component_values_")
+    _scalar_attrs = ("rank_", "alpha_")
+
+    def __init__(
+        self,
+        rank: int | Literal["full"] = 8,
+        *,
+        method: Literal["rrr", "pca-procrustes"] = "rrr",
+        alphas: Alphas = None,
+        holdout: float | int = 0.2,
+        random_state: int | None = 0,
+        standardize: Standardize = "none",
+        dtype: DType = "auto",
+    ) -> None:
+        super().__init__(standardize=standardize, dtype=dtype)
+        self.rank = rank
+        self.method = method
+        self.alphas = alphas
+        self.holdout = holdout
+        self.random_state = random_state
+
+    def _check_params(self, x, y):
+        super()._check_params(x, y)
+        if self.rank != "full":
+            _check_int(self.rank, "rank")
+        _check_choice(self.method, "method", ("rrr", "pca-procrustes"))
+        _check_alphas(self.alphas)
+        _check_holdout(self.holdout)
+
+    def _components(
+        self, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, dt: np.dtype, need_basis: bool = True
+    ) -> dict[str, Any]:
+        """Everything the rank-k maps share: one ridge fit + one eigendecomposition (or one PCA)."""
+        n, d = x.shape
+        Xc, mx = _centre(x, dt)
+        Yc, my = _centre(y, dt)
+        D = Yc - Xc
+        if self.method == "pca-procrustes":
+            if n < d:
+                _, s, Vt = _svd(D)
+                e, V = s.astype(np.float64) ** 2, np.ascontiguousarray(Vt.T)
+            else:
+                e, V = _eigh_desc(D.T @ D)
+            return {"Xc": Xc, "Yc": Yc, "mx": mx, "my": my, "V": V, "values": np.sqrt(np.maximum(e, 0.0) / n),
+                    "alpha": None}
+        del D
+        ridge = RidgeMap(self.alphas, holdout=self.holdout, random_state=self.random_state)
+        Bhat, _ = ridge._fit(x, y.astype(np.float64) - x, groups, dt)
+        Bhat = np.ascontiguousarray(Bhat, dtype=dt)
+        comp = {"Bhat": Bhat, "mx": mx, "my": my, "V": None, "values": None, "alpha": ridge.alpha_}
+        if need_basis:  # right singular vectors of the fitted correction F = X_c B̂
+            F = Xc @ Bhat
+            del Xc, Yc
+            if n < d:
+                _, s, Vt = _svd(F)
+                e, V = s.astype(np.float64) ** 2, np.ascontiguousarray(Vt.T)
+            else:
+                e, V = _eigh_desc(F.T @ F)
+            comp["V"], comp["values"] = V, np.sqrt(np.maximum(e, 0.0))
+        return comp
+
+    def _apply(self, comp: dict[str, Any], rank: int | str) -> tuple[np.ndarray, np.ndarray]:
+        V = comp["V"]
+        mx, my = comp["mx"], comp["my"]
+        d = mx.shape[0]
+        n_comp = d if V is None else V.shape[1]
+        k = n_comp if rank == "full" else min(int(rank), n_comp)
+        values = comp["values"]
+        self.component_values_ = None if values is None else values.astype(np.float64)
+        self.alpha_ = comp["alpha"]
+        self.rank_ = int(k)
+        if self.method == "pca-procrustes":
+            Vk = V[:, :k]
+            R, _ = _polar((comp["Xc"] @ Vk).T @ (comp["Yc"] @ Vk))
+            Vk64, R64 = Vk.astype(np.float64), R.astype(np.float64)
+            c = my @ Vk64 - mx @ Vk64 @ R64
+            W, b, U = _subspace_affine(R64, c, Vk64)
+            self.U_, self.V_ = U, Vk64
+            return W, b
+        Bhat = comp["Bhat"].astype(np.float64)
+        if rank == "full":
+            U, Vk = Bhat, np.eye(d)
+            Bk = Bhat
+        else:
+            Vk = V[:, :k].astype(np.float64)
+            U = Bhat @ Vk
+            Bk = U @ Vk.T
+        self.U_, self.V_ = U, Vk
+        W = Bk.copy()
+        W.flat[:: d + 1] += 1.0
+        # D̂ = (x − x̄)B_k + mean(D): ŷ = x + D̂
+        b = (my - mx) - mx @ Bk
+        return W, b
+
+    def _fit(self, x, y, groups, dt):
+        need_basis = not (self.method == "rrr" and self.rank == "full")
+        return self._apply(self._components(x, y, groups, dt, need_basis), self.rank)
+
+
+# --------------------------------------------------------------------------------------------
+# registry, factory, helpers
+
+_CLASSES: dict[str, type[LinearMap]] = {
+    cls.__name__: cls
+    for cls in (IdentityMap, MeanShiftMap, RidgeMap, ProcrustesMap, WhitenedProcrustesMap, PCAProcrustesMap,
+                LogitSubspaceMap, LowRankCorrectionMap)
+}
+
+_FACTORY: dict[str, tuple[type[LinearMap], dict[str, Any]]] = {
+    "identity": (IdentityMap, {}),
+    "mean-shift": (MeanShiftMap, {}),
+    "ridge": (RidgeMap, {}),
+    "procrustes": (ProcrustesMap, {}),
+    "procrustes-scaled": (ProcrustesMap, {"scale": True}),
+    "whiten-procrustes": (WhitenedProcrustesMap, {}),
+    "pca-procrustes": (PCAProcrustesMap, {}),
+    "logit-subspace": (LogitSubspaceMap, {}),
+    "lowrank": (LowRankCorrectionMap, {}),
+}
+
+MAP_NAMES: tuple[str, ...] = tuple(_FACTORY)
+"""Names accepted by :func:`make_map`."""
+
+
+def make_map(name: str, **kw: Any) -> LinearMap:
+    """Build an unfitted estimator by name (``MAP_NAMES``); keyword arguments go to its constructor.
+
+    ``"procrustes-scaled"`` is ``ProcrustesMap(scale=True)``.
+    """
+    if name not in _FACTORY:
+        raise MdiffError(f"unknown map {name!r}; choose one of {', '.join(MAP_NAMES)}")
+    cls, defaults = _FACTORY[name]
+    params = {**defaults, **kw}
+    valid = set(cls._param_names())
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise MdiffError(f"map {name!r} has no parameter {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    return cls(**params)
+
+
+def shuffled_pairs_permutation(
+    n: int, groups: Groups = None, random_state: int | None = 0
+) -> np.ndarray:
+    """A permutation π of the rows such that row i is never paired with a row of its own prompt.
+
+    Prompts are put in random order with their rows contiguous, and each row is paired with the
+    row ``s`` places further along (cyclically), ``s`` = the largest prompt's row count; so the
+    positions of one prompt are paired with those of (at most two) other prompts. Without
+    ``groups`` every row is its own prompt (a random cyclic derangement).
+    """
+    codes, n_groups = _factorize_groups(groups, n)
+    counts = np.bincount(codes, minlength=n_groups)
+    s = int(counts.max())
+    if 2 * s > n:
+        raise MdiffError(
+            f"one prompt holds {s} of {n} rows, so its rows cannot all be paired with other prompts; add prompts"
+        )
+    order = np.random.default_rng(random_state).permutation(n_groups)
+    rank_of_group = np.empty(n_groups, dtype=np.int64)
+    rank_of_group[order] = np.arange(n_groups)
+    rows = np.argsort(rank_of_group[codes], kind="stable")  # prompts in random order, rows contiguous
+    perm = np.empty(n, dtype=np.int64)
+    perm[rows] = rows[(np.arange(n) + s) % n]
+    return perm
+
+
+def fit_shuffled(
+    estimator: LinearMap | Callable[[], LinearMap],
+    X: ArrayX,
+    Y: ArrayY,
+    groups: Groups = None,
+    random_state: int | None = 0,
+) -> LinearMap:
+    """The shuffled-pairs null: fit a fresh estimator on ``(X, Y[π])`` (π from :func:`shuffled_pairs_permutation`).
+
+    ``estimator`` is an estimator (cloned, never modified) or a zero-argument factory. The fitted
+    copy has ``shuffle_permutation_`` set. Score it on held-out *correctly paired* data: its R²
+    should be near zero or negative.
+    """
+    est = estimator.clone() if isinstance(estimator, LinearMap) else estimator()
+    if not isinstance(est, LinearMap):
+        raise MdiffError(f"estimator must be a LinearMap or a factory returning one, got {type(est).__name__}")
+    y = _to_numpy(Y, "Y")
+    perm = shuffled_pairs_permutation(y.shape[0], groups, random_state)
+    est.fit(X, y[perm], groups)
+    est.shuffle_permutation_ = perm
+    return est
+
+
+def fit_lowrank_path(
+    X: ArrayX,
+    Y: ArrayY,
+    ranks: Sequence[int | str],
+    groups: Groups = None,
+    **kw: Any,
+) -> dict[int | str, LowRankCorrectionMap]:
+    """Fit :class:`LowRankCorrectionMap` for every rank in ``ranks`` from one shared decomposition.
+
+    ``kw`` are the constructor arguments (method, alphas, …). Same results as fitting each rank
+    separately, at the cost of one fit.
+    """
+    try:
+        template = LowRankCorrectionMap(**{**kw, "rank": "full"})
+    except TypeError as err:
+        raise MdiffError(f"fit_lowrank_path got an unknown argument ({err})") from None
+    for r in ranks:
+        if r != "full":
+            _check_int(r, "rank")
+    x, y, codes, dt = template._prepare(X, Y, groups)
+    comp = template._components(x, y, codes, dt)
+    out: dict[int | str, LowRankCorrectionMap] = {}
+    for r in ranks:
+        m = LowRankCorrectionMap(**{**kw, "rank": r})
+        m.n_features_in_, m.n_features_out_ = template.n_features_in_, template.n_features_out_
+        m.x_mean_, m.x_scale_ = template.x_mean_, template.x_scale_
+        m.y_mean_, m.y_scale_ = template.y_mean_, template.y_scale_
+        W, b = m._apply(comp, r)
+        m._finish(W, b)
+        out[r] = m
+    return out
+
+
+def map_diagnostics(linear_map: LinearMap, X: ArrayX, Y: ArrayY) -> dict[str, float | int]:
+    """R², MSE, linear CKA(mapped, Y) and mean row cosine of ``transform(X)`` against Y (METHODS RQ2)."""
+    from mdiff.cka import linear_cka
+
+    linear_map._check_fitted()
+    x, y = _validate_pair(X, Y, "map_diagnostics")
+    pred = linear_map.transform(x.astype(np.float64, copy=False))
+    y64 = y.astype(np.float64, copy=False)
+    num = np.einsum("ij,ij->i", pred, y64)
+    den = np.linalg.norm(pred, axis=1) * np.linalg.norm(y64, axis=1)
+    cos = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return {
+        "r2": _r2(y64, pred),
+        "mse": float(np.square(y64 - pred).mean()),
+        "cka": float(linear_cka(pred, y64)),
+        "mean_cosine": float(cos.mean()),
+        "n": int(x.shape[0]),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# save / load (safetensors + JSON, never pickle)
+
+
+def _paths(path_prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
+    p = Path(path_prefix)
+    if p.suffix in (".json", ".safetensors"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_map(linear_map: LinearMap, path_prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write a fitted map to ``<prefix>.safetensors`` (arrays) and ``<prefix>.json`` (everything else).
+
+    Returns the two paths. Each file is written to a temporary name and renamed into place.
+    """
+    from safetensors.numpy import save as st_save
+
+    if not isinstance(linear_map, LinearMap):
+        raise MdiffError(f"save_map needs an mdiff.maps estimator, got {type(linear_map).__name__}")
+    linear_map._check_fitted()
+    st_path, json_path = _paths(path_prefix)
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    names = ("W_", "b_", "x_mean_", "x_scale_", "y_mean_", "y_scale_", *linear_map._array_attrs)
+    arrays = {}
+    for key in names:
+        value = getattr(linear_map, key, None)
+        if value is not None:
+            arrays[key] = np.ascontiguousarray(value)
+    doc = linear_map.to_dict()
+    doc.update({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mdiff_version": _package_version(),
+        "arrays": sorted(arrays),
+        "weights_file": st_path.name,
+    })
+    _atomic_write(st_path, st_save(arrays))
+    _atomic_write(json_path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return st_path, json_path
+
+
+def load_map(path_prefix: str | os.PathLike[str]) -> LinearMap:
+    """Rebuild a map saved by :func:`save_map` (no pickle: JSON + safetensors only)."""
+    from safetensors.numpy import load_file
+
+    st_path, json_path = _paths(path_prefix)
+    for p in (json_path, st_path):
+        if not p.is_file():
+            raise MdiffError(f"{p} does not exist; pass the prefix given to save_map (without extension)")
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise MdiffError(f"{json_path} is not valid JSON ({err}); re-save the map") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise MdiffError(f"{json_path} is not an mdiff map file (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise MdiffError(f"{json_path} has map format version {doc.get('format_version')}; this mdiff reads {FORMAT_VERSION}")
+    cls = _CLASSES.get(doc.get("class"))
+    if cls is None:
+        raise MdiffError(f"{json_path} holds unknown map class {doc.get('class')!r}; known: {', '.join(_CLASSES)}")
+    try:
+        est = cls(**doc.get("params", {}))
+    except TypeError as err:
+        raise MdiffError(f"{json_path} has parameters {cls.__name__} does not accept ({err})") from None
+    try:
+        arrays = load_file(str(st_path))
+    except Exception as err:  # safetensors raises its own error types
+        raise MdiffError(f"{st_path} is not a readable safetensors file ({err}); re-save the map") from None
+    missing = sorted(set(doc.get("arrays", [])) - set(arrays))
+    if missing or "W_" not in arrays or "b_" not in arrays:
+        raise MdiffError(f"{st_path} lacks arrays {', '.join(missing or ['W_', 'b_'])}; re-save the map")
+    for key in ("x_mean_", "x_scale_", "y_mean_", "y_scale_", *cls._array_attrs):
+        setattr(est, key, None)
+    for key, value in arrays.items():
+        setattr(est, key, value)
+    for key, value in doc.get("attributes", {}).items():
+        setattr(est, key, value)
+    W, b = est.W_, est.b_
+    if W.ndim != 2 or b.shape != (W.shape[1],) or W.shape != (est.n_features_in_, est.n_features_out_):
+        raise MdiffError(f"{st_path} has W_ {W.shape} and b_ {b.shape}, inconsistent with {json_path}; re-save the map")
+    return est
+
+
+def _package_version() -> str | None:
+    try:
+        return _md.version("mdiff")
+    except _md.PackageNotFoundError:
+        return None
