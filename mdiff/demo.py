@@ -1,6 +1,7 @@
 """``make demo``: the main job on the embedded default pair (builds the toys first if needed).
 
-It describes the pair, then runs the newest analyses end to end (currently RQ1) into ``OUT/<pair>/``.
+It describes the pair, then runs the analyses end to end into ``OUT/<pair>/``: RQ1, then RQ2 on RQ1's
+suggested probe layers (with RQ1's control layer as the control site), and pins RQ2's winners.
 """
 
 import json
@@ -13,6 +14,7 @@ from mdiff import models, toy
 from mdiff.pairs import resolve_pair
 from mdiff.positions import parse_positions
 from mdiff.rq1 import RQ1Config, run_rq1
+from mdiff.rq2 import DEFAULT_SOLVERS, RQ2Config, freeze_winners, run_rq2
 
 
 def run_demo(pair: str, out_dir: str, console: Console | None = None,
@@ -39,4 +41,13 @@ def run_demo(pair: str, out_dir: str, console: Console | None = None,
                   f"control layer {s['suggested_control_layer']}; self-patch max KL {s['self_patch_max_kl']:.1e}")
     console.print(f"results and figures: {Path(s['path'])}/ (metrics.csv, summary.json, config.json, cka.html, "
                   f"patch_kl.html)")
-    return s
+    cfg2 = RQ2Config(layers=s["suggested_probe_layers"], hooks=["resid_post", "attn_out"], solvers=list(DEFAULT_SOLVERS),
+                     alphas=[0.5, 1.0], control_layer=s["suggested_control_layer"])
+    s2 = run_rq2(spec, cfg2, out_dir, overwrite=True, progress=progress)
+    console.print("[bold]RQ2 transport[/] (drop of the raw cross-patch KL on val, matched α):")
+    for site in s2["sites"]:
+        tag = " (control)" if site["control_site"] else ""
+        console.print(f"  L{site['layer']} {site['hook']}{tag}: {site['verdict']}")
+    console.print(f"results and figures: {s2['path']}/ (drop.html, r2_vs_drop.html, maps/); winners pinned in "
+                  f"{freeze_winners(out_dir, spec.name)}")
+    return {"rq1": s, "rq2": s2}
