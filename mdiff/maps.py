@@ -32,11 +32,12 @@ Maps (``make_map`` name → class)
   The chosen λ is then refit on all rows (training fold + hold-out; ``refit=False`` keeps the
   training fold) with one float64 Cholesky solve of ``X_cᵀX_c + λI`` (updated from the training
   fold's matrices), the only second factorisation; λ keeps its absolute value in the refit.
-  **n < d**: when the training fold has fewer rows than features the decomposition is a thin SVD
-  of the centred ``X`` (``e = s²``, ``B = diag(s) UᵀY_c``: only the n non-trivial directions), and a
-  refit with n < d uses the dual form ``W = X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c``; both give exactly the primal
-  solution for λ > 0, and λ = 0 gives the minimum-norm least-squares solution (directions with
-  ``e ≤ eps·max(e)·d`` are dropped).
+  **n < d**: when the training fold has fewer rows than features the decomposition is the ``eigh``
+  of the n × n Gram ``X_cX_cᵀ = U diag(e) Uᵀ`` (the dual, kernel form: hold-out predictions
+  ``X_valX_cᵀ U diag(f_λ) UᵀY_c``, the same formula with ``A = X_valX_cᵀU``, ``B = UᵀY_c``), and a
+  final solve with n < d uses ``W = X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c``. Both equal the primal solution for
+  λ > 0; λ = 0 gives the minimum-norm least-squares solution (eigenvalues below
+  ``eps·max(e)·max(n, d)`` are dropped).
 * ``procrustes`` (:class:`ProcrustesMap`): ``W = U Vᵀ`` from the SVD ``X_cᵀY_c = U Σ Vᵀ``, the
   orthogonal (semi-orthogonal when d_in ≠ d_out) W minimising ``‖X_cW − Y_c‖_F`` (the same R as
   ``scipy.linalg.orthogonal_procrustes(X_c, Y_c)``). ``procrustes-scaled`` (``scale=True``) uses
@@ -56,7 +57,8 @@ Maps (``make_map`` name → class)
   removed, since softmax ignores a shift common to all logits), ``P = QQᵀ``. Only the component of
   x in span(Q) moves: a ridge (default) or Procrustes map ``z ↦ zR + c`` is fitted from ``xQ`` to
   ``yQ`` and ``ŷ = x − xP + (xQR + c)Qᵀ``, i.e. ``W = I + Q(R − I)Qᵀ``, ``b = cQᵀ``. For any v
-  orthogonal to span(Q), ``vW = v``: the complement is left exactly unchanged.
+  orthogonal to span(Q), ``vW = v``: the complement is left exactly unchanged. Compute Q once with
+  :func:`logit_basis` and pass it as ``basis`` when fitting many layers.
 * ``lowrank`` (:class:`LowRankCorrectionMap`, RQ3): the base → tuned map is near the identity, so
   the **correction** is restricted to rank k: ``W = I + U_k V_kᵀ``.
   ``method="rrr"``: reduced-rank (ridge) regression of ``D = y − x`` on x (Izenman 1975 with
@@ -84,21 +86,23 @@ statistics are kept as ``x_mean_``, ``x_scale_``, ``y_mean_``, ``y_scale_`` (Non
 
 Precision and cost (PERF.md §2.4–2.6, §4)
 -----------------------------------------
-Column means are accumulated in float64. The factorisations run in the estimator's ``dtype``:
-``"auto"`` (default) picks float32 when both inputs are float32 (or lower precision) and each has
-at least 2²⁰ elements, and float64 otherwise. Ridge (also inside ``lowrank``/``logit-subspace``)
-uses that precision only to *choose* λ: a float32 ``eigh`` of ``XᵀX`` squares the condition number
-and gives W only to ~1e-3 on residual-stream-like data, but ranks the λ grid correctly (its
-``holdout_mse_`` values carry ~1e-5–1e-4 relative error, largest for λ below float32 rounding of
-``XᵀX``); the returned ridge W is always a float64 solve at the chosen λ (~1e-14 from a direct
-solve). Procrustes-type maps in float32 give W orthogonal to ~1e-6. Learned ``W_``/``b_`` are
-always stored as float64. ``transform`` computes in float64 for float64 input and in float32
-otherwise (torch tensors stay on their device and keep their dtype). Each fit does at most one
-d × d factorisation per side or product (plus one Cholesky for the ridge refit); large thin SVDs
-go through ``torch.linalg.svd`` (MKL), the rest through scipy. At d = 4096 on this project's
-two-core CPU, a ridge fit over a 20-λ grid (4000 + 1000 rows) takes ~12 s with float32
-activations (~19 s all-float64) and Procrustes on 5000 rows ~13 s
-(``experiments/benchmarks/bench_maps.py``).
+Column means and sums of squares are accumulated in float64. The factorisations run in the
+estimator's ``dtype``: ``"auto"`` (default) picks float32 when both inputs are float32 (or lower
+precision) and each has at least 2²⁰ elements, and float64 otherwise. Ridge (also inside
+``lowrank``/``logit-subspace``) uses that precision only to *choose* λ: a float32 ``eigh`` of
+``XᵀX`` squares the condition number and would give W only to ~1e-3 on residual-stream-like data,
+but it ranks the λ grid correctly: ``holdout_mse_`` is within ~1e-5 (relative) of the float64 value
+near the chosen λ; for λ below the float32 rounding of ``XᵀX`` (the smallest grid values, where the
+hold-out error is many times its minimum) the error grows, up to ~10% when n ≈ d. The returned
+ridge W is always a float64 Cholesky solve at the chosen λ (~1e-14 from a direct solve); pass
+``dtype="float64"`` for float64 hold-out curves. Procrustes-type maps computed in float32 are within ~1e-4
+(relative) of the float64 result. Learned ``W_``/``b_`` are always stored as float64.
+``transform`` computes in float64 for float64 input and in float32 otherwise (torch tensors stay
+on their device and keep their dtype). Each fit does at most one d × d (or n × n) factorisation
+per side or product, plus one Cholesky for the final ridge solve; large SVDs and Cholesky
+factorisations go through torch (MKL), which beats scipy's bundled OpenBLAS on them. At
+d = 4096 on this project's two-core CPU: a ridge fit over a 20-λ grid (4000 + 1000 rows, float32
+activations) ~14 s, Procrustes on 5000 rows ~13.5 s (``experiments/benchmarks/bench_maps.py``).
 
 Saving
 ------
@@ -145,6 +149,7 @@ __all__ = [
     "fit_lowrank_path",
     "fit_shuffled",
     "load_map",
+    "logit_basis",
     "make_map",
     "map_diagnostics",
     "save_map",
@@ -166,8 +171,9 @@ FORMAT_VERSION = 1
 
 # Below this many elements per input, float32 inputs are still processed in float64 (it is cheap).
 _FP32_MIN_ELEMENTS = 1 << 20
-# Thin SVDs with min(shape) at least this large go through torch (MKL gesdd), which is 2-3x faster
-# than scipy's bundled OpenBLAS gesdd on this class of CPU; smaller ones use scipy.
+# Thin SVDs with min(shape) at least this large go through torch (MKL gesdd): on this project's CPU it
+# is a little faster than scipy's bundled OpenBLAS gesdd on cross-covariances and up to 2x faster on
+# slowly decaying spectra; smaller ones use scipy.
 _TORCH_SVD_MIN = 512
 # Columns of W_U processed at once when forming W_U W_Uᵀ.
 _VOCAB_CHUNK = 8192
@@ -278,6 +284,11 @@ def _centre(a: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(centred, dtype=dtype), mean
 
 
+def _sumsq(a: np.ndarray) -> float:
+    """Sum of squares accumulated in float64 (BLAS dot of float32 arrays loses ~1e-4 at 10⁷ elements)."""
+    return float(np.einsum("ij,ij->", a, a, dtype=np.float64))
+
+
 def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise MdiffError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -372,14 +383,15 @@ def _solve_shifted(M: np.ndarray, rhs: np.ndarray, lam: float) -> np.ndarray:
     m = M.shape[0]
     M.flat[:: m + 1] += lam
     if lam > 0:
-        try:
-            factor = sla.cho_factor(M, lower=False, overwrite_a=False, check_finite=False)
-            return sla.cho_solve(factor, rhs, check_finite=False)
-        except np.linalg.LinAlgError:  # λ below the rounding of M: fall through to the pseudo-inverse
-            pass
+        # torch's (MKL) Cholesky is ~2x faster than scipy's OpenBLAS one here; Lᵀ (upper) as a
+        # Fortran-ordered view goes to LAPACK's potrs without a copy.
+        L, info = torch.linalg.cholesky_ex(torch.from_numpy(M))
+        if int(info) == 0:
+            return sla.cho_solve((L.numpy().T, False), rhs, check_finite=False)
+        # λ below the rounding of M: fall through to the pseudo-inverse
     e, V = sla.eigh(M, driver="evd", overwrite_a=True, check_finite=False)
     e = np.maximum(e, 0.0)
-    f = _filter(e.astype(np.float64), 0.0, float(e.max(initial=0.0)) * m * np.finfo(M.dtype).eps)
+    f = _filter(e.astype(np.float64), 0.0, float(e.max(initial=0.0) * m * np.finfo(M.dtype).eps))
     return V @ (f[:, None].astype(M.dtype) * (V.T @ rhs))
 
 
@@ -436,6 +448,73 @@ def _subspace_affine(R: np.ndarray, c: np.ndarray, Q: np.ndarray) -> tuple[np.nd
     W = U @ Q.T
     W.flat[:: W.shape[0] + 1] += 1.0
     return W, c @ Q.T, U
+
+
+def _check_unembed(W_U: Any, d: int, q: int) -> tuple[int, int]:
+    if not isinstance(W_U, (np.ndarray, torch.Tensor)):
+        raise MdiffError("the logit subspace needs W_U, the tuned model's unembedding (d_model, d_vocab), or a basis")
+    shape = tuple(W_U.shape)
+    if len(shape) != 2 or shape[0] != d:
+        hint = "; pass W_U.T" if len(shape) == 2 and shape[1] == d else ""
+        raise MdiffError(f"W_U must have shape (d_model={d}, d_vocab) but has {shape}{hint}")
+    if q > min(shape):
+        raise MdiffError(f"q = {q} exceeds min(d_model, d_vocab) = {min(shape)}")
+    return shape
+
+
+def _check_basis(basis: Any, d: int, q: int) -> np.ndarray:
+    Q = _to_numpy(basis, "basis").astype(np.float64, copy=False)
+    if Q.shape[0] != d or Q.shape[1] < q:
+        raise MdiffError(f"basis must have shape (d_model={d}, ≥ q={q}) but has {Q.shape}")
+    Q = np.ascontiguousarray(Q[:, :q])
+    if np.abs(Q.T @ Q - np.eye(q)).max() > 1e-5:
+        raise MdiffError("basis must have orthonormal columns (e.g. from logit_basis or a fitted map's basis_)")
+    return Q
+
+
+def _logit_basis(W_U: Any, q: int, center_unembed: bool, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Top-q left singular vectors/values of (vocab-centred) W_U, from ``W_UW_Uᵀ`` over vocab chunks."""
+    d, V = W_U.shape
+    np_dt = np.float64 if dt == np.float64 else np.float32
+
+    def chunk(j: int) -> np.ndarray:
+        return _to_numpy(W_U[:, j : j + _VOCAB_CHUNK], "W_U").astype(np_dt, copy=False)
+
+    mean = np.zeros(d)
+    if center_unembed:
+        for j in range(0, V, _VOCAB_CHUNK):
+            mean += chunk(j).sum(axis=1, dtype=np.float64)
+        mean /= V
+    G = np.zeros((d, d), dtype=np_dt)
+    for j in range(0, V, _VOCAB_CHUNK):
+        block = chunk(j)
+        if center_unembed:
+            block = block - mean.astype(np_dt)[:, None]
+        G += block @ block.T
+    e, Q = _eigh_desc(G, top=q)
+    return Q.astype(np.float64), np.sqrt(np.maximum(e.astype(np.float64), 0.0))
+
+
+def logit_basis(
+    W_U: Float[np.ndarray, "d_model d_vocab"] | Float[torch.Tensor, "d_model d_vocab"],
+    q: int,
+    *,
+    center_unembed: bool = True,
+    dtype: DType = "auto",
+) -> Float[np.ndarray, "d_model q"]:
+    """The top-q left singular vectors of the unembedding (columns, by decreasing singular value).
+
+    With ``center_unembed`` W_U's mean over the vocabulary is removed first. ``dtype="auto"``
+    accumulates ``W_UW_Uᵀ`` in float32 for float32 (or lower) W_U, float64 otherwise.
+    """
+    _check_choice(dtype, "dtype", ("auto", "float32", "float64"))
+    q = _check_int(q, "q")
+    _check_unembed(W_U, int(W_U.shape[0]), q)
+    low = (isinstance(W_U, torch.Tensor) and W_U.dtype != torch.float64) or (
+        isinstance(W_U, np.ndarray) and W_U.dtype != np.float64
+    )
+    dt = np.dtype(np.float32 if dtype == "float32" or (dtype == "auto" and low) else np.float64)
+    return _logit_basis(W_U, q, center_unembed, dt)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,7 +794,8 @@ class RidgeMap(LinearMap):
     ``holdout_r2_`` (per λ, mean squared error per output entry and R² on the hold-out fold; None
     for a fixed λ), ``holdout_rows_`` (indices of the held-out rows).
 
-    With n < d the decomposition is a thin SVD of the centred training rows (see module docstring).
+    With n < d (training fold) the decomposition is the ``eigh`` of the n × n Gram of the centred
+    training rows and the final solve uses the dual form (see the module docstring).
     """
 
     name = "ridge"
@@ -757,36 +837,42 @@ class RidgeMap(LinearMap):
             self.holdout_mse_ = self.holdout_r2_ = self.holdout_rows_ = None
             return W, my - mx @ W
         train, val = _holdout_split(x.shape[0], groups, _check_holdout(self.holdout), self.random_state)
-        Xt, mx = _centre(x[train], f64)
-        Yt, my = _centre(y[train], f64)
-        Xv = np.ascontiguousarray(x[val] - mx)
-        Yv = np.ascontiguousarray(y[val] - my)
-        del x, y
-        n_tr, d = Xt.shape
-        scale = float(np.vdot(Xt, Xt)) / d
-        if scale <= 0.0:
-            raise MdiffError("X is constant on the training fold, so ridge has nothing to fit; check the activations")
-        alphas = DEFAULT_RELATIVE_ALPHAS * scale if grid is None else grid
-        # λ selection: one decomposition in the selection dtype ``dt``; the final solve is float64.
+        n_tr, d = train.size, x.shape[1]
+        primal = n_tr >= d
+        xt = x[train]
+        scale = float(xt.var(axis=0, dtype=f64).sum()) * n_tr / d  # mean eigenvalue of X_cᵀX_c
+        # Training fold: float64 when its XᵀX, XᵀY are reused by the final solve (primal form), else dt.
+        Xt, mx = _centre(xt, f64 if primal else dt)
+        del xt
+        Yt, my = _centre(y[train], f64 if primal else dt)
+        Xv = x[val] - mx  # float64
+        Yv = y[val] - my
+        Xv_s, Yv_s = Xv.astype(dt), Yv.astype(dt)
+        # λ selection from one eigendecomposition in dt. Predictions on the hold-out fold are
+        # A diag(1/(e + λ)) B: primal A = X_vV, B = VᵀX_tᵀY_t (XᵀX = V diag(e) Vᵀ); dual (n < d)
+        # A = X_vX_tᵀU, B = UᵀY_t (X_tX_tᵀ = U diag(e) Uᵀ), the kernel form of the same predictions.
         G = C = None
-        if n_tr >= d:
+        if primal:
             G = Xt.T @ Xt
             C = Xt.T @ Yt
             e, V = sla.eigh(G.astype(dt, copy=False), driver="evd", check_finite=False)
+            A = Xv_s @ V
             B = V.T @ C.astype(dt, copy=False)
+            del V
         else:
-            U, s, Vt = _svd(Xt.astype(dt, copy=False))
-            V = np.ascontiguousarray(Vt.T)
-            e = s.astype(f64) ** 2
-            B = s[:, None] * (U.T @ Yt.astype(dt, copy=False))
-            del U, Vt
+            K = Xt @ Xt.T
+            e, U = sla.eigh(K, driver="evd", overwrite_a=True, check_finite=False)
+            A = (Xv_s @ Xt.T) @ U
+            B = U.T @ Yt
+            del K, U, Xt, Yt
+        if scale <= 0.0:
+            raise MdiffError("X is constant on the training fold, so ridge has nothing to fit; check the activations")
+        alphas = DEFAULT_RELATIVE_ALPHAS * scale if grid is None else grid
         e = np.maximum(e.astype(f64), 0.0)
-        tol = float(e.max(initial=0.0)) * e.size * np.finfo(dt).eps
-        Xv_s, Yv_s = Xv.astype(dt, copy=False), Yv.astype(dt, copy=False)
-        A = Xv_s @ V
+        tol = float(e.max(initial=0.0) * max(n_tr, d) * np.finfo(dt).eps)
         P = (A.T @ A).astype(f64) * (B @ B.T).astype(f64)
         r = np.einsum("ij,ij->i", A.T @ Yv_s, B, dtype=f64)
-        del A, B, V, Xv_s, Yv_s
+        del A, B, Xv_s, Yv_s
         yv2 = float(np.vdot(Yv, Yv))
         errs = np.empty(alphas.size)
         for j, lam in enumerate(alphas):
@@ -801,26 +887,28 @@ class RidgeMap(LinearMap):
         self.holdout_mse_ = errs / Yv.size
         self.holdout_r2_ = 1.0 - errs / ss_val if ss_val > 0 else np.full(alphas.size, np.nan)
         self.holdout_rows_ = val.astype(np.int64)
+        # Final solve in float64 at the chosen λ.
         if not self.refit:
+            if not primal:
+                Xt, _ = _centre(x[train], f64)
+                Yt, _ = _centre(y[train], f64)
             W = _ridge_direct(Xt, Yt, lam, G=G, C=C)
             return W, my - mx @ W
-        n_all = n_tr + Xv.shape[0]
-        dx = Xv.sum(axis=0) / n_all  # all-row mean minus training-fold mean
-        dy = Yv.sum(axis=0) / n_all
-        if G is not None:  # update the training fold's XᵀX, XᵀY to all rows (centred at the all-row mean)
+        if primal:  # update the training fold's XᵀX, XᵀY to all rows, centred at the all-row mean
+            n_all = n_tr + val.size
+            dx = Xv.sum(axis=0) / n_all  # all-row mean minus training-fold mean
+            dy = Yv.sum(axis=0) / n_all
             G += Xv.T @ Xv
             G -= n_all * np.outer(dx, dx)
             C += Xv.T @ Yv
             C -= n_all * np.outer(dx, dy)
             W = _ridge_direct(Xt, Yt, lam, G=G, C=C)
-        else:
-            Xa = np.vstack([Xt, Xv])
-            Xa -= dx
-            Ya = np.vstack([Yt, Yv])
-            Ya -= dy
-            del Xt, Yt
-            W = _ridge_direct(Xa, Ya, lam)
-        return W, (my + dy) - (mx + dx) @ W
+            return W, (my + dy) - (mx + dx) @ W
+        del Xv, Yv
+        Xa, mxa = _centre(x, f64)
+        Ya, mya = _centre(y, f64)
+        W = _ridge_direct(Xa, Ya, lam)
+        return W, mya - mxa @ W
 
 
 class ProcrustesMap(LinearMap):
@@ -850,7 +938,7 @@ class ProcrustesMap(LinearMap):
         self.singular_values_ = s.astype(np.float64)
         self.scale_ = 1.0
         if self.scale:
-            xx = float(np.vdot(Xc, Xc))
+            xx = _sumsq(Xc)
             if xx <= 0.0:
                 raise MdiffError("X is constant, so the Procrustes scale is undefined; check the activations")
             self.scale_ = float(s.sum(dtype=np.float64)) / xx
@@ -958,8 +1046,9 @@ class PCAProcrustesMap(LinearMap):
         Yc, my = _centre(y, dt)
         ex, Px = _eigh_desc(Xc.T @ Xc, top=q)
         ey, Py = _eigh_desc(Yc.T @ Yc, top=q)
-        self.explained_variance_ratio_x_ = float(np.clip(ex, 0, None).sum() / max(np.vdot(Xc, Xc), np.finfo(float).tiny))
-        self.explained_variance_ratio_y_ = float(np.clip(ey, 0, None).sum() / max(np.vdot(Yc, Yc), np.finfo(float).tiny))
+        tiny = np.finfo(np.float64).tiny
+        self.explained_variance_ratio_x_ = float(np.clip(ex, 0, None).sum(dtype=np.float64) / max(_sumsq(Xc), tiny))
+        self.explained_variance_ratio_y_ = float(np.clip(ey, 0, None).sum(dtype=np.float64) / max(_sumsq(Yc), tiny))
         R, _ = _polar((Xc @ Px).T @ (Yc @ Py))
         self.components_x_ = Px.astype(np.float64)
         self.components_y_ = Py.astype(np.float64)
@@ -979,15 +1068,21 @@ class LogitSubspaceMap(LinearMap):
         center_unembed: remove W_U's mean over the vocabulary first (softmax ignores it).
         alphas, holdout, random_state: passed to the inner ridge.
 
+        basis: instead of W_U, a precomputed orthonormal basis (d_model × ≥ q; its first q columns
+            are used), e.g. :func:`logit_basis` or another fitted map's ``basis_``. Forming
+            ``W_UW_Uᵀ`` costs 2·d_model²·d_vocab FLOPs (about 15–30 s for Llama-3-8B on two CPU
+            cores), so compute the basis once and pass it for every layer.
+
     ``W_ = I + Q(R − I)Qᵀ``, ``b_ = cQᵀ`` with ``Q = basis_`` (d_model × q, orthonormal columns) and
     ``(R, c)`` = ``subspace_map_``, ``subspace_offset_`` the inner fit from ``xQ`` to ``yQ``;
     vectors orthogonal to span(Q) pass through unchanged. ``basis_singular_values_`` are W_U's top-q
-    singular values. A loaded map has ``W_U=None`` (refitting it needs W_U again).
+    singular values (None when a basis was passed). A loaded map has ``W_U=None`` and
+    ``basis=None``; refit it with either.
     """
 
     name = "logit-subspace"
     _square = True
-    _nonjson_params = ("W_U",)
+    _nonjson_params = ("W_U", "basis")
     _array_attrs = ("basis_", "basis_singular_values_", "subspace_map_", "subspace_offset_")
     _scalar_attrs = ("alpha_",)
 
@@ -1001,11 +1096,13 @@ class LogitSubspaceMap(LinearMap):
         alphas: Alphas = None,
         holdout: float | int = 0.2,
         random_state: int | None = 0,
+        basis: Float[np.ndarray, "d_model q"] | Float[torch.Tensor, "d_model q"] | None = None,
         standardize: Standardize = "none",
         dtype: DType = "auto",
     ) -> None:
         super().__init__(standardize=standardize, dtype=dtype)
         self.W_U = W_U
+        self.basis = basis
         self.q = q
         self.solver = solver
         self.center_unembed = center_unembed
@@ -1016,45 +1113,22 @@ class LogitSubspaceMap(LinearMap):
     def _check_params(self, x, y):
         super()._check_params(x, y)
         d = x.shape[1]
-        if not isinstance(self.W_U, (np.ndarray, torch.Tensor)):
-            raise MdiffError("LogitSubspaceMap needs W_U, the tuned model's unembedding (d_model, d_vocab) array or tensor")
-        shape = tuple(self.W_U.shape)
-        if len(shape) != 2 or shape[0] != d:
-            hint = "; pass W_U.T" if len(shape) == 2 and shape[1] == d else ""
-            raise MdiffError(f"W_U must have shape (d_model={d}, d_vocab) but has {shape}{hint}")
         q = _check_int(self.q, "q")
-        if q > min(shape):
-            raise MdiffError(f"q = {q} exceeds min(d_model, d_vocab) = {min(shape)}")
+        if self.basis is not None:
+            _check_basis(self.basis, d, q)
+        else:
+            _check_unembed(self.W_U, d, q)
         _check_choice(self.solver, "solver", ("ridge", "procrustes"))
         if self.solver == "ridge":
             _check_alphas(self.alphas)
             _check_holdout(self.holdout)
 
-    def _basis(self, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Top-q left singular vectors of (centred) W_U from ``W_U W_Uᵀ``, accumulated over vocab chunks."""
-        WU = self.W_U
-        d, V = WU.shape
-
-        def chunk(j: int) -> np.ndarray:
-            block = WU[:, j : j + _VOCAB_CHUNK]
-            return _to_numpy(block, "W_U").astype(np.float64 if dt == np.float64 else np.float32, copy=False)
-
-        mean = np.zeros(d)
-        if self.center_unembed:
-            for j in range(0, V, _VOCAB_CHUNK):
-                mean += chunk(j).sum(axis=1, dtype=np.float64)
-            mean /= V
-        G = np.zeros((d, d), dtype=dt)
-        for j in range(0, V, _VOCAB_CHUNK):
-            block = chunk(j)
-            if self.center_unembed:
-                block = block - mean.astype(block.dtype)[:, None]
-            G += (block @ block.T).astype(dt, copy=False)
-        e, Q = _eigh_desc(G, top=int(self.q))
-        return Q.astype(np.float64), np.sqrt(np.maximum(e.astype(np.float64), 0.0))
-
     def _fit(self, x, y, groups, dt):
-        Q, sv = self._basis(dt)
+        q = int(self.q)
+        if self.basis is not None:
+            Q, sv = _check_basis(self.basis, x.shape[1], q), None
+        else:
+            Q, sv = _logit_basis(self.W_U, q, bool(self.center_unembed), dt)
         zx, zy = x @ Q, y @ Q
         if self.solver == "ridge":
             inner: LinearMap = RidgeMap(self.alphas, holdout=self.holdout, random_state=self.random_state, dtype="float64")
@@ -1078,10 +1152,12 @@ class LowRankCorrectionMap(LinearMap):
             (Procrustes within the top-k principal subspace of y − x); see the module docstring.
         alphas, holdout, random_state: the ridge λ for ``"rrr"`` (as :class:`RidgeMap`; 0.0 = OLS).
 
-    Learned: ``rank_`` (k used; ≤ min(n, d), or d for "full"), ``U_``, ``V_`` (d × k factors,
-    ``V_`` orthonormal), ``alpha_`` (rrr), ``component_values_`` (all singular values of the fitted
-    correction (rrr) or standard deviations of y − x along its principal axes (pca-procrustes), by
-    decreasing size: the spectrum to choose k from).
+    Learned: ``rank_`` (k used: ≤ the number of axes available, min(n, d); for "full", d (rrr) or
+    that number (pca-procrustes)),
+    ``U_``, ``V_`` (d × k factors, ``V_`` orthonormal; for rrr "full" ``U_ = B̂`` and ``V_ = I``),
+    ``alpha_`` (rrr), ``component_values_`` (per-sample RMS size of the fitted correction ``X_cB̂``
+    (rrr) or of ``y − x`` (pca-procrustes) along each axis, decreasing: the spectrum to choose k
+    from; None for rrr "full", which skips the decomposition).
     """
 
     name = "lowrank"
@@ -1133,18 +1209,18 @@ class LowRankCorrectionMap(LinearMap):
                     "alpha": None}
         del D
         ridge = RidgeMap(self.alphas, holdout=self.holdout, random_state=self.random_state)
-        Bhat, _ = ridge._fit(x, y.astype(np.float64) - x, groups, dt)
-        Bhat = np.ascontiguousarray(Bhat, dtype=dt)
-        comp = {"Bhat": Bhat, "mx": mx, "my": my, "V": None, "values": None, "alpha": ridge.alpha_}
+        Bhat, _ = ridge._fit(x, y.astype(np.float64) - x, groups, dt)  # float64 solve
+        comp = {"Bhat": np.asarray(Bhat, dtype=np.float64), "mx": mx, "my": my, "V": None, "values": None,
+                "alpha": ridge.alpha_}
         if need_basis:  # right singular vectors of the fitted correction F = X_c B̂
-            F = Xc @ Bhat
+            F = Xc @ Bhat.astype(dt, copy=False)
             del Xc, Yc
             if n < d:
                 _, s, Vt = _svd(F)
                 e, V = s.astype(np.float64) ** 2, np.ascontiguousarray(Vt.T)
             else:
                 e, V = _eigh_desc(F.T @ F)
-            comp["V"], comp["values"] = V, np.sqrt(np.maximum(e, 0.0))
+            comp["V"], comp["values"] = V, np.sqrt(np.maximum(e, 0.0) / n)
         return comp
 
     def _apply(self, comp: dict[str, Any], rank: int | str) -> tuple[np.ndarray, np.ndarray]:
@@ -1152,7 +1228,10 @@ class LowRankCorrectionMap(LinearMap):
         mx, my = comp["mx"], comp["my"]
         d = mx.shape[0]
         n_comp = d if V is None else V.shape[1]
-        k = n_comp if rank == "full" else min(int(rank), n_comp)
+        if rank == "full":
+            k = d if self.method == "rrr" else n_comp
+        else:
+            k = min(int(rank), n_comp)
         values = comp["values"]
         self.component_values_ = None if values is None else values.astype(np.float64)
         self.alpha_ = comp["alpha"]
@@ -1165,7 +1244,7 @@ class LowRankCorrectionMap(LinearMap):
             W, b, U = _subspace_affine(R64, c, Vk64)
             self.U_, self.V_ = U, Vk64
             return W, b
-        Bhat = comp["Bhat"].astype(np.float64)
+        Bhat = comp["Bhat"]
         if rank == "full":
             U, Vk = Bhat, np.eye(d)
             Bk = Bhat

@@ -26,6 +26,7 @@ from mdiff.maps import (
     fit_lowrank_path,
     fit_shuffled,
     load_map,
+    logit_basis,
     make_map,
     map_diagnostics,
     save_map,
@@ -418,6 +419,13 @@ def test_logit_subspace_moves_only_the_subspace(rng):
     np.testing.assert_allclose(m.b_ @ (np.eye(d) - U @ U.T), 0, atol=1e-10)
     np.testing.assert_allclose(m.W_, np.eye(d) + U @ M @ U.T, atol=0.01)
     assert m.alpha_ is not None
+    basis = logit_basis(torch.tensor(W_U), q + 2)  # float32 accumulation; first q columns are used
+    np.testing.assert_allclose(basis[:, :q] @ basis[:, :q].T, U @ U.T, atol=1e-5)
+    mb = LogitSubspaceMap(basis=m.basis_, q=q).fit(X, Y)
+    np.testing.assert_allclose(mb.W_, m.W_, atol=1e-12)
+    assert mb.basis_singular_values_ is None
+    with _bad("orthonormal"):
+        LogitSubspaceMap(basis=2 * m.basis_, q=q).fit(X, Y)
     mp = LogitSubspaceMap(torch.tensor(W_U, dtype=torch.float32), q=q, solver="procrustes").fit(X, X)
     np.testing.assert_allclose(mp.W_, np.eye(d), atol=1e-6)
     with _bad("pass W_U.T"):
@@ -541,8 +549,11 @@ def test_loaded_logit_subspace_needs_W_U_to_refit(rng, tmp_path):
     save_map(m, tmp_path / "ls")
     loaded = load_map(tmp_path / "ls")
     assert loaded.W_U is None and loaded.basis_.shape == (12, 3)
+    X2 = rng.standard_normal((20, 12))
     with _bad("needs W_U"):
-        loaded.fit(rng.standard_normal((20, 12)), rng.standard_normal((20, 12)))
+        loaded.fit(X2, X2)
+    refit = loaded.set_params(basis=loaded.basis_).fit(X2, X2)
+    np.testing.assert_allclose(refit.W_, np.eye(12), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

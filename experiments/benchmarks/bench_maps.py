@@ -19,6 +19,7 @@ Prints a table (seconds, target, pass/fail, accuracy) and exits 1 when a target 
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -123,27 +124,42 @@ def run(args: argparse.Namespace) -> int:
     RidgeMap().fit(small_x, small_y)
     ProcrustesMap().fit(small_x, small_y)
 
-    # ---- ridge, λ grid --------------------------------------------------------------------------
+    # ---- timed fits first (back to back), checks afterwards --------------------------------------
     def fit_ridge(dtype: str) -> RidgeMap:
         return RidgeMap(alphas, holdout=args.holdout, dtype=dtype).fit(Xr, Yr)
 
+    load_before = os.getloadavg()[0]
     t_ridge, ridge = timed(lambda: fit_ridge("auto"), args.reps)
-    assert isinstance(ridge, RidgeMap)
+    Xp, Yp = X[: args.procrustes_n], Y[: args.procrustes_n]
+    t_proc, proc = timed(lambda: ProcrustesMap().fit(Xp, Yp), args.reps)
+    load_after = os.getloadavg()[0]
+    assert isinstance(ridge, RidgeMap) and isinstance(proc, ProcrustesMap)
+
     lam = ridge.alpha_
     j = int(np.flatnonzero(ridge.alphas_ == lam)[0])
-    W_dir, b_dir = direct_ridge(Xr, Yr, lam)
-    train = np.setdiff1d(np.arange(n_all), ridge.holdout_rows_)
-    W_tr, b_tr = direct_ridge(Xr[train], Yr[train], lam)
+    W_dir, _ = direct_ridge(Xr, Yr, lam)
+    w_err = rel(ridge.W_, W_dir)
+    del W_dir
     val = ridge.holdout_rows_
+    train = np.setdiff1d(np.arange(n_all), val)
+    W_tr, b_tr = direct_ridge(Xr[train], Yr[train], lam)
     mse_dir = float(np.square(Yr[val] - (Xr[val].astype(np.float64) @ W_tr + b_tr)).mean())
+    del W_tr
     sel = "float32 selection + float64 solve" if Xr.dtype == np.float32 and Xr.size >= 1 << 20 else "float64"
     passed = t_ridge <= args.ridge_target
     ok &= passed
     rows.append((
         f"RidgeMap {args.n}+{args.holdout}x{args.d}->{args.d}, {ridge.alphas_.size} lambdas ({sel})",
         t_ridge, args.ridge_target,
-        f"{'PASS' if passed else 'FAIL'} | lambda index {j}; W vs direct fp64 solve {rel(ridge.W_, W_dir):.1e}; "
+        f"{'PASS' if passed else 'FAIL'} | lambda index {j}; W vs direct fp64 solve {w_err:.1e}; "
         f"hold-out MSE vs direct {abs(ridge.holdout_mse_[j] - mse_dir) / mse_dir:.1e}",
+    ))
+    orth = float(np.abs(proc.W_.T @ proc.W_ - np.eye(args.d)).max())
+    passed = t_proc <= args.procrustes_target
+    ok &= passed
+    rows.append((
+        f"ProcrustesMap {args.procrustes_n}x{args.d}->{args.d}", t_proc, args.procrustes_target,
+        f"{'PASS' if passed else 'FAIL'} | max |WtW - I| {orth:.1e}; R2 {proc.score(Xp[:1000], Yp[:1000]):.4f}",
     ))
     if args.float64:
         t64, ridge64 = timed(lambda: fit_ridge("float64"), args.reps)
@@ -154,19 +170,6 @@ def run(args: argparse.Namespace) -> int:
             "RidgeMap same, dtype='float64' (all float64)", t64, None,
             f"info | lambda index {j64}; max rel. hold-out MSE diff vs float32 selection {mse_gap:.1e}",
         ))
-    del W_dir, W_tr
-
-    # ---- Procrustes ----------------------------------------------------------------------------
-    Xp, Yp = X[: args.procrustes_n], Y[: args.procrustes_n]
-    t_proc, proc = timed(lambda: ProcrustesMap().fit(Xp, Yp), args.reps)
-    assert isinstance(proc, ProcrustesMap)
-    orth = float(np.abs(proc.W_.T @ proc.W_ - np.eye(args.d)).max())
-    passed = t_proc <= args.procrustes_target
-    ok &= passed
-    rows.append((
-        f"ProcrustesMap {args.procrustes_n}x{args.d}->{args.d}", t_proc, args.procrustes_target,
-        f"{'PASS' if passed else 'FAIL'} | max |WtW - I| {orth:.1e}; train R2 {proc.score(Xp[:1000], Yp[:1000]):.4f}",
-    ))
 
     # ---- scikit-learn RidgeCV on a smaller problem ---------------------------------------------
     if not args.skip_sklearn:
@@ -182,7 +185,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("RidgeMap same problem (hold-out 20%)", t_mine, None,
                      f"info | {t_sk / t_mine:.1f}x faster; alpha {mine.alpha_:.3g}"))
 
-    print(f"mdiff maps benchmark: d={args.d} dtype={args.dtype} reps={args.reps} threads: {blas_threads()}")
+    print(
+        f"mdiff maps benchmark: d={args.d} dtype={args.dtype} reps={args.reps} threads: {blas_threads()}; "
+        f"1-min load average {load_before:.2f} before / {load_after:.2f} after the timed fits"
+    )
     width = max(len(r[0]) for r in rows)
     print(f"| {'step':<{width}} | {'seconds':>8} | {'target':>7} | result")
     print(f"|{'-' * (width + 2)}|{'-' * 10}|{'-' * 9}|{'-' * 60}")
