@@ -82,6 +82,7 @@ import torch
 from jaxtyping import Float, Int, Real, Shaped
 from scipy import sparse
 
+from mdiff._arrays import as_float_array
 from mdiff.errors import MdiffError
 
 __all__ = [
@@ -146,35 +147,7 @@ class CKABootstrap:
 
 def _to_numpy(a: Any, name: str) -> np.ndarray:
     """Validate one feature matrix and return it as a float32/float64 numpy array (no copy if possible)."""
-    if isinstance(a, torch.Tensor):
-        t = a.detach()
-        if t.is_complex():
-            raise MdiffError(f"{name} is complex ({t.dtype}); pass real-valued activations")
-        if t.dtype not in (torch.float32, torch.float64):
-            t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.float64)
-        a = t.cpu().numpy()
-    arr = np.asarray(a)
-    if arr.dtype.kind not in "fiub":
-        raise MdiffError(f"{name} has dtype {arr.dtype}; pass a real-valued numeric array or tensor")
-    if arr.ndim != 2:
-        raise MdiffError(
-            f"{name} must be 2-D (n_samples, d) but has shape {arr.shape}; "
-            "flatten the batch and position axes into one sample axis first"
-        )
-    if arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
-    elif arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float64)
-    if arr.shape[1] == 0:
-        raise MdiffError(f"{name} has no features (shape {arr.shape}); pass at least one feature column")
-    finite = np.isfinite(arr)
-    if not finite.all():
-        bad_rows = int((~finite).any(axis=1).sum())
-        raise MdiffError(
-            f"{name} contains NaN or inf values in {bad_rows} of {arr.shape[0]} rows; "
-            "drop or repair those rows (in both models) before computing CKA"
-        )
-    return arr
+    return as_float_array(a, name, 2, purpose="computing CKA")
 
 
 def _validate_pair(X: Any, Y: Any, min_n: int, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -132,6 +132,7 @@ import scipy.linalg as sla
 import torch
 from jaxtyping import Float, Shaped
 
+from mdiff._arrays import as_float_array
 from mdiff.errors import MdiffError
 
 __all__ = [
@@ -186,45 +187,7 @@ _M = TypeVar("_M", bound="LinearMap")
 
 
 def _to_numpy(a: Any, name: str, ndim: int | None = 2) -> np.ndarray:
-    """Validate a feature matrix; return it as a float32/float64 numpy array (no copy if possible)."""
-    if isinstance(a, torch.Tensor):
-        t = a.detach()
-        if t.is_complex():
-            raise MdiffError(f"{name} is complex ({t.dtype}); pass real-valued activations")
-        if t.dtype not in (torch.float32, torch.float64):
-            t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.float64)
-        a = t.cpu().numpy()
-    try:
-        arr = np.asarray(a)
-    except (TypeError, ValueError) as err:
-        raise MdiffError(f"{name} is not an array ({type(a).__name__}: {err}); pass a numpy array or tensor") from None
-    if arr.dtype.kind not in "fiub":
-        raise MdiffError(f"{name} has dtype {arr.dtype}; pass a real-valued numeric array or tensor")
-    if ndim is not None and arr.ndim != ndim:
-        raise MdiffError(
-            f"{name} must be 2-D (n_samples, d) but has shape {arr.shape}; "
-            "flatten the batch and position axes into one sample axis first"
-        )
-    if arr.ndim == 0 or arr.shape[-1] == 0:
-        raise MdiffError(f"{name} has no features (shape {arr.shape}); pass at least one feature column")
-    if arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
-    elif arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float64)
-    _check_finite(arr, name)
-    return arr
-
-
-def _check_finite(arr: np.ndarray, name: str) -> None:
-    if not np.isfinite(arr).all():
-        bad = ~np.isfinite(arr)
-        n_bad = int(bad.sum())
-        rows = int(bad.reshape(-1, arr.shape[-1]).any(axis=1).sum())
-        n_rows = int(np.prod(arr.shape[:-1])) if arr.ndim > 1 else 1
-        raise MdiffError(
-            f"{name} contains {n_bad} NaN/inf entries (in {rows} of {n_rows} rows); "
-            "drop or repair those rows (in both models) before fitting or applying a map"
-        )
+    return as_float_array(a, name, ndim, purpose="fitting or applying a map")
 
 
 def _validate_pair(X: Any, Y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -667,7 +630,7 @@ class LinearMap:
                 t = t.to(torch.float32)
             bad = ~torch.isfinite(t)
             if bool(bad.any()):
-                _check_finite(t.cpu().to(torch.float64).numpy(), "X")
+                as_float_array(t.cpu().to(torch.float64).numpy(), "X", None, "fitting or applying a map")
             cdt = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
             W = torch.from_numpy(self.W_).to(device=t.device, dtype=cdt)
             b = torch.from_numpy(self.b_).to(device=t.device, dtype=cdt)

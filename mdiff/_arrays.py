@@ -1,0 +1,50 @@
+"""Input checks shared by the numeric modules (:mod:`mdiff.cka`, :mod:`mdiff.maps`)."""
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mdiff.errors import MdiffError
+
+
+def as_float_array(a: Any, name: str, ndim: int | None = 2, purpose: str = "use") -> np.ndarray:
+    """Validate a feature matrix; return it as a float32/float64 numpy array (no copy if possible)."""
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+        if t.is_complex():
+            raise MdiffError(f"{name} is complex ({t.dtype}); pass real-valued activations")
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.float64)
+        a = t.cpu().numpy()
+    try:
+        arr = np.asarray(a)
+    except (TypeError, ValueError) as err:
+        raise MdiffError(f"{name} is not an array ({type(a).__name__}: {err}); pass a numpy array or tensor") from None
+    if arr.dtype.kind not in "fiub":
+        raise MdiffError(f"{name} has dtype {arr.dtype}; pass a real-valued numeric array or tensor")
+    if ndim is not None and arr.ndim != ndim:
+        raise MdiffError(
+            f"{name} must be 2-D (n_samples, d) but has shape {arr.shape}; "
+            "flatten the batch and position axes into one sample axis first"
+        )
+    if arr.ndim == 0 or arr.shape[-1] == 0:
+        raise MdiffError(f"{name} has no features (shape {arr.shape}); pass at least one feature column")
+    if arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    _check_finite(arr, name, purpose)
+    return arr
+
+
+def _check_finite(arr: np.ndarray, name: str, purpose: str) -> None:
+    if not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr)
+        n_bad = int(bad.sum())
+        rows = int(bad.reshape(-1, arr.shape[-1]).any(axis=1).sum())
+        n_rows = int(np.prod(arr.shape[:-1])) if arr.ndim > 1 else 1
+        raise MdiffError(
+            f"{name} contains {n_bad} NaN/inf entries (in {rows} of {n_rows} rows); "
+            f"drop or repair those rows (in both models) before {purpose}"
+        )
