@@ -1,5 +1,6 @@
 """Input checks shared by the numeric modules (:mod:`mdiff.cka`, :mod:`mdiff.maps`)."""
 
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -48,3 +49,27 @@ def _check_finite(arr: np.ndarray, name: str, purpose: str) -> None:
             f"{name} contains {n_bad} NaN/inf entries (in {rows} of {n_rows} rows); "
             f"drop or repair those rows (in both models) before {purpose}"
         )
+
+
+def factorize_groups(groups: Any, n: int | None) -> tuple[np.ndarray, int]:
+    """Map prompt labels to codes 0..G-1; ``None`` means every row is its own prompt."""
+    if groups is None:
+        if n is None:
+            raise MdiffError("pass groups (one prompt label per row) or n (the number of rows)")
+        return np.arange(n, dtype=np.int64), int(n)
+    if isinstance(groups, torch.Tensor):
+        groups = groups.detach().cpu().numpy()
+    g = np.asarray(groups)
+    if g.ndim != 1:
+        raise MdiffError(f"groups must be 1-D (one prompt label per row) but has shape {g.shape}")
+    if n is not None and g.shape[0] != n:
+        raise MdiffError(f"groups has length {g.shape[0]} but X has {n} rows; pass one prompt label per row")
+    if g.shape[0] == 0:
+        raise MdiffError("groups is empty; pass one prompt label per row")
+    try:
+        _, inverse = np.unique(g, return_inverse=True)
+    except TypeError:  # unorderable mix of labels: number them by first appearance
+        codes: dict[Hashable, int] = {}
+        inverse = np.fromiter((codes.setdefault(v, len(codes)) for v in g.tolist()), dtype=np.int64)
+    inverse = np.asarray(inverse, dtype=np.int64).reshape(-1)
+    return inverse, int(inverse.max()) + 1

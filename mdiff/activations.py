@@ -35,6 +35,7 @@ from mdiff import hooks as H
 from mdiff.align import Prepared
 from mdiff.data import pad_left
 from mdiff.errors import MdiffError
+from mdiff.options import check_layers
 
 STORE_VERSION = 1
 
@@ -336,9 +337,7 @@ def collect_pair(spec, layers: list[int], hooks: list[str], positions, split: st
 
     info = models.inspect_pair(spec)
     n_layers = info.base.n_layers
-    for L in layers:
-        if not 0 <= L < n_layers:
-            raise MdiffError(f"layer {L} is out of range 0..{n_layers - 1}")
+    check_layers(layers, n_layers)
     for h in hooks:
         if h not in COLLECT_HOOKS:
             raise MdiffError(f"unknown hook {h!r}: choose from {', '.join(COLLECT_HOOKS)}")

@@ -82,7 +82,7 @@ import torch
 from jaxtyping import Float, Int, Real, Shaped
 from scipy import sparse
 
-from mdiff._arrays import as_float_array
+from mdiff._arrays import as_float_array, factorize_groups
 from mdiff.errors import MdiffError
 
 __all__ = [
@@ -173,30 +173,6 @@ def _check_n_boot(n_boot: int) -> int:
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise MdiffError(f"n_boot must be a positive integer number of resamples (e.g. 1000), got {n_boot!r}")
     return int(n_boot)
-
-
-def _factorize_groups(groups: Any, n: int | None) -> tuple[np.ndarray, int]:
-    """Map prompt labels to codes 0..G-1; ``None`` means every row is its own prompt."""
-    if groups is None:
-        if n is None:
-            raise MdiffError("pass groups (one prompt label per row) or n (the number of rows)")
-        return np.arange(n, dtype=np.int64), int(n)
-    if isinstance(groups, torch.Tensor):
-        groups = groups.detach().cpu().numpy()
-    g = np.asarray(groups)
-    if g.ndim != 1:
-        raise MdiffError(f"groups must be 1-D (one prompt label per row) but has shape {g.shape}")
-    if n is not None and g.shape[0] != n:
-        raise MdiffError(f"groups has length {g.shape[0]} but X has {n} rows; pass one prompt label per row")
-    if g.shape[0] == 0:
-        raise MdiffError("groups is empty; pass one prompt label per row")
-    try:
-        _, inverse = np.unique(g, return_inverse=True)
-    except TypeError:  # unorderable mix of labels: number them by first appearance
-        codes: dict[Hashable, int] = {}
-        inverse = np.fromiter((codes.setdefault(v, len(codes)) for v in g.tolist()), dtype=np.int64)
-    inverse = np.asarray(inverse, dtype=np.int64).reshape(-1)
-    return inverse, int(inverse.max()) + 1
 
 
 def _compute_dtype(x: np.ndarray, y: np.ndarray, allow_fp32: bool) -> np.dtype:
@@ -389,7 +365,7 @@ def prompt_bootstrap_weights(
         ``weights=`` to :func:`bootstrap_cka`) to get paired intervals.
     """
     n_boot = _check_n_boot(n_boot)
-    inverse, n_groups = _factorize_groups(groups, n)
+    inverse, n_groups = factorize_groups(groups, n)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
     flat = draws + np.arange(n_boot, dtype=np.int64)[:, None] * n_groups
@@ -500,7 +476,7 @@ def bootstrap_cka(
     x, y = _validate_pair(X, Y, min_n=2, what="bootstrap CKA")
     n = x.shape[0]
     ci = _check_ci(ci)
-    inverse, n_groups = _factorize_groups(groups, n)
+    inverse, n_groups = factorize_groups(groups, n)
     if weights is None:
         n_boot = _check_n_boot(n_boot)
         if n_groups < 2:
@@ -644,7 +620,7 @@ def jackknife_debiased_cka(
     x, y = _validate_pair(X, Y, min_n=4, what="debiased CKA")
     n = x.shape[0]
     ci = _check_ci(ci)
-    inverse, n_groups = _factorize_groups(groups, n)
+    inverse, n_groups = factorize_groups(groups, n)
     if n_groups < 2:
         raise MdiffError("the jackknife needs at least 2 distinct prompts; pass more prompts or groups=None")
     sizes = np.bincount(inverse, minlength=n_groups)

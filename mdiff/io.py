@@ -115,6 +115,14 @@ class ResultWriter:
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:  # an interrupted or failed run leaves nothing half-written
+            self.abort()
+        return False
+
 
 def _jsonable(o: Any):
     import numpy as np

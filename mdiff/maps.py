@@ -132,7 +132,7 @@ import scipy.linalg as sla
 import torch
 from jaxtyping import Float, Shaped
 
-from mdiff._arrays import as_float_array
+from mdiff._arrays import as_float_array, factorize_groups
 from mdiff.errors import MdiffError
 
 __all__ = [
@@ -201,24 +201,6 @@ def _validate_pair(X: Any, Y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     if x.shape[0] < 2:
         raise MdiffError(f"{what} needs at least 2 samples but got {x.shape[0]}; use more prompts")
     return x, y
-
-
-def _factorize_groups(groups: Any, n: int) -> tuple[np.ndarray, int]:
-    """Map prompt labels to codes 0..G-1; ``None`` means every row is its own prompt."""
-    if groups is None:
-        return np.arange(n, dtype=np.int64), n
-    if isinstance(groups, torch.Tensor):
-        groups = groups.detach().cpu().numpy()
-    g = np.asarray(groups)
-    if g.ndim != 1 or g.shape[0] != n:
-        raise MdiffError(f"groups must hold one prompt label per row ({n}) but has shape {g.shape}")
-    try:
-        _, inverse = np.unique(g, return_inverse=True)
-    except TypeError:  # unorderable mix of labels: number them by first appearance
-        codes: dict[Hashable, int] = {}
-        inverse = np.fromiter((codes.setdefault(v, len(codes)) for v in g.tolist()), dtype=np.int64)
-    inverse = np.asarray(inverse, dtype=np.int64).reshape(-1)
-    return inverse, int(inverse.max()) + 1
 
 
 def _resolve_dtype(dtype: str, x: np.ndarray, y: np.ndarray) -> np.dtype:
@@ -559,7 +541,7 @@ class LinearMap:
         """Validate, set the standardisation statistics; return the arrays to fit, groups, dtype."""
         x, y = _validate_pair(X, Y, f"{type(self).__name__}.fit")
         self._check_params(x, y)
-        codes = None if groups is None else _factorize_groups(groups, x.shape[0])[0]
+        codes = None if groups is None else factorize_groups(groups, x.shape[0])[0]
         dt = _resolve_dtype(self.dtype, x, y)
         self._reset()
         self.n_features_in_ = int(x.shape[1])
@@ -1278,7 +1260,7 @@ def shuffled_pairs_permutation(
     positions of one prompt are paired with those of (at most two) other prompts. Without
     ``groups`` every row is its own prompt (a random cyclic derangement).
     """
-    codes, n_groups = _factorize_groups(groups, n)
+    codes, n_groups = factorize_groups(groups, n)
     counts = np.bincount(codes, minlength=n_groups)
     s = int(counts.max())
     if 2 * s > n:

@@ -62,3 +62,10 @@ def parse_str_list(text: str, option: str, allowed: tuple[str, ...]) -> list[str
         if x not in out:
             out.append(x)
     return out
+
+
+def check_layers(layers, n_layers: int) -> None:
+    """Every layer index must lie in ``0..n_layers-1`` (library-level check behind every RQ)."""
+    for L in layers:
+        if not 0 <= L < n_layers:
+            raise MdiffError(f"layer {L} is out of range 0..{n_layers - 1}")

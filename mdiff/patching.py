@@ -23,13 +23,6 @@ def _batches(n: int, batch_size: int):
         yield s, min(n, s + batch_size)
 
 
-def _decision_index(ids: list[list[int]], positions: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    inp, mask = pad_left(ids, 0)
-    width = inp.shape[1]
-    pos = torch.tensor([width - len(x) + p[-1] for x, p in zip(ids, positions, strict=True)], dtype=torch.long)
-    return inp, mask, pos
-
-
 def decision_logits(model, ids: list[list[int]], positions: list[list[int]], pad_id: int,
                     fwd_hooks_for_batch=None, batch_size: int = 32) -> Float[Tensor, "batch d_vocab"]:
     """Logits at each prompt's decision position (its last chosen position), optionally under patch hooks.

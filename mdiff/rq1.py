@@ -23,6 +23,7 @@ from mdiff import activations as A
 from mdiff import behaviour, cka, data, models, patching, stats
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, provenance, tidy
+from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.positions import PositionSpec, parse_positions
 
@@ -56,20 +57,15 @@ def run_rq1(spec: PairSpec, cfg: RQ1Config, out: str | Path, overwrite: bool = F
     say = progress or (lambda msg, frac: None)
     info = models.inspect_pair(spec)
     n_layers = info.base.n_layers
-    for L in cfg.layers:
-        if not 0 <= L < n_layers:
-            raise MdiffError(f"layer {L} is out of range 0..{n_layers - 1}")
+    check_layers(cfg.layers, n_layers)
     for h in cfg.hooks:
         if h not in RQ1_HOOKS:
             raise MdiffError(f"unknown hook {h!r} for RQ1: choose from {', '.join(RQ1_HOOKS)}")
     settings = {"pair": spec.name, **cfg.settings()}
     rq1_dir = Path(out) / spec.name / "rq1"
     writer = ResultWriter(rq1_dir, settings, overwrite)  # refuses before any work if it would overwrite
-    try:
+    with writer:
         return _run(spec, cfg, info, out, writer, say)
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def _run(spec, cfg, info, out, writer, say):

@@ -34,6 +34,7 @@ from mdiff import activations as A
 from mdiff import cka, maps, models, patching, stats
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, provenance, tidy
+from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.positions import PositionSpec, parse_positions
 
@@ -67,9 +68,7 @@ class RQ2Config:
 
 
 def check_config(cfg: RQ2Config, n_layers: int) -> None:
-    for L in [*cfg.layers, *([cfg.control_layer] if cfg.control_layer is not None else [])]:
-        if not 0 <= L < n_layers:
-            raise MdiffError(f"layer {L} is out of range 0..{n_layers - 1}")
+    check_layers([*cfg.layers, *([cfg.control_layer] if cfg.control_layer is not None else [])], n_layers)
     for h in cfg.hooks:
         if h not in RQ2_HOOKS:
             raise MdiffError(f"unknown hook {h!r} for RQ2: choose from {', '.join(RQ2_HOOKS)}")
@@ -101,11 +100,8 @@ def run_rq2(spec: PairSpec, cfg: RQ2Config, out: str | Path, overwrite: bool = F
         cfg.control_layer = 0
     check_config(cfg, n_layers)
     writer = ResultWriter(Path(out) / spec.name / "rq2", {"pair": spec.name, **cfg.settings()}, overwrite)
-    try:
+    with writer:
         return _run(spec, cfg, info, out, writer, say)
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def _run(spec, cfg, info, out, writer, say):

@@ -16,9 +16,9 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import numpy as np
+from _timing import blas_threads, median_time  # sibling module: these scripts run from their folder
 
 from mdiff.cka import (
     bootstrap_cka,
@@ -44,25 +44,6 @@ def make_data(
     base[:, :4] += np.float32(30.0) * (1.0 + 0.05 * rng.standard_normal((n, 4), dtype=np.float32))
     tuned = np.float32(0.9) * base + np.float32(0.3) * rng.standard_normal((n, d), dtype=np.float32) * sigma
     return base.astype(dtype), tuned.astype(dtype), groups
-
-
-def median_time(fn: Callable[[], object], reps: int) -> tuple[float, object]:
-    times = []
-    out = None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def blas_threads() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:  # pragma: no cover
-        return "unknown"
-    info = threadpool_info()
-    return ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in info) or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,10 @@ Prints a table (seconds, target, pass/fail, accuracy) and exits 1 when a target 
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
+from _timing import blas_threads, median_time  # sibling module: these scripts run from their folder
 
 from mdiff.maps import DEFAULT_RELATIVE_ALPHAS, ProcrustesMap, RidgeMap
 
@@ -41,26 +39,6 @@ def make_data(n: int, d: int, seed: int, dtype: str = "float32") -> tuple[np.nda
     Y = X @ W_true + rng.standard_normal(d, dtype=np.float32)
     Y += np.float32(0.3) * rng.standard_normal((n, d), dtype=np.float32) * sigma
     return X.astype(dtype, copy=False), Y.astype(dtype, copy=False)
-
-
-def timed(fn: Callable[[], object], reps: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def blas_threads() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:  # pragma: no cover
-        return "unknown"
-    import torch
-
-    info = ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info())
-    return f"{info}, torch={torch.get_num_threads()}"
 
 
 def absolute_grid(X: np.ndarray, n_train: int, n_lambdas: int) -> np.ndarray:
@@ -129,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
         return RidgeMap(alphas, holdout=args.holdout, dtype=dtype).fit(Xr, Yr)
 
     load_before = os.getloadavg()[0]
-    t_ridge, ridge = timed(lambda: fit_ridge("auto"), args.reps)
+    t_ridge, ridge = median_time(lambda: fit_ridge("auto"), args.reps)
     Xp, Yp = X[: args.procrustes_n], Y[: args.procrustes_n]
-    t_proc, proc = timed(lambda: ProcrustesMap().fit(Xp, Yp), args.reps)
+    t_proc, proc = median_time(lambda: ProcrustesMap().fit(Xp, Yp), args.reps)
     load_after = os.getloadavg()[0]
     assert isinstance(ridge, RidgeMap) and isinstance(proc, ProcrustesMap)
 
@@ -162,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         f"{'PASS' if passed else 'FAIL'} | max |WtW - I| {orth:.1e}; R2 {proc.score(Xp[:1000], Yp[:1000]):.4f}",
     ))
     if args.float64:
-        t64, ridge64 = timed(lambda: fit_ridge("float64"), args.reps)
+        t64, ridge64 = median_time(lambda: fit_ridge("float64"), args.reps)
         assert isinstance(ridge64, RidgeMap)
         j64 = int(np.flatnonzero(ridge64.alphas_ == ridge64.alpha_)[0])
         mse_gap = float(np.max(np.abs(ridge.holdout_mse_ - ridge64.holdout_mse_) / ridge64.holdout_mse_))
@@ -178,15 +156,15 @@ def run(args: argparse.Namespace) -> int:
         ns, ds = args.sklearn_n, args.sklearn_d
         Xs, Ys = make_data(ns, ds, args.seed + 1, args.dtype)
         grid = absolute_grid(Xs, int(0.8 * ns), args.lambdas)
-        t_sk, sk = timed(lambda: RidgeCV(alphas=grid).fit(Xs, Ys), 1)
-        t_mine, mine = timed(lambda: RidgeMap(grid, holdout=0.2).fit(Xs, Ys), 1)
+        t_sk, sk = median_time(lambda: RidgeCV(alphas=grid).fit(Xs, Ys), 1)
+        t_mine, mine = median_time(lambda: RidgeMap(grid, holdout=0.2).fit(Xs, Ys), 1)
         rows.append((f"sklearn RidgeCV {ns}x{ds}->{ds}, {grid.size} lambdas (LOO)", t_sk, None,
                      f"info | alpha {sk.alpha_:.3g}"))
         rows.append(("RidgeMap same problem (hold-out 20%)", t_mine, None,
                      f"info | {t_sk / t_mine:.1f}x faster; alpha {mine.alpha_:.3g}"))
 
     print(
-        f"mdiff maps benchmark: d={args.d} dtype={args.dtype} reps={args.reps} threads: {blas_threads()}; "
+        f"mdiff maps benchmark: d={args.d} dtype={args.dtype} reps={args.reps} threads: {blas_threads(include_torch=True)}; "
         f"1-min load average {load_before:.2f} before / {load_after:.2f} after the timed fits"
     )
     width = max(len(r[0]) for r in rows)
