@@ -149,6 +149,19 @@ def gather_batch(model, ids: list[list[int]], positions: list[list[int]], names:
     return out
 
 
+def gather_all(model, ids: list[list[int]], positions: list[list[int]], names: list[str], pad_id: int,
+               batch_size: int = 16, stop_at_layer: int | None = None) -> dict[str, Tensor]:
+    """:func:`gather_batch` over the whole prompt list in batches, in memory (rows prompt-major, on the CPU)."""
+    if not ids:
+        raise MdiffError("no prompts to read activations from (the prompt set is empty after filtering)")
+    parts: dict[str, list[Tensor]] = {n: [] for n in names}
+    for s in range(0, len(ids), batch_size):
+        got = gather_batch(model, ids[s:s + batch_size], positions[s:s + batch_size], names, pad_id, stop_at_layer)
+        for n in names:
+            parts[n].append(got[n])
+    return {n: torch.cat(v) for n, v in parts.items()}
+
+
 COLLECT_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
 
 

@@ -316,6 +316,119 @@ def rq2_cmd(
         out.print(f"winners pinned in {freeze_winners(out_dir, spec.name)}")
 
 
+@app.command("rq3")
+@cli_errors
+def rq3_cmd(
+    layer: Annotated[int, typer.Option(help="Layer of the site (e.g. RQ2's best site).")],
+    pair: PairOpt = "toy-lowrank",
+    hook: Annotated[str, typer.Option(help="Hook of the site: resid_pre, resid_post, attn_out or mlp_out.")]
+    = "resid_post",
+    ks: Annotated[str | None, typer.Option(help="Ranks of the correction, e.g. 1,2,4,8,full (default: 1, 2, 4, … "
+                                                "below d_model, and full).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma list of rrr (reduced-rank regression of y−x on x) and "
+                                              "pca-procrustes (Procrustes in the top-k PCA subspace of y−x).")]
+    = "rrr,pca-procrustes",
+    target: Annotated[float | None, typer.Option(help="Target drop, absolute (e.g. 0.3).")] = None,
+    target_frac: Annotated[float | None, typer.Option(help="Target as a fraction of the full-rank drop "
+                                                           "(default 0.9 when --target is not given).")] = None,
+    alpha: Annotated[float, typer.Option(help="α of the patch (raw and mapped at the same α).")] = 1.0,
+    alpha_mode: Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")] = "blend",
+    null_draws: Annotated[int, typer.Option(help="Random k-dim subspaces (matched variance) per k for the null.")] = 5,
+    fit_positions: Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")] = "last",
+    n: Annotated[int | None, typer.Option(help="Use at most N prompts per split.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (≥ 1).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of splits, null subspaces and bootstrap.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq3/.")] = "results",
+    overwrite: Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings.")] = False,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """RQ3 rank: how low-rank is the transport? drop(k) of the rank-k correction W_k = I + U_k V_kᵀ, smallest k."""
+    _setup(threads)
+    from mdiff.models import inspect_pair
+    from mdiff.options import parse_str_list
+    from mdiff.pairs import resolve_pair
+    from mdiff.positions import parse_positions
+    from mdiff.rq3 import METHODS, RQ3Config, parse_ks, run_rq3
+    from mdiff.stats import check_bootstrap
+
+    check_bootstrap(bootstrap)
+    spec = resolve_pair(pair, progress=True)
+    info = inspect_pair(spec)
+    cfg = RQ3Config(layer=layer, hook=hook, ks=parse_ks(ks, info.base.d_model),
+                    methods=parse_str_list(methods, "--methods", METHODS), target=target, target_frac=target_frac,
+                    alpha=alpha, alpha_mode=alpha_mode, n_null=null_draws,
+                    fit_positions=parse_positions(fit_positions, seed=seed), n=n, n_boot=bootstrap, seed=seed,
+                    batch_size=batch_size, device=device)
+    with _progress_bar("rq3") as prog:
+        summary = run_rq3(spec, cfg, out_dir, overwrite, progress=prog.fraction)
+    for f in summary["findings"]:
+        out.print(f)
+    out.print(f"wrote {summary['path']}")
+
+
+@app.command("rq4")
+@cli_errors
+def rq4_cmd(
+    pair: PairOpt = "toy-lowrank",
+    layer: Annotated[int | None, typer.Option(help="Layer whose heads are scanned.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Several layers instead, comma list (ranges a-b, or all).")]
+    = None,
+    k: Annotated[str | None, typer.Option("--k", help="Head-set sizes for top-k vs random-k, e.g. 1,2,4,8 "
+                                                      "(default: powers of two up to the heads per layer).")] = None,
+    site: Annotated[str, typer.Option(help="Head site(s): result (z·W_O with the source's W_O; sees W_O changes) "
+                                           "and/or z (through the target's W_O); comma list.")] = "result",
+    source: Annotated[str, typer.Option(help="Source(s): raw base heads and/or mapped (per-head maps fit on "
+                                             "train); comma list.")] = "raw",
+    random_sets: Annotated[int, typer.Option(help="Random k-sets per k for the null (same layer).")] = 20,
+    control_layer: Annotated[int, typer.Option(help="Control layer, analysed the same way.")] = 0,
+    map_solver: Annotated[str, typer.Option(help="Solver of the per-head maps (--source mapped).")] = "ridge",
+    fit_positions: Annotated[str, typer.Option(help="Positions the per-head maps are fit on: last or k=K.")] = "last",
+    n: Annotated[int | None, typer.Option(help="Use at most N prompts per split.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (≥ 1).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of splits, random head sets and bootstrap.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq4/.")] = "results",
+    overwrite: Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings.")] = False,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """RQ4 heads: which attention heads carry the difference? Per-head patching, top-k vs random-k, coverage, heatmaps."""
+    _setup(threads)
+    from mdiff import heads as HD
+    from mdiff.models import inspect_pair
+    from mdiff.options import parse_int_list, parse_str_list
+    from mdiff.pairs import resolve_pair
+    from mdiff.positions import parse_positions
+    from mdiff.rq4 import RQ4Config, run_rq4
+    from mdiff.stats import check_bootstrap
+
+    check_bootstrap(bootstrap)
+    if layer is not None and layers is not None:
+        raise MdiffError("give --layer L or --layers L1,L2, not both")
+    spec = resolve_pair(pair, progress=True)
+    info = inspect_pair(spec)
+    nl, nh = info.base.n_layers, info.base.n_heads
+    if layers is not None:
+        layer_list = parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer")
+    elif layer is not None:
+        layer_list = parse_int_list(str(layer), "--layer", 0, nl - 1, what="layer")
+    else:
+        raise MdiffError(f"give --layer L (0..{nl - 1}) or --layers L1,L2: e.g. RQ1's probe layer")
+    ks = HD.parse_ks(k, nh) if k is not None else [2 ** i for i in range(nh.bit_length()) if 2 ** i <= nh]
+    cfg = RQ4Config(layers=layer_list, ks=ks, sites=parse_str_list(site, "--site", HD.HEAD_SITES),
+                    sources=parse_str_list(source, "--source", HD.SOURCES), random_sets=random_sets,
+                    control_layer=control_layer, map_solver=map_solver,
+                    fit_positions=parse_positions(fit_positions, seed=seed), n=n, n_boot=bootstrap, seed=seed,
+                    batch_size=batch_size, device=device)
+    with _progress_bar("rq4") as prog:
+        summary = run_rq4(spec, cfg, out_dir, overwrite, progress=prog.fraction)
+    for f in summary["findings"]:
+        out.print(f)
+    out.print(f"wrote {summary['path']}")
+
+
 @app.command("freeze")
 @cli_errors
 def freeze_cmd(

@@ -6,6 +6,7 @@ HTML files embed plotly.js (``include_plotlyjs=True``), so they open offline; no
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -91,4 +92,94 @@ def r2_vs_drop_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
         + " " + j["solver"], hovertemplate="%{text}<br>R² %{x:.3f}, drop %{y:.3f}<extra></extra>"))
     fig.update_layout(template="plotly_white", title=dict(text=f"{pair}: val R² of the map vs its patch-KL drop"),
                       xaxis=dict(title=dict(text="R² (val)")), yaxis=dict(title=dict(text="drop")))
+    return fig
+
+
+def head_heatmap(metrics: pd.DataFrame, pair: str, site: str, source: str, split: str = "val") -> go.Figure:
+    """Layer × head heatmap of single-head effects (KL nats), diverging scale centred at 0, hover ``L{l}H{h}``."""
+    d = metrics[(metrics["metric"] == "effect") & (metrics["set"] == "single") & (metrics["site"] == site)
+                & (metrics["source"] == source) & (metrics["split"] == split)].copy()
+    d["head"] = d["heads"].astype(int)
+    layers = sorted(d["layer"].astype(int).unique())
+    heads = sorted(d["head"].unique())
+    z = np.full((len(layers), len(heads)), np.nan)
+    lo, hi = np.full_like(z, np.nan), np.full_like(z, np.nan)
+    for r in d.itertuples():
+        i, j = layers.index(int(r.layer)), heads.index(int(r.head))
+        z[i, j], lo[i, j], hi[i, j] = r.value, r.ci_low, r.ci_high
+    text = [[f"L{L}H{h}" for h in heads] for L in layers]
+    zmax = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"H{h}" for h in heads], y=[f"L{L}" for L in layers], text=text,
+        customdata=np.dstack([lo, hi]), colorscale="RdBu_r", zmid=0, zmin=-zmax or -1, zmax=zmax or 1,
+        colorbar=dict(title=dict(text="KL (nats)")),
+        hovertemplate="%{text}: effect %{z:.4f} [%{customdata[0]:.4f}, %{customdata[1]:.4f}]<extra></extra>"))
+    fig.update_layout(template="plotly_white",
+                      title=dict(text=f"{pair}: single-head patch effect, {site} site, {source} source, {split} split "
+                                      f"(KL(P_tuned_clean ‖ P_patched), 95% prompt-bootstrap CI on hover)"),
+                      xaxis=dict(title=dict(text="query head")), yaxis=dict(title=dict(text="layer")))
+    return fig
+
+
+def coverage_figure(metrics: pd.DataFrame, pair: str, site: str, source: str) -> go.Figure:
+    """Coverage of the top-k heads over k with its CI, against the random-k null (5–95% band and median)."""
+    d = metrics[(metrics["site"] == site) & (metrics["source"] == source) & (metrics["split"] == "val")]
+    fig = go.Figure()
+    for i, (L, g) in enumerate(d.groupby("layer", sort=True)):
+        c = _COLOURS[i % len(_COLOURS)]
+        top = g[(g["metric"] == "coverage") & (g["set"] == "top")].sort_values("k")
+        if top["value"].isna().all():
+            continue
+        null = g[(g["set"] == "top") & g["metric"].isin(["null_q05", "null_median", "null_q95"])]
+        nb = null.pivot_table(index="k", columns="metric", values="value").sort_index()
+        name = f"L{int(L)}"
+        _band(fig, nb.index, nb["null_q05"], nb["null_q95"], c, name)
+        fig.add_trace(go.Scatter(x=nb.index, y=nb["null_median"], mode="lines", line=dict(color=c, dash="dot"),
+                                 name=f"{name} random-k median (5–95% band)", legendgroup=name))
+        fig.add_trace(go.Scatter(
+            x=top["k"], y=top["value"], mode="lines+markers", name=f"{name} top-k", line=dict(color=c),
+            legendgroup=name, customdata=top[["ci_low", "ci_high", "heads"]].to_numpy(),
+            error_y=dict(type="data", symmetric=False, array=(top["ci_high"] - top["value"]).fillna(0),
+                         arrayminus=(top["value"] - top["ci_low"]).fillna(0)),
+            hovertemplate="k=%{x}: coverage %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}], heads "
+                          "%{customdata[2]}<extra>" + name + "</extra>"))
+    fig.update_layout(template="plotly_white",
+                      title=dict(text=f"{pair}: head coverage = effect(top-k) / effect(all heads), {site} site, "
+                                      f"{source} source, val split (95% CI); band: random k-sets"),
+                      xaxis=dict(title=dict(text="k (heads patched)"), type="log", dtick=0.30103),
+                      yaxis=dict(title=dict(text="coverage")))
+    return fig
+
+
+def rank_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
+    """drop(k) of the rank-k correction per method (95% CI), the random-subspace null range, full rank dashed."""
+    fig = go.Figure()
+    d = metrics[metrics["metric"] == "drop"]
+    site = ""
+    for i, (method, g) in enumerate(d.groupby("method", sort=True)):
+        c = _COLOURS[i % len(_COLOURS)]
+        site = f"L{int(g['layer'].iloc[0])} {g['hook'].iloc[0]}"
+        fin = g[g["k"] != "full"].assign(kk=lambda x: x["k"].astype(int)).sort_values("kk")
+        nl = metrics[(metrics["metric"] == "drop_null_mean") & (metrics["method"] == method)].assign(
+            kk=lambda x: x["k"].astype(int)).sort_values("kk")
+        if len(nl):
+            _band(fig, nl["kk"], nl["ci_low"], nl["ci_high"], c, method)
+            fig.add_trace(go.Scatter(x=nl["kk"], y=nl["value"], mode="lines", line=dict(color=c, dash="dot"),
+                                     name=f"{method}: random k-subspace null (mean, min–max band)", legendgroup=method))
+        fig.add_trace(go.Scatter(
+            x=fin["kk"], y=fin["value"], mode="lines+markers", name=f"{method}: drop(k)", line=dict(color=c),
+            legendgroup=method, customdata=fin[["ci_low", "ci_high"]].to_numpy(),
+            error_y=dict(type="data", symmetric=False, array=(fin["ci_high"] - fin["value"]).fillna(0),
+                         arrayminus=(fin["value"] - fin["ci_low"]).fillna(0)),
+            hovertemplate="k=%{x}: drop %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra>" + method
+                          + "</extra>"))
+        full = g[g["k"] == "full"]
+        if len(full) and np.isfinite(full["value"].iloc[0]):
+            fig.add_hline(y=float(full["value"].iloc[0]), line=dict(color=c, dash="dash"),
+                          annotation_text=f"{method} full rank")
+    fig.update_layout(template="plotly_white",
+                      title=dict(text=f"{pair}: drop(k) of the rank-k correction W_k = I + U_k V_kᵀ at {site}, "
+                                      "val split (95% prompt-bootstrap CI)"),
+                      xaxis=dict(title=dict(text="rank k of the correction"), type="log", dtick=0.30103),
+                      yaxis=dict(title=dict(text="drop = (KL_raw − KL_k)/KL_raw")))
     return fig

@@ -1,0 +1,184 @@
+"""Per-head patching (RQ4): which attention heads carry the difference between two models.
+
+Definitions: METHODS.md, section RQ4. A head's contribution at layer L is ``result_h = z_h · W_O[h]``
+(``z`` is ``blocks.L.attn.hook_z``, ``[batch, pos, head, d_head]``, per *query* head, so GQA needs
+nothing special); ``attn_out = Σ_h result_h (+ b_O)``. ``attn_out`` is a sum over heads, not a
+concatenation: mdiff never slices it into "heads".
+
+Two head sites, named in every output:
+
+* ``result`` (default): the target head's whole contribution is replaced by the source head's
+  ``z_h · W_O_source[h]``, so a fine-tune that changed ``W_O`` is seen;
+* ``z``: only ``z_h`` is replaced; it then goes through the *target's* ``W_O``, so a change made only
+  in ``W_O`` is invisible here (:func:`site_blindness` says so when it happens).
+
+Sources: ``raw`` (the base model's heads) and ``mapped`` (per-head linear maps fit on train, base
+``z_h`` → the target site's value for head h; a linear map of ``result_h = z_h · W_O[h]`` is a linear map
+of ``z_h`` when ``W_O[h]`` has full rank, so the maps are fit on ``z_h`` coordinates, d_head wide).
+
+``effect(S)`` is the mean over prompts of ``KL(P_target_clean ‖ P_target_patched)`` when only the heads
+in S are patched; ``coverage(S) = effect(S) / effect(all heads)``, with a paired prompt-bootstrap CI.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mdiff import hooks as H
+from mdiff import maps
+from mdiff.activations import gather_all
+from mdiff.errors import MdiffError
+from mdiff.patching import HeadPatch, Patcher
+
+HEAD_SITES = ("result", "z")
+SOURCES = ("raw", "mapped")
+EFFECT_FLOOR = 1e-6  # mean KL below this: the heads change nothing here, coverage is undefined
+
+
+def parse_ks(text: str, n_heads: int, option: str = "--k") -> list[int]:
+    """``"1,2,4,8"`` → ``[1, 2, 4, 8]``; every k a whole number in ``1..n_heads`` (clear errors otherwise)."""
+    from mdiff.options import parse_int_list
+
+    try:
+        return parse_int_list(text, option, 1, n_heads, what="head count")
+    except MdiffError as e:
+        raise MdiffError(f"{e} (this model has {n_heads} heads per layer)") from None
+
+
+# --------------------------------------------------------------------------- reading heads
+def decision_rows(positions: list[list[int]]) -> list[list[int]]:
+    """Each prompt's decision position (its last chosen position) as a one-position list."""
+    return [[p[-1]] for p in positions]
+
+
+def collect_z(model, ids: list[list[int]], positions: list[list[int]], pad_id: int, layers: Sequence[int],
+              batch_size: int = 16) -> dict[int, Float[Tensor, "rows head d_head"]]:
+    """``z`` of every query head at ``layers``, at the given positions (rows prompt-major), on the CPU."""
+    names = {L: H.hook_name("z", L, model.cfg.n_layers) for L in layers}
+    stop = max(layers) + 1
+    got = gather_all(model, ids, positions, list(names.values()), pad_id, batch_size,
+                     stop_at_layer=stop if stop < model.cfg.n_layers else None)
+    return {L: got[n].float() for L, n in names.items()}
+
+
+def W_O_of(model, layer: int) -> Float[Tensor, "head d_head d_model"]:
+    """The layer's output weights per query head, detached, fp32, on the CPU."""
+    return model.blocks[layer].attn.W_O.detach().float().cpu()
+
+
+def site_values(z: Float[Tensor, "rows head d_head"], W_O: Float[Tensor, "head d_head d_model"] | None,
+                site: str) -> Tensor:
+    """What the site patches per head: ``z`` itself, or ``result_h = z_h · W_O[h]``."""
+    if site not in HEAD_SITES:
+        raise MdiffError(f"head site {site!r} is not one of {', '.join(HEAD_SITES)}")
+    return z if site == "z" else H.head_results(z, W_O)
+
+
+# --------------------------------------------------------------------------- per-head maps
+class HeadMaps:
+    """One linear map per query head, base ``z_h`` → the target site's value for head h (fit on train).
+
+    ``solver`` is any :data:`mdiff.maps.MAP_NAMES` solver that accepts different input and output widths
+    for the ``result`` site (``ridge``, ``mean-shift`` ...); estimators are kept in ``maps_``.
+    """
+
+    def __init__(self, solver: str = "ridge", random_state: int = 0):
+        self.solver, self.random_state = solver, random_state
+
+    def fit(self, z_base: Float[Tensor, "rows head d_head"], target: Float[Tensor, "rows head d"],
+            groups: np.ndarray | None = None) -> "HeadMaps":
+        if z_base.shape[:2] != target.shape[:2]:
+            raise MdiffError(f"per-head maps need matching rows and heads: base z {tuple(z_base.shape)}, "
+                             f"target {tuple(target.shape)}")
+        if len(z_base) < 2:
+            raise MdiffError("per-head maps need at least 2 training rows; add train prompts")
+        self.maps_ = []
+        for h in range(z_base.shape[1]):
+            est = maps.make_map(self.solver)
+            self.maps_.append(est.fit(z_base[:, h].double().numpy(), target[:, h].double().numpy(), groups=groups))
+        return self
+
+    def transform(self, z_base: Float[Tensor, "rows head d_head"]) -> Float[Tensor, "rows head d"]:
+        cols = [torch.from_numpy(np.asarray(m.transform(z_base[:, h].double().numpy()))).float()
+                for h, m in enumerate(self.maps_)]
+        return torch.stack(cols, dim=1)
+
+    def score(self, z_base: Tensor, target: Tensor) -> np.ndarray:
+        """R² per head."""
+        return np.array([m.score(z_base[:, h].double().numpy(), target[:, h].double().numpy())
+                         for h, m in enumerate(self.maps_)])
+
+
+# --------------------------------------------------------------------------- head sets
+def random_sets(n_heads: int, k: int, n_sets: int, seed: int) -> list[tuple[int, ...]]:
+    """``n_sets`` distinct random k-subsets of the heads (all of them when there are fewer)."""
+    total = math.comb(n_heads, k)
+    if total <= n_sets:
+        from itertools import combinations
+
+        return [tuple(c) for c in combinations(range(n_heads), k)]
+    rng = np.random.default_rng([seed, k])
+    out: list[tuple[int, ...]] = []
+    seen: set[tuple[int, ...]] = set()
+    while len(out) < n_sets:
+        s = tuple(sorted(int(h) for h in rng.choice(n_heads, size=k, replace=False)))
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def head_effects(patcher: Patcher, layer: int, site: str, source: Tensor, sets: Sequence[Sequence[int]],
+                 vocab_ids) -> np.ndarray:
+    """Per-prompt KL for each head set: ``[set, prompt]`` (one batched engine call)."""
+    conds = [HeadPatch(layer, tuple(int(h) for h in s), site, source) for s in sets]
+    return patcher.kl(conds, vocab_ids)
+
+
+def rank_heads(single: np.ndarray) -> list[int]:
+    """Heads by mean single-head effect, largest first (ties: lower index first)."""
+    m = np.asarray(single).mean(1)
+    return [int(h) for h in sorted(range(len(m)), key=lambda h: (-m[h], h))]
+
+
+@dataclass
+class Coverage:
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+def coverage(effect_s: np.ndarray, effect_all: np.ndarray, idx: np.ndarray, ci: float = 0.95) -> Coverage:
+    """``mean(effect_S) / mean(effect_all)`` with a paired prompt-bootstrap CI (NaN if effect_all ≈ 0)."""
+    es, ea = np.asarray(effect_s, np.float64), np.asarray(effect_all, np.float64)
+    if ea.mean() < EFFECT_FLOOR:
+        return Coverage(float("nan"), float("nan"), float("nan"))
+    sb, ab = es[idx].mean(1), ea[idx].mean(1)
+    ok = ab > EFFECT_FLOOR * 1e-3
+    lo, hi = np.quantile(sb[ok] / ab[ok], [(1 - ci) / 2, (1 + ci) / 2])
+    return Coverage(float(es.mean() / ea.mean()), float(lo), float(hi))
+
+
+def null_percentile(value: float, null: Sequence[float]) -> float:
+    """Percent of the random-k null at or below ``value`` (100: above every random set)."""
+    null = np.asarray([v for v in null if np.isfinite(v)], np.float64)
+    if not np.isfinite(value) or len(null) == 0:
+        return float("nan")
+    return float(100.0 * np.mean(null <= value))
+
+
+def site_blindness(effect_all: dict[str, float]) -> str | None:
+    """A sentence when the ``z`` site sees much less than the ``result`` site (a change in W_O), else None."""
+    r, z = effect_all.get("result"), effect_all.get("z")
+    if r is None or z is None or not np.isfinite(r) or r < EFFECT_FLOOR:
+        return None
+    if z < 0.1 * r:
+        return (f"the z site sees only {100 * z / r:.1f}% of the result site's all-heads effect "
+                f"({z:.3g} vs {r:.3g} nats): the difference here is in W_O (or b_O), which z patching "
+                "cannot see by construction; use the result site for this layer")
+    return None

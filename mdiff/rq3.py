@@ -1,0 +1,324 @@
+"""RQ3 "rank": how low-rank is the base → tuned transport at one site.
+
+Definitions: METHODS.md, section RQ3. The base → tuned map is close to the identity, so the rank of the
+map itself says nothing; mdiff restricts the *correction*: ``W_k = I + U_k V_kᵀ``, fit on **train** by
+
+* ``rrr``: reduced-rank regression of ``y − x`` on ``x``;
+* ``pca-procrustes``: Procrustes inside the top-k principal subspace of ``y − x``
+
+(:class:`mdiff.maps.LowRankCorrectionMap`, one decomposition for the whole k path). For each k the tuned
+model is patched at the decision position of the **val** prompts with ``W_k(base)``;
+``drop(k) = (KL_raw − KL_k) / KL_raw`` against the raw base patch at the same α, with a paired
+prompt-bootstrap CI. Reported: drop(k) for every k, the smallest k that reaches the target (an absolute
+drop, or a fraction of the full-rank drop), and the null: the full-rank correction restricted to a
+*random* k-dimensional subspace and rescaled to the rank-k correction's variance on train.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mdiff import activations as A
+from mdiff import hooks as H
+from mdiff import maps, models, stats
+from mdiff.errors import MdiffError
+from mdiff.io import ResultWriter, provenance, tidy
+from mdiff.options import check_layers
+from mdiff.pairs import PairSpec
+from mdiff.patching import ENGINES, Patcher, SitePatch
+from mdiff.positions import PositionSpec, parse_positions
+
+RQ3_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+METHODS = ("rrr", "pca-procrustes")
+KL_FLOOR = 1e-6
+
+
+def default_ks(d_model: int) -> list[int | str]:
+    """1, 2, 4, 8, … below ``d_model``, then ``"full"``."""
+    ks: list[int | str] = []
+    k = 1
+    while k < d_model:
+        ks.append(k)
+        k *= 2
+    return [*ks, "full"]
+
+
+def parse_ks(text: str | None, d_model: int) -> list[int | str]:
+    """``"1,2,4,full"`` → ``[1, 2, 4, "full"]`` (sorted, unique; each k in 1..d_model); None → :func:`default_ks`."""
+    from mdiff.options import parse_int_list
+
+    if text is None:
+        return default_ks(d_model)
+    items = [x.strip() for x in text.split(",")]
+    full = "full" in (x.lower() for x in items)
+    rest = ",".join(x for x in items if x.lower() != "full")
+    ks: list[int | str] = parse_int_list(rest, "--ks", 1, d_model, what="rank k") if rest else []
+    if not ks and not full:
+        raise MdiffError("--ks is empty: give ranks such as 1,2,4,8,full")
+    return [*ks, *(["full"] if full else [])]
+
+
+@dataclasses.dataclass
+class RQ3Config:
+    layer: int
+    hook: str = "resid_post"
+    ks: list[int | str] | None = None
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
+    target: float | None = None
+    target_frac: float | None = None
+    alpha: float = 1.0
+    alpha_mode: str = "blend"
+    n_null: int = 5
+    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions("last"))
+    n: int | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    batch_size: int = 16
+    device: str | None = None
+    engine: str = "fast"
+
+    def settings(self) -> dict[str, Any]:
+        return {"layer": self.layer, "hook": self.hook, "ks": self.ks, "methods": self.methods, "target": self.target,
+                "target_frac": self.target_frac, "alpha": self.alpha, "alpha_mode": self.alpha_mode,
+                "n_null": self.n_null, "fit_positions": self.fit_positions.to_dict(), "n": self.n,
+                "bootstrap": self.n_boot, "seed": self.seed}
+
+
+def check_config(cfg: RQ3Config, n_layers: int, d_model: int) -> None:
+    check_layers([cfg.layer], n_layers)
+    if cfg.hook not in RQ3_HOOKS:
+        raise MdiffError(f"--hook: unknown hook {cfg.hook!r} for RQ3; choose from {', '.join(RQ3_HOOKS)}")
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise MdiffError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if not cfg.methods:
+        raise MdiffError("--methods is empty: choose from " + ", ".join(METHODS))
+    for k in cfg.ks or []:
+        if k != "full" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_model):
+            raise MdiffError(f"--ks: rank {k!r} is out of range 1..{d_model} (d_model) or 'full'")
+    if cfg.target is not None and cfg.target_frac is not None:
+        raise MdiffError("give --target (an absolute drop) or --target-frac (a fraction of the full-rank drop), "
+                         "not both")
+    if cfg.target is not None and not 0 < cfg.target <= 1:
+        raise MdiffError(f"--target is a drop in (0, 1], got {cfg.target}")
+    if cfg.target_frac is not None and not 0 < cfg.target_frac <= 1:
+        raise MdiffError(f"--target-frac is a fraction in (0, 1], got {cfg.target_frac}")
+    if cfg.alpha_mode not in H.MODES:
+        raise MdiffError(f"--alpha-mode must be blend or scale, got {cfg.alpha_mode!r}")
+    if not 0 < cfg.alpha <= (1 if cfg.alpha_mode == "blend" else 10):
+        raise MdiffError(f"--alpha {cfg.alpha} out of range: blend needs 0 < α ≤ 1, scale 0 < α ≤ 10")
+    if isinstance(cfg.n_null, bool) or not isinstance(cfg.n_null, int) or cfg.n_null < 0:
+        raise MdiffError(f"--null-draws must be a whole number ≥ 0, got {cfg.n_null!r}")
+    if cfg.engine not in ENGINES:
+        raise MdiffError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    stats.check_bootstrap(cfg.n_boot)
+
+
+def run_rq3(spec: PairSpec, cfg: RQ3Config, out: str | Path, overwrite: bool = False,
+            progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+    say = progress or (lambda msg, frac: None)
+    info = models.inspect_pair(spec)
+    d_model = info.base.d_model
+    if cfg.ks is None:
+        cfg.ks = default_ks(d_model)
+    if cfg.target is None and cfg.target_frac is None:
+        cfg.target_frac = 0.9
+    check_config(cfg, info.base.n_layers, d_model)
+    writer = ResultWriter(Path(out) / spec.name / "rq3", {"pair": spec.name, **cfg.settings()}, overwrite)
+    with writer:
+        return _run(spec, cfg, info, writer, say)
+
+
+def random_subspace_null(full: maps.LinearMap, rank_k: maps.LinearMap, X_tr: np.ndarray, k: int,
+                         rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
+    """The full-rank correction restricted to a random k-dim subspace, rescaled to rank-k's train variance.
+
+    ``null(x) = x + c̄ + s · (c(x) − c̄) Q Qᵀ`` with ``c(x) = full(x) − x``, ``c̄`` its train mean, ``Q`` a
+    random orthonormal ``d × k`` basis and ``s`` such that the centred null correction has the same total
+    variance on train as the rank-k map's correction.
+    """
+    d = X_tr.shape[1]
+    Q, _ = np.linalg.qr(rng.standard_normal((d, k)))
+    c_full = full.transform(X_tr) - X_tr
+    cbar = c_full.mean(0)
+    proj = (c_full - cbar) @ Q @ Q.T
+    c_k = rank_k.transform(X_tr) - X_tr
+    target = ((c_k - c_k.mean(0)) ** 2).sum()
+    got = (proj ** 2).sum()
+    s = float(np.sqrt(target / got)) if got > 0 else 0.0
+
+    def apply(X: np.ndarray) -> np.ndarray:
+        return X + cbar + s * ((full.transform(X) - X - cbar) @ Q @ Q.T)
+
+    return apply
+
+
+def smallest_k(drops: dict[Any, tuple[float, float, float]], ks: list, goal: float) -> dict[str, Any]:
+    """The smallest k whose drop reaches ``goal`` (point estimate) and whose CI lower end reaches it."""
+    finite = [k for k in ks if k != "full"]
+    point = next((k for k in finite if np.isfinite(drops[k][0]) and drops[k][0] >= goal), None)
+    sure = next((k for k in finite if np.isfinite(drops[k][1]) and drops[k][1] >= goal), None)
+    return {"goal": goal, "k": point, "k_ci": sure}
+
+
+def _run(spec, cfg, info, writer, say):
+    dec = parse_positions("last", seed=cfg.seed)
+    fitpos = cfg.fit_positions
+    prep_tr, pad_b, pad_t, sv = A.prepare_pair_prompts(spec, info, fitpos, "train", cfg.seed, cfg.n)
+    prep_va = A.prepare_pair_prompts(spec, info, fitpos, "val", cfg.seed, cfg.n)[0]
+    prep_dec = prep_va if fitpos.kind == "last" else A.prepare_pair_prompts(spec, info, dec, "val", cfg.seed, cfg.n)[0]
+    L, hook = cfg.layer, cfg.hook
+    name = H.hook_name(hook, L, info.base.n_layers)
+
+    def read(model, prep, side, decision=False):
+        ids = prep.base_ids if side == "base" else prep.tuned_ids
+        pos = prep.base_positions if side == "base" else prep.tuned_positions
+        if decision:
+            pos = [[p[-1]] for p in pos]
+        got = A.gather_all(model, ids, pos, [name], pad_b if side == "base" else pad_t, cfg.batch_size,
+                           stop_at_layer=L + 1 if L + 1 < info.base.n_layers else None)
+        return got[name].double().numpy()
+
+    say("loading base", 0.02)
+    with models.loaded(spec, "base", cfg.device) as m:
+        say("reading base activations", 0.05)
+        X_tr, X_va, X_dec = read(m, prep_tr, "base"), read(m, prep_va, "base"), read(m, prep_dec, "base", True)
+    rows: list[dict] = []
+    groups = np.repeat(np.arange(len(prep_tr)), [len(p) for p in prep_tr.base_positions])
+    say("loading tuned", 0.15)
+    with models.loaded(spec, "tuned", cfg.device) as m:
+        say("reading tuned activations", 0.2)
+        Y_tr, Y_va = read(m, prep_tr, "tuned"), read(m, prep_va, "tuned")
+        patcher = Patcher(m, prep_dec.tuned_ids, [[p[-1]] for p in prep_dec.tuned_positions], pad_t, cfg.batch_size,
+                          cfg.engine)
+
+        def cond(src: np.ndarray) -> SitePatch:
+            return SitePatch(L, hook, torch.from_numpy(np.asarray(src)).float(), cfg.alpha, cfg.alpha_mode)
+
+        tags, conds = ["raw"], [cond(X_dec)]
+        fits: dict[str, dict] = {}
+        rng = np.random.default_rng(cfg.seed)
+        for mi, method in enumerate(cfg.methods):
+            say(f"fitting the rank-k path ({method})", 0.25 + 0.2 * mi / len(cfg.methods))
+            ranks = list(dict.fromkeys([*cfg.ks, "full"]))
+            path = maps.fit_lowrank_path(X_tr, Y_tr, ranks, groups=groups, method=method)
+            fits[method] = path
+            for k in ranks:
+                mp = path[k]
+                tags.append(f"{method}|k={k}")
+                conds.append(cond(mp.transform(X_dec)))
+                rows.append({"condition": f"{method}|k={k}", "metric": "r2_val", "value": float(mp.score(X_va, Y_va)),
+                             "n": len(Y_va), "method": method, "k": str(k), "rank_used": int(mp.rank_)})
+                if k == "full":
+                    continue
+                for j in range(cfg.n_null):
+                    null = random_subspace_null(path["full"], mp, X_tr, int(mp.rank_), rng)
+                    tags.append(f"{method}|null|k={k}#{j}")
+                    conds.append(cond(null(X_dec)))
+        say("patching", 0.5)
+        kl = patcher.kl(conds, sv.tuned_ids)
+
+    by_tag = dict(zip(tags, kl, strict=True))
+    raw = by_tag["raw"]
+    idx = stats.resample_indices(len(raw), cfg.n_boot, cfg.seed + 1)
+    nothing = float(raw.mean()) < KL_FLOOR
+    v, lo, hi = stats.bootstrap_mean(raw, idx=idx)
+    rows.append({"condition": "raw", "metric": "kl_raw", "value": v, "ci_low": lo, "ci_high": hi, "n": len(raw)})
+    per_method = {}
+    for method in cfg.methods:
+        ranks = list(dict.fromkeys([*cfg.ks, "full"]))
+        drops: dict[Any, tuple[float, float, float]] = {}
+        nulls: dict[Any, dict] = {}
+        for k in ranks:
+            t = f"{method}|k={k}"
+            v, lo, hi = stats.bootstrap_mean(by_tag[t], idx=idx)
+            rows.append({"condition": t, "metric": "kl_mapped", "value": v, "ci_low": lo, "ci_high": hi,
+                         "n": len(raw), "method": method, "k": str(k)})
+            d = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, by_tag[t], idx=idx)
+            drops[k] = d
+            rows.append({"condition": t, "metric": "drop", "value": d[0], "ci_low": d[1], "ci_high": d[2],
+                         "n": len(raw), "method": method, "k": str(k), "nothing_to_drop": nothing})
+            if k == "full" or cfg.n_null == 0:
+                continue
+            nd = [np.nan if nothing else stats.bootstrap_ratio_drop(raw, by_tag[f"{method}|null|k={k}#{j}"], idx=idx)[0]
+                  for j in range(cfg.n_null)]
+            nd_arr = np.asarray(nd, float)
+            nulls[k] = {"mean": float(np.nanmean(nd_arr)) if not nothing else float("nan"),
+                        "min": float(np.nanmin(nd_arr)) if not nothing else float("nan"),
+                        "max": float(np.nanmax(nd_arr)) if not nothing else float("nan"), "n": cfg.n_null}
+            rows.append({"condition": f"{method}|null|k={k}", "metric": "drop_null_mean", "value": nulls[k]["mean"],
+                         "ci_low": nulls[k]["min"], "ci_high": nulls[k]["max"], "n": cfg.n_null, "method": method,
+                         "k": str(k), "nothing_to_drop": nothing})
+        full = drops["full"][0]
+        goal = cfg.target if cfg.target is not None else (cfg.target_frac or 0.9) * full
+        sk = smallest_k(drops, ranks, goal) if np.isfinite(goal) else {"goal": goal, "k": None, "k_ci": None}
+        sk["target"] = ("absolute drop" if cfg.target is not None else f"{cfg.target_frac:g} × full-rank drop")
+        spec_vals = None
+        finite = [k for k in ranks if k != "full"]
+        if finite:
+            cv = fits[method][max(finite)].component_values_
+            spec_vals = None if cv is None else [float(x) for x in np.asarray(cv)[:64]]
+        per_method[method] = {
+            "drop": {str(k): {"value": drops[k][0], "ci": [drops[k][1], drops[k][2]]} for k in ranks},
+            "null": {str(k): v for k, v in nulls.items()},
+            "smallest_k": sk, "full_rank_drop": full, "correction_spectrum": spec_vals,
+            "beats_null": {str(k): bool(np.isfinite(drops[k][1]) and k in nulls and drops[k][1] > nulls[k]["max"])
+                           for k in ranks if k != "full"}}
+    metrics = tidy([{"pair": spec.name, "rq": "rq3", "layer": L, "hook": hook, **r} for r in rows])
+    summary = _summary(spec, cfg, per_method, nothing, float(raw.mean()))
+    writer.csv("metrics.csv", metrics)
+    writer.json("summary.json", summary)
+    writer.json("config.json", {
+        "settings": writer.settings, "pair": spec.to_dict(), "pair_info": info.to_dict(),
+        "tokenized_with": prep_tr.tokenized_with, "train": prep_tr.summary(), "val": prep_va.summary(),
+        "train_prompt_ids": prep_tr.prompt_ids, "val_prompt_ids": prep_va.prompt_ids, "split_seed": cfg.seed,
+        "kl_vocabulary": f"shared vocabulary ({sv.size} ids), renormalised", "target": "tuned",
+        "alpha_mode": cfg.alpha_mode, "engine": cfg.engine, "dtype": spec.dtype, "provenance": provenance()})
+    from mdiff import figures
+
+    writer.figure("drop_vs_k.html", figures.rank_figure(metrics, spec.name))
+    path = writer.commit()
+    say("done", 1.0)
+    summary["path"] = str(path)
+    return summary
+
+
+def _summary(spec, cfg, per_method, nothing, kl_raw) -> dict[str, Any]:
+    findings = []
+    site = f"L{cfg.layer} {cfg.hook}"
+    if nothing:
+        findings.append(f"{site}: nothing to drop: patching base activations here does not change the tuned model "
+                        f"(KL_raw = {kl_raw:.2g} nats)")
+    else:
+        for method, r in per_method.items():
+            sk = r["smallest_k"]
+            full = r["full_rank_drop"]
+            what = (f"a drop of {sk['goal']:.2f}" if cfg.target is not None
+                    else f"{100 * cfg.target_frac:.0f}% of the full-rank drop ({100 * full:.0f}%)")
+            if sk["k"] is None:
+                findings.append(f"{site}, {method}: no rank below full reaches {what}")
+            else:
+                d = r["drop"][str(sk["k"])]
+                null = r["null"].get(str(sk["k"]))
+                nt = (f"; a random {sk['k']}-dim subspace of matched variance removes {100 * null['mean']:.0f}% "
+                      f"on average (max {100 * null['max']:.0f}%)") if null else ""
+                ci = "" if sk["k_ci"] is None else f"; its CI lower end reaches it from k={sk['k_ci']}"
+                beats = r["beats_null"].get(str(sk["k"]))
+                bt = "" if null is None else (" — above that null (CI lower end > null max)" if beats
+                                              else " — NOT clearly above that null")
+                findings.append(f"{site}, {method}: rank k={sk['k']} reaches {what}: drop "
+                                f"{100 * d['value']:.0f}% [{100 * d['ci'][0]:.0f}, {100 * d['ci'][1]:.0f}]{ci}{nt}{bt}")
+    out = {"pair": spec.name, "layer": cfg.layer, "hook": cfg.hook, "alpha": cfg.alpha, "alpha_mode": cfg.alpha_mode,
+           "kl_raw": kl_raw, "nothing_to_drop": nothing, "methods": per_method, "findings": findings,
+           "definitions": {"drop": "(KL_raw − KL_k)/KL_raw on val at the decision position, raw patch at the same α",
+                           "null": "full-rank correction restricted to a random k-dim subspace, rescaled to the "
+                                   "rank-k correction's train variance"}}
+    cands = [(r["smallest_k"]["k"], m) for m, r in per_method.items() if r["smallest_k"]["k"] is not None]
+    out["smallest_k"] = None if not cands else {"k": min(cands)[0], "method": min(cands)[1]}
+    if spec.truth is not None:
+        out["truth"] = spec.truth
+    return out

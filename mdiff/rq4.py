@@ -1,0 +1,307 @@
+"""RQ4 "heads": which attention heads carry the difference, at one or more layers.
+
+Definitions: METHODS.md, section RQ4, and :mod:`mdiff.heads`. Target = tuned. For each layer, head
+site (``result`` / ``z``) and source (``raw`` base heads / ``mapped`` by per-head maps fit on **train**):
+
+1. single-head scan on the **select** split ranks the heads (mean KL when only that head is patched);
+2. on **val**: every single head, the top-k heads for each k, ``random_sets`` random k-sets per k (the
+   null), and all heads; ``coverage(S) = effect(S) / effect(all)`` with paired prompt-bootstrap CIs;
+   each top-k's percentile within its random-k null;
+3. a control layer (default 0) gets the same treatment;
+4. the all-heads effect of *both* sites (raw source) at every layer, so that a change the ``z`` site
+   cannot see (one in ``W_O``) is reported, never hidden.
+
+One model in memory at a time: base (its heads' z and W_O) → tuned (targets for the maps, patches).
+Every patch runs through :class:`mdiff.patching.Patcher`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mdiff import activations as A
+from mdiff import heads as HD
+from mdiff import models, stats
+from mdiff.errors import MdiffError
+from mdiff.io import ResultWriter, provenance, tidy
+from mdiff.options import check_layers
+from mdiff.pairs import PairSpec
+from mdiff.patching import ENGINES, Patcher
+from mdiff.positions import PositionSpec, parse_positions
+
+
+@dataclasses.dataclass
+class RQ4Config:
+    layers: list[int]
+    ks: list[int]
+    sites: list[str] = dataclasses.field(default_factory=lambda: ["result"])
+    sources: list[str] = dataclasses.field(default_factory=lambda: ["raw"])
+    random_sets: int = 20
+    control_layer: int | None = None
+    map_solver: str = "ridge"
+    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions("last"))
+    n: int | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    batch_size: int = 16
+    device: str | None = None
+    engine: str = "fast"
+
+    def settings(self) -> dict[str, Any]:
+        return {"layers": self.layers, "ks": self.ks, "sites": self.sites, "sources": self.sources,
+                "random_sets": self.random_sets, "control_layer": self.control_layer, "map_solver": self.map_solver,
+                "fit_positions": self.fit_positions.to_dict(), "n": self.n, "bootstrap": self.n_boot,
+                "seed": self.seed}
+
+
+def check_config(cfg: RQ4Config, n_layers: int, n_heads: int) -> None:
+    if not cfg.layers:
+        raise MdiffError("no layers to scan: give --layer L or --layers L1,L2")
+    check_layers([*cfg.layers, *([cfg.control_layer] if cfg.control_layer is not None else [])], n_layers)
+    if not cfg.ks:
+        raise MdiffError("--k is empty: give head counts such as 1,2,4")
+    for k in cfg.ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_heads:
+            raise MdiffError(f"--k: head count {k!r} is out of range 1..{n_heads} (this model has {n_heads} heads "
+                             "per layer)")
+    for s in cfg.sites:
+        if s not in HD.HEAD_SITES:
+            raise MdiffError(f"--site: unknown head site {s!r}; choose from {', '.join(HD.HEAD_SITES)}")
+    for s in cfg.sources:
+        if s not in HD.SOURCES:
+            raise MdiffError(f"--source: unknown source {s!r}; choose from {', '.join(HD.SOURCES)}")
+    if isinstance(cfg.random_sets, bool) or not isinstance(cfg.random_sets, int) or cfg.random_sets < 1:
+        raise MdiffError(f"--random-sets must be a whole number ≥ 1, got {cfg.random_sets!r}")
+    if cfg.engine not in ENGINES:
+        raise MdiffError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    from mdiff.maps import MAP_NAMES
+
+    if cfg.map_solver not in MAP_NAMES:
+        raise MdiffError(f"--map-solver: unknown solver {cfg.map_solver!r}; choose from {', '.join(MAP_NAMES)}")
+    stats.check_bootstrap(cfg.n_boot)
+
+
+def run_rq4(spec: PairSpec, cfg: RQ4Config, out: str | Path, overwrite: bool = False,
+            progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+    say = progress or (lambda msg, frac: None)
+    info = models.inspect_pair(spec)
+    n_layers, n_heads = info.base.n_layers, info.base.n_heads
+    if cfg.control_layer is None:
+        cfg.control_layer = 0
+    check_config(cfg, n_layers, n_heads)
+    writer = ResultWriter(Path(out) / spec.name / "rq4", {"pair": spec.name, **cfg.settings()}, overwrite)
+    with writer:
+        return _run(spec, cfg, info, writer, say)
+
+
+def _fmt_heads(s) -> str:
+    return "+".join(str(h) for h in s)
+
+
+def _run(spec, cfg, info, writer, say):
+    dec = parse_positions("last", seed=cfg.seed)
+    prep_sel, pad_b, pad_t, sv = A.prepare_pair_prompts(spec, info, dec, "select", cfg.seed, cfg.n)
+    prep_val = A.prepare_pair_prompts(spec, info, dec, "val", cfg.seed, cfg.n)[0]
+    want_map = "mapped" in cfg.sources
+    prep_tr = A.prepare_pair_prompts(spec, info, cfg.fit_positions, "train", cfg.seed, cfg.n)[0] if want_map else None
+    layers = sorted(set(cfg.layers) | {cfg.control_layer})
+    n_heads = info.base.n_heads
+    bs = cfg.batch_size
+
+    def zs(model, prep, side, positions=None):
+        ids = prep.base_ids if side == "base" else prep.tuned_ids
+        pos = positions or (prep.base_positions if side == "base" else prep.tuned_positions)
+        return HD.collect_z(model, ids, pos, pad_b if side == "base" else pad_t, layers, bs)
+
+    say("loading base", 0.02)
+    with models.loaded(spec, "base", cfg.device) as m:
+        say("reading the base model's heads", 0.05)
+        zb_sel = zs(m, prep_sel, "base", HD.decision_rows(prep_sel.base_positions))
+        zb_val = zs(m, prep_val, "base", HD.decision_rows(prep_val.base_positions))
+        zb_tr = zs(m, prep_tr, "base") if want_map else None
+        WOb = {L: HD.W_O_of(m, L) for L in layers}
+
+    rows: list[dict] = []
+    summary_layers: list[dict] = []
+    site_check: dict[int, dict] = {}
+    fitted_r2: dict[tuple, list[float]] = {}
+    say("loading tuned", 0.15)
+    with models.loaded(spec, "tuned", cfg.device) as m:
+        WOt = {L: HD.W_O_of(m, L) for L in layers}
+        zt_tr = zs(m, prep_tr, "tuned") if want_map else None
+        groups = (np.repeat(np.arange(len(prep_tr)), [len(p) for p in prep_tr.base_positions]) if want_map else None)
+        p_sel = Patcher(m, prep_sel.tuned_ids, HD.decision_rows(prep_sel.tuned_positions), pad_t, bs, cfg.engine)
+        p_val = Patcher(m, prep_val.tuned_ids, HD.decision_rows(prep_val.tuned_positions), pad_t, bs, cfg.engine)
+        vocab = sv.tuned_ids
+        idx = stats.resample_indices(p_val.n, cfg.n_boot, cfg.seed + 1)
+        idx_sel = stats.resample_indices(p_sel.n, cfg.n_boot, cfg.seed + 2)
+        plan = [(L, site, src) for L in layers for site in cfg.sites for src in cfg.sources]
+        for i, L in enumerate(layers):  # both sites' all-heads effect, raw source: the blindness check
+            say(f"site check L{L}", 0.2 + 0.05 * i / len(layers))
+            eff = {}
+            for site in HD.HEAD_SITES:
+                src = HD.site_values(zb_val[L], WOb[L], site)
+                kl = HD.head_effects(p_val, L, site, src, [tuple(range(n_heads))], vocab)[0]
+                v, lo, hi = stats.bootstrap_mean(kl, idx=idx)
+                eff[site] = v
+                rows.append({"layer": L, "hook": site, "condition": "raw|all", "metric": "effect_all_site_check",
+                             "value": v, "ci_low": lo, "ci_high": hi, "n": len(kl), "split": "val", "site": site,
+                             "source": "raw"})
+            site_check[L] = {"effect_all_result": eff["result"], "effect_all_z": eff["z"],
+                             "note": HD.site_blindness(eff)}
+        for j, (L, site, source) in enumerate(plan):
+            say(f"L{L} {site} heads ({source})", 0.3 + 0.65 * j / len(plan))
+            if source == "raw":
+                s_sel = HD.site_values(zb_sel[L], WOb[L], site)
+                s_val = HD.site_values(zb_val[L], WOb[L], site)
+            else:
+                target = HD.site_values(zt_tr[L], WOt[L], site)
+                hm = HD.HeadMaps(cfg.map_solver, cfg.seed).fit(zb_tr[L], target, groups)
+                fitted_r2[(L, site)] = [float(x) for x in hm.score(zb_tr[L], target)]
+                s_sel, s_val = hm.transform(zb_sel[L]), hm.transform(zb_val[L])
+            res = _analyse_layer(p_sel, p_val, L, site, source, s_sel, s_val, vocab, cfg, n_heads, idx, idx_sel)
+            for r in res["rows"]:
+                rows.append({"layer": L, "hook": site, "site": site, "source": source, **r})
+            summary_layers.append({"layer": L, "site": site, "source": source,
+                                   "control_layer": L == cfg.control_layer and L not in cfg.layers,
+                                   **res["summary"],
+                                   **({"map_r2_train": fitted_r2[(L, site)]} if source == "mapped" else {})})
+
+    metrics = tidy([{"pair": spec.name, "rq": "rq4", **r} for r in rows])
+    summary = _summary(spec, cfg, summary_layers, site_check)
+    writer.csv("metrics.csv", metrics)
+    writer.json("summary.json", summary)
+    writer.json("config.json", {
+        "settings": writer.settings, "pair": spec.to_dict(), "pair_info": info.to_dict(),
+        "tokenized_with": prep_val.tokenized_with, "select": prep_sel.summary(), "val": prep_val.summary(),
+        "train": prep_tr.summary() if prep_tr is not None else None,
+        "select_prompt_ids": prep_sel.prompt_ids, "val_prompt_ids": prep_val.prompt_ids, "split_seed": cfg.seed,
+        "kl_vocabulary": f"shared vocabulary ({sv.size} ids), renormalised", "target": "tuned",
+        "position": "decision position (last content token)", "engine": cfg.engine, "dtype": spec.dtype,
+        "provenance": provenance()})
+    from mdiff import figures
+
+    for site in cfg.sites:
+        for source in cfg.sources:
+            writer.figure(f"heads_{site}_{source}.html", figures.head_heatmap(metrics, spec.name, site, source))
+            writer.figure(f"coverage_{site}_{source}.html", figures.coverage_figure(metrics, spec.name, site, source))
+    path = writer.commit()
+    say("done", 1.0)
+    summary["path"] = str(path)
+    return summary
+
+
+def _analyse_layer(p_sel, p_val, L, site, source, s_sel, s_val, vocab, cfg, n_heads, idx, idx_sel):
+    rows: list[dict] = []
+    singles = [(h,) for h in range(n_heads)]
+    kl_sel = HD.head_effects(p_sel, L, site, s_sel, singles, vocab)
+    ranking = HD.rank_heads(kl_sel)
+    for h in range(n_heads):
+        v, lo, hi = stats.bootstrap_mean(kl_sel[h], idx=idx_sel)
+        rows.append({"condition": f"{source}|head:{h}", "metric": "effect", "value": v, "ci_low": lo, "ci_high": hi,
+                     "n": kl_sel.shape[1], "split": "select", "k": 1, "heads": str(h), "set": "single",
+                     "rank": ranking.index(h) + 1})
+    top = {k: tuple(sorted(ranking[:k])) for k in cfg.ks}
+    rand = {k: HD.random_sets(n_heads, k, cfg.random_sets, cfg.seed) for k in cfg.ks}
+    sets = [tuple(range(n_heads))] + singles + [top[k] for k in cfg.ks] + [s for k in cfg.ks for s in rand[k]]
+    kl = HD.head_effects(p_val, L, site, s_val, sets, vocab)
+    all_kl = kl[0]
+    a, alo, ahi = stats.bootstrap_mean(all_kl, idx=idx)
+    nothing = a < HD.EFFECT_FLOOR
+    rows.append({"condition": f"{source}|all", "metric": "effect", "value": a, "ci_low": alo, "ci_high": ahi,
+                 "n": len(all_kl), "split": "val", "k": n_heads, "heads": _fmt_heads(sets[0]),
+                 "set": "all"})
+
+    def record(name, s, kl_s, kind, k):
+        v, lo, hi = stats.bootstrap_mean(kl_s, idx=idx)
+        c = HD.coverage(kl_s, all_kl, idx)
+        base = {"split": "val", "k": k, "heads": _fmt_heads(s), "set": kind, "n": len(kl_s)}
+        rows.append({"condition": f"{source}|{name}", "metric": "effect", "value": v, "ci_low": lo, "ci_high": hi,
+                     **base})
+        rows.append({"condition": f"{source}|{name}", "metric": "coverage", "value": c.value, "ci_low": c.ci_low,
+                     "ci_high": c.ci_high, **base})
+        return v, c
+
+    single_val = {}
+    for h in range(n_heads):
+        single_val[h] = record(f"head:{h}", (h,), kl[1 + h], "single", 1)
+    cov = {}
+    off = 1 + n_heads + len(cfg.ks)
+    for i, k in enumerate(cfg.ks):
+        _, c_top = record(f"top-{k}", top[k], kl[1 + n_heads + i], "top", k)
+        null = []
+        for j, s in enumerate(rand[k]):
+            _, c = record(f"random-{k}#{j}", s, kl[off], "random", k)
+            null.append(c.value)
+            off += 1
+        pct = HD.null_percentile(c_top.value, null)
+        finite = [v for v in null if np.isfinite(v)]
+        q = (np.quantile(finite, [0.05, 0.5, 0.95]).tolist() if finite else [float("nan")] * 3)
+        for metric, val in (("null_percentile", pct), ("null_q05", q[0]), ("null_median", q[1]),
+                            ("null_q95", q[2]), ("null_mean", float(np.mean(finite)) if finite else float("nan"))):
+            rows.append({"condition": f"{source}|top-{k}", "metric": metric, "value": val, "n": len(null),
+                         "split": "val", "k": k, "heads": _fmt_heads(top[k]), "set": "top"})
+        cov[k] = {"heads": list(top[k]), "coverage": c_top.value, "ci": [c_top.ci_low, c_top.ci_high],
+                  "random_null": {"n_sets": len(null), "q05": q[0], "median": q[1], "q95": q[2]},
+                  "null_percentile": pct}
+    summary = {
+        "ranking_select": ranking,
+        "single_effect_select": [float(kl_sel[h].mean()) for h in range(n_heads)],
+        "single_effect_val": [single_val[h][0] for h in range(n_heads)],
+        "effect_all": {"value": a, "ci": [alo, ahi]},
+        "nothing_to_cover": bool(nothing),
+        "coverage": {str(k): v for k, v in cov.items()},
+    }
+    return {"rows": rows, "summary": summary}
+
+
+def _summary(spec, cfg, layers, site_check) -> dict[str, Any]:
+    findings = []
+    for e in layers:
+        tag = f"L{e['layer']} {e['site']} site, {e['source']} source"
+        if e["nothing_to_cover"]:
+            why = ""
+            sc = site_check.get(e["layer"], {})
+            if e["site"] == "z" and sc.get("note"):
+                why = " — " + sc["note"]
+            raw_all = sc.get("effect_all_" + e["site"], 0.0)
+            if e["source"] == "mapped" and raw_all >= HD.EFFECT_FLOOR:
+                why = (f" — the raw base heads do change the output here ({raw_all:.3g} nats), "
+                       "so the per-head maps transport these heads essentially fully")
+            e["verdict"] = (f"{tag}: patching all heads changes nothing (effect {e['effect_all']['value']:.2g} nats), "
+                            f"so coverage is undefined{why}")
+        else:
+            parts = []
+            for k, c in e["coverage"].items():
+                parts.append(f"top-{k} (heads {_fmt_heads(c['heads'])}) covers {100 * c['coverage']:.0f}% "
+                             f"[{100 * c['ci'][0]:.0f}, {100 * c['ci'][1]:.0f}] vs random-{k} median "
+                             f"{100 * c['random_null']['median']:.0f}% (percentile {c['null_percentile']:.0f})")
+            e["verdict"] = f"{tag}: " + "; ".join(parts)
+        findings.append(e["verdict"])
+    for L, sc in sorted(site_check.items()):
+        if sc["note"]:
+            findings.append(f"L{L}: {sc['note']}")
+    out = {"pair": spec.name, "sites": cfg.sites, "sources": cfg.sources, "ks": cfg.ks,
+           "control_layer": cfg.control_layer, "layers": layers,
+           "site_check": {str(k): v for k, v in site_check.items()}, "findings": findings,
+           "definitions": {"effect": "mean over val prompts of KL(P_tuned_clean || P_tuned_patched) at the decision "
+                                     "position, shared vocabulary; only the heads in the set are patched",
+                           "coverage": "effect(set) / effect(all heads), paired prompt-bootstrap 95% CI",
+                           "ranking": "single-head effects on the select split",
+                           "null_percentile": "percent of random k-sets (same layer) whose coverage is <= top-k's"}}
+    if spec.truth is not None:
+        out["truth"] = spec.truth
+    return out
+
+
+def load_summary(out: str | Path, pair: str) -> dict[str, Any]:
+    import json
+
+    f = Path(out) / pair / "rq4" / "summary.json"
+    if not f.is_file():
+        raise MdiffError(f"no RQ4 results at {f.parent}: run `mdiff rq4 --pair {pair}` first")
+    return json.loads(f.read_text())
+
