@@ -429,6 +429,89 @@ def rq4_cmd(
     out.print(f"wrote {summary['path']}")
 
 
+@app.command("study")
+@cli_errors
+def study_cmd(
+    pair: PairOpt = "toy-lowrank",
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/{rq1..rq4,report}/.")]
+    = "results",
+    dry_run: Annotated[bool, typer.Option(help="Print the plan (resolving what earlier results decide) and stop.")]
+    = False,
+    n: Annotated[int | None, typer.Option(help="Use at most N prompts per split.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (≥ 1).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of splits, nulls and bootstrap.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    overwrite: Annotated[bool, typer.Option(help="Replace results of earlier runs with other settings.")] = False,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """The whole study on one pair: RQ1 → RQ2 (probe sites) → RQ3 (best site) → RQ4 (best attention layer) → report.
+
+    Resumable: steps already done with the same settings are kept, not redone.
+    """
+    _setup(threads)
+    from mdiff.pairs import resolve_pair
+    from mdiff.stats import check_bootstrap
+    from mdiff.study import StudyConfig, run_study
+
+    check_bootstrap(bootstrap)
+    spec = resolve_pair(pair, progress=True)
+    scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device)
+    if dry_run:
+        rec = run_study(spec, scfg, out_dir, dry_run=True)
+        out.print(f"[bold]plan for {spec.name}[/] (out: {out_dir}/{spec.name}/)")
+        for st in rec["steps"]:
+            out.print(f"  {st['step']}: {st['status']} — {st['why']}")
+            if st["settings"]:
+                out.print(f"      {json.dumps({k: v for k, v in st['settings'].items() if k != 'pair'})}",
+                          highlight=False, soft_wrap=True)
+        return
+    with _progress_bar("study") as prog:
+        rec = run_study(spec, scfg, out_dir, overwrite, say=lambda m: console.print(m, highlight=False),
+                        progress=prog.fraction)
+    from mdiff.report import findings, load_results
+
+    for f in findings(load_results(out_dir, spec.name)):
+        out.print(f"[bold]{f.rq.upper()}[/] {f.text}", highlight=False)
+    out.print(f"report: {rec['report']} (and summary.md)")
+
+
+@app.command("report")
+@cli_errors
+def report_cmd(
+    pair: PairOpt = "toy-lowrank",
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder holding OUT/<pair>/rq*/.")] = "results",
+):
+    """Rebuild OUT/<pair>/report/index.html and summary.md from the RQ results that exist."""
+    from mdiff.pairs import resolve_pair
+    from mdiff.report import build_report
+
+    name = resolve_pair(pair, build=False).name
+    out.print(f"report: {build_report(out_dir, name)}")
+
+
+@app.command("compare")
+@cli_errors
+def compare_cmd(
+    pairs: Annotated[str, typer.Option(help="Comma list of pairs with finished studies, e.g. toy-lowrank,toy-distributed.")]
+    = "toy-lowrank,toy-distributed",
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder holding OUT/<pair>/; writes OUT/compare/.")]
+    = "results",
+    run_missing: Annotated[bool, typer.Option(help="Run `mdiff study` first for a pair that has no results.")] = False,
+    threads: ThreadsOpt = None,
+):
+    """Two studies side by side: CKA curves, drop per site, drop(k), head coverage, and seed 003's TL;DR table."""
+    _setup(threads)
+    from mdiff.compare import run_compare
+    from mdiff.pairs import resolve_pair
+
+    names = [x.strip() for x in pairs.split(",") if x.strip()]
+    names = [resolve_pair(p, build=run_missing).name for p in names]
+    path = run_compare(names, out_dir, run_missing=run_missing)
+    out.print((path.parent / "summary.md").read_text(), highlight=False)
+    out.print(f"compare report: {path}")
+
+
 @app.command("freeze")
 @cli_errors
 def freeze_cmd(

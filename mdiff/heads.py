@@ -178,6 +178,7 @@ def site_blindness(effect_all: dict[str, float]) -> str | None:
     if r is None or z is None or not np.isfinite(r) or r < EFFECT_FLOOR:
         return None
     if z < 0.1 * r:
+        z = max(z, 0.0)  # a KL of -1e-9 is float round-off
         return (f"the z site sees only {100 * z / r:.1f}% of the result site's all-heads effect "
                 f"({z:.3g} vs {r:.3g} nats): the difference here is in W_O (or b_O), which z patching "
                 "cannot see by construction; use the result site for this layer")

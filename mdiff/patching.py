@@ -350,24 +350,72 @@ def _grab_prefix(act: Tensor, hook: Any, *, store: dict, key: Any) -> None:
     return None
 
 
-def _mix_coefficients(conds: Sequence[Condition], head: bool) -> tuple[list[float], list[float]]:
-    """Per condition ``(a, b)``: site ``new = b·clean + a·src``; heads ``Δ = a·src − b·own``."""
-    a, b = [], []
-    for c in conds:
-        alpha = float(c.alpha)
-        a.append(alpha)
-        if head:
-            b.append(alpha if c.mode == "blend" else 1.0)
-        else:
-            b.append(1.0 - alpha if c.mode == "blend" else 0.0)
-    return a, b
-
-
 def _has_persistent_hooks(model) -> bool:
     for hp in model.hook_dict.values():
         if hp._forward_hooks or hp._forward_pre_hooks or getattr(hp, "fwd_hooks", None):
             return True
     return False
+
+
+def _tiles(n_c: int, n_b: int, rows: int):
+    """``(c0, c1, b0, b1)`` tiles of a ``n_c × n_b`` row grid with at most ``rows`` rows each (≥ 1 row)."""
+    pb = max(1, min(n_b, rows))
+    pc = max(1, rows // pb)
+    for b0 in range(0, n_b, pb):
+        for c0 in range(0, n_c, pc):
+            yield c0, min(n_c, c0 + pc), b0, min(n_b, b0 + pb)
+
+
+@dataclass
+class _Run:
+    """Consecutive conditions of one entry group whose patched residuals are built the same way.
+
+    Site runs (one hook at one layer): ``new = a·source + b·clean`` (+ the clean residual the hook adds to).
+    Head runs (one head site, layer and source tensor): ``resid_mid + Σ_h M[h]·(a·src_h − b·own_h)``, with
+    ``coef = [a·M | −b·M]`` ``[k, 2·head]`` applied to ``[src_h ; own_h]`` in one contraction.
+    """
+
+    kind: str
+    layer: int
+    hook: str
+    sources: list[Tensor]
+    a: Tensor
+    b: Tensor | None
+    coef: Tensor | None
+    start: int
+    stop: int
+
+
+def _compile_runs(conds: Sequence[Condition], n_heads: int, dtype, device) -> list[_Run]:
+    runs: list[_Run] = []
+    i = 0
+    while i < len(conds):
+        c0 = conds[i]
+        key = _run_key(c0)
+        j = i + 1
+        while j < len(conds) and _run_key(conds[j]) == key:
+            j += 1
+        cs = conds[i:j]
+        alpha = torch.tensor([float(c.alpha) for c in cs], dtype=dtype, device=device)
+        if isinstance(c0, SitePatch):
+            clean_w = torch.tensor([1.0 - float(c.alpha) if c.mode == "blend" else 0.0 for c in cs], dtype=dtype,
+                                   device=device)
+            runs.append(_Run("site", c0.layer, c0.hook, [c.source for c in cs], alpha,
+                             clean_w if bool((clean_w != 0).any()) else None, None, i, j))
+        else:
+            own_w = torch.tensor([float(c.alpha) if c.mode == "blend" else 1.0 for c in cs], dtype=dtype,
+                                 device=device)
+            M = torch.zeros(len(cs), n_heads, dtype=dtype, device=device)
+            for r, c in enumerate(cs):
+                M[r, list(c.heads)] = 1.0
+            coef = torch.cat([alpha[:, None] * M, -own_w[:, None] * M], dim=1)
+            runs.append(_Run("head", c0.layer, c0.site, [c0.source], alpha, None, coef, i, j))
+        i = j
+    return runs
+
+
+def _run_key(c: Condition) -> tuple:
+    return ("site", c.layer, c.hook) if isinstance(c, SitePatch) else ("head", c.layer, c.site, id(c.source))
 
 
 class Patcher:
@@ -378,9 +426,9 @@ class Patcher:
 
     ``engine="fast"`` (default) recomputes only the decision position from the patched layer up (see the
     module docstring); ``engine="naive"`` runs one full forward per condition and prompt batch.
-    ``max_rows`` bounds how many (condition, prompt) rows the fast engine recomputes at once; ``None``
-    sizes chunks so that their memory stays within one naive batch forward (see :meth:`rows_per_chunk`).
-    ``batch_size`` is the number of prompts per forward in both engines.
+    ``batch_size`` is the number of prompts per forward in both engines. ``max_rows`` bounds how many
+    (condition, prompt) rows the fast engine recomputes at once; ``None`` sizes its chunks from the memory
+    of one naive batch forward (:meth:`chunk_rows`).
     """
 
     def __init__(self, model, ids: list[list[int]], positions: list[list[int]], pad_id: int,
@@ -451,22 +499,28 @@ class Patcher:
         return np.stack(rows) if rows else np.empty((0, self.n))
 
     # -------------------------------------------------------------------------------- fast engine
-    def rows_per_chunk(self, n_batch: int, width: int) -> int:
-        """Rows recomputed at once for a batch of ``n_batch`` prompts padded to ``width`` tokens.
+    def chunk_rows(self, n_vocab: int | None = None) -> tuple[int, int]:
+        """``(layer_rows, vocab_rows)``: rows recomputed through the layers, and unembedded, at once.
 
-        ``max_rows`` when given. Otherwise a memory budget: a naive forward of the same batch holds its
-        ``[batch, pos, d_vocab]`` logits and ``[batch, head, pos, pos]`` attention scores; one fast row holds
-        its logits, their log-softmax and the float64 KL terms (about ``36·d_vocab`` bytes) and its scores
-        against the prefix. Chunks are sized to the naive batch's budget, so the fast engine's peak stays
-        at or under the naive one's.
+        ``max_rows`` for both when given. Otherwise both are sized so that a chunk's transient memory fits
+        in what one naive batch forward holds (``batch_size`` prompts at the widest naive batch's width, each
+        token with its ``d_vocab`` logits and attention scores): a layer row holds a few ``d_model``/``d_mlp``
+        vectors and its scores against the prefix; a vocabulary row its logits, their log-softmax and the
+        float64 KL terms (about ``36`` bytes per shared-vocabulary id).
         """
         if self.max_rows is not None:
-            return self.max_rows
+            return self.max_rows, self.max_rows
         cfg = self.model.cfg
-        esize = torch.empty(0, dtype=next(self.model.parameters()).dtype).element_size()
-        naive_token = cfg.d_vocab * esize + 8 * cfg.n_heads * width + 6 * cfg.d_mlp * esize
-        fast_row = 36 * cfg.d_vocab + 16 * cfg.n_heads * width + 6 * cfg.d_mlp * esize
-        return max(n_batch, n_batch * width * naive_token // fast_row)
+        es = torch.empty(0, dtype=next(self.model.parameters()).dtype).element_size()
+        width = max(max(len(x) for x in self.ids[s:e]) for s, e in _batches(self.n, self.batch_size))
+        batch = min(self.batch_size, self.n)
+        kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        naive_token = cfg.d_vocab * es + max(12 * cfg.n_heads * width, 5 * cfg.d_mlp * es) + 10 * cfg.d_model * es
+        budget = batch * width * naive_token
+        layer_row = es * (10 * cfg.d_model + 4 * (cfg.n_heads + 2 * kv) * cfg.d_head + 5 * cfg.d_mlp) \
+            + 16 * cfg.n_heads * (width + 1)
+        vocab_row = cfg.d_vocab * es + 36 * (n_vocab or cfg.d_vocab)
+        return max(1, budget // layer_row), max(1, budget // vocab_row)
 
     def _fast(self, conds: Sequence[Condition], want_logits: bool,
               vocab_ids) -> tuple[Tensor | None, np.ndarray | None]:
@@ -478,52 +532,91 @@ class Patcher:
             self._kern = _kernel(model)
         kern, dev = self._kern, _device(model)
         dtype = next(model.parameters()).dtype
-        n_layers = model.cfg.n_layers
+        cfg = model.cfg
         groups: dict[Entry, list[int]] = defaultdict(list)
         for ci, c in enumerate(conds):
             groups[_entry(c)].append(ci)
-        groups = dict(sorted(groups.items()))
+        plans = []
+        for ent in sorted(groups):
+            cis = sorted(groups[ent], key=lambda i: (_run_key(conds[i])[:3], str(_run_key(conds[i])[3:]), i))
+            plans.append((ent, cis, _compile_runs([conds[i] for i in cis], cfg.n_heads, dtype, dev)))
         needed = sorted({v for c in conds for v in _clean_values(c)}, key=lambda t: (t[1], t[0]))
-        kv_layers = sorted({L for (s, ph) in groups for L in range(s + (ph == "mlp"), n_layers)})
+        kv_layers = sorted({L for (s, ph) in groups for L in range(s + (ph == "mlp"), cfg.n_layers)})
         vocab = None if vocab_ids is None else torch.as_tensor(np.asarray(vocab_ids), device=dev)
-        out_logits = torch.empty(len(conds), self.n, model.cfg.d_vocab) if want_logits else None
+        layer_rows, vocab_rows = self.chunk_rows(None if vocab is None else len(vocab))
+        out_logits = torch.empty(len(conds), self.n, cfg.d_vocab) if want_logits else None
         out_kl = np.empty((len(conds), self.n)) if vocab is not None else None
-        clean_all = torch.empty(self.n, model.cfg.d_vocab) if self._clean is None else None
-        W_O = {c.layer: model.blocks[c.layer].attn.W_O.detach() for c in conds if isinstance(c, HeadPatch)}
-        order = sorted(range(self.n), key=lambda i: (self.positions[i][-1], i))  # short prompts together
+        clean_all = torch.empty(self.n, cfg.d_vocab) if self._clean is None else None
+        W_O = {c.layer: model.blocks[c.layer].attn.W_O.detach().to(dtype) for c in conds if isinstance(c, HeadPatch)}
+        # the shared vocabulary is usually a prefix (or a contiguous range) of the target's: unembed only it
+        vocab_slice = vocab is not None and len(vocab) > 0 and bool(
+            (vocab == torch.arange(int(vocab[0]), int(vocab[0]) + len(vocab), device=dev)).all())
+        w_u, b_u = kern.unembed
+        if vocab_slice:
+            lo, hi = int(vocab[0]), int(vocab[0]) + len(vocab)
+            unembed_kl = (w_u[lo:hi], None if b_u is None else b_u[lo:hi])
+        else:
+            unembed_kl = kern.unembed
         with torch.no_grad():
-            for s, e in _batches(self.n, self.batch_size):
-                idx = order[s:e]
-                caps, clean, mask_add, width = self._clean_pass(idx, needed, kv_layers)
+            for idx in self._fast_batches():
+                caps, clean, mask_add = self._clean_pass(idx, needed, kv_layers)
                 if clean_all is not None:
                     clean_all[idx] = clean.float().cpu()
                 if not conds:
                     continue
-                clean_lp = restrict_logprobs(clean, vocab) if vocab is not None else None
+                if vocab is not None:
+                    clean_lp = restrict_logprobs(clean, vocab).double()
+                    clean_p = clean_lp.exp()
+                    clean_ent = (clean_p * clean_lp).sum(-1)  # Σ p·log p, per prompt
                 pidx = torch.tensor(idx, device=dev)
-                sources: dict[int, Tensor] = {}
-                rows = self.rows_per_chunk(len(idx), width)
-                pb = min(len(idx), rows)
-                for (start, phase), cis in groups.items():
-                    per = max(1, rows // pb)
-                    for b0 in range(0, len(idx), pb):
-                        b1 = min(len(idx), b0 + pb)
-                        for c0 in range(0, len(cis), per):
-                            chunk = cis[c0:c0 + per]
-                            h = self._entries([conds[i] for i in chunk], caps, pidx, sources, b0, b1, W_O, dtype)
-                            logits = self._resume(kern, h, start, phase, caps, mask_add, b0, b1)
+                batch_src: dict[Any, Tensor] = {}
+                for (start, phase), cis, runs in plans:
+                    for c0, c1, b0, b1 in _tiles(len(cis), len(idx), layer_rows):
+                        h = self._entries(runs, c0, c1, b0, b1, caps, pidx, batch_src, W_O, dtype)
+                        h = kern.norm(self._resume(kern, h, start, phase, caps, mask_add, b0, b1))
+                        for v0, v1, u0, u1 in _tiles(c1 - c0, b1 - b0, vocab_rows):
+                            rows_c = cis[c0 + v0:c0 + v1]
+                            cols = idx[b0 + u0:b0 + u1]
+                            hv = h[v0:v1, u0:u1]
                             if out_logits is not None:
-                                out_logits[torch.tensor(chunk)[:, None], torch.tensor(idx[b0:b1])[None, :]] = \
-                                    logits.float().cpu()
+                                out_logits[torch.tensor(rows_c)[:, None], torch.tensor(cols)[None, :]] = \
+                                    F.linear(hv, *kern.unembed).float().cpu()
                             if out_kl is not None:
-                                kl = kl_divergence(clean_lp[b0:b1].unsqueeze(0), restrict_logprobs(logits, vocab))
-                                out_kl[np.ix_(chunk, idx[b0:b1])] = kl.cpu().numpy()
+                                x = F.linear(hv, *unembed_kl)
+                                logq = torch.log_softmax((x if vocab_slice else x.index_select(-1, vocab)).float(), -1)
+                                # KL = Σ p·log p − Σ p·log q (float64, as align.kl_divergence), without [rows, vocab] temporaries
+                                cross = torch.einsum("cbv,bv->cb", logq.double(), clean_p[b0 + u0:b0 + u1])
+                                out_kl[np.ix_(rows_c, cols)] = (clean_ent[b0 + u0:b0 + u1] - cross).cpu().numpy()
         if clean_all is not None:
             self._clean = clean_all
         return out_logits, out_kl
 
+    def _fast_batches(self) -> list[list[int]]:
+        """Prompt batches of the fast engine: sorted by decision position (little padding) and sized by tokens.
+
+        A naive batch forward holds ``batch_size`` prompts at the widest naive batch's width; the fast engine's
+        clean pass runs prompts truncated at their decision positions, so a batch takes as many of them as fit
+        in the same number of token slots (``batch_size × width``), never fewer than ``batch_size``.
+        """
+        budget = self.batch_size * max(max(len(x) for x in self.ids[s:e]) for s, e in _batches(self.n, self.batch_size))
+        order = sorted(range(self.n), key=lambda i: (self.positions[i][-1], i))
+        batches, cur = [], []
+        for i in order:
+            width = self.positions[i][-1] + 1
+            if cur and len(cur) >= self.batch_size and (len(cur) + 1) * width > budget:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
+
     def _clean_pass(self, idx: list[int], needed: list[tuple[str, int]], kv_layers: list[int]):
-        """One clean forward of prompts ``idx``, truncated at their decision positions, with capture hooks."""
+        """One clean forward of prompts ``idx``, truncated at their decision positions, with capture hooks.
+
+        Returns the captures, the clean decision logits ``[batch, d_vocab]`` and the additive pad mask of the
+        prefix ``[batch, 1, 1, T]``.
+        """
         model = self.model
         dev = _device(model)
         ids = [self.ids[i][: self.positions[i][-1] + 1] for i in idx]
@@ -539,65 +632,58 @@ class Patcher:
         logits = model.run_with_hooks(inp.to(dev), attention_mask=mask.to(dev), fwd_hooks=hooks, logits_to_keep=1)
         dtype = next(model.parameters()).dtype
         pad = (1 - mask[:, :-1].to(dev)).to(dtype) * torch.finfo(dtype).min
-        return store, logits[:, -1], pad[:, None, None, :], inp.shape[1]
+        return store, logits[:, -1], pad[:, None, None, :]
 
-    def _entries(self, conds: Sequence[Condition], caps: dict, pidx: Tensor, sources: dict[int, Tensor],
-                 b0: int, b1: int, W_O: dict[int, Tensor], dtype) -> Tensor:
-        """The patched residual ``[cond, b1-b0, d_model]`` at each condition's entry point."""
+    @staticmethod
+    def _entries(runs: list[_Run], c0: int, c1: int, b0: int, b1: int, caps: dict, pidx: Tensor,
+                 batch_src: dict, W_O: dict[int, Tensor], dtype) -> Tensor:
+        """The patched residuals ``[c1-c0, b1-b0, d_model]`` of a group's conditions ``c0:c1``, prompts ``b0:b1``."""
 
-        def src(c: Condition) -> Tensor:
-            key = id(c.source)
-            if key not in sources:
-                sources[key] = c.source.index_select(0, pidx.to(c.source.device)).to(pidx.device, dtype)
-            return sources[key][b0:b1]
+        def gathered(t: Tensor) -> Tensor:  # a source's rows for this batch, once per batch
+            key = id(t)
+            if key not in batch_src:
+                batch_src[key] = t.index_select(0, pidx.to(t.device)).to(pidx.device, dtype)
+            return batch_src[key]
 
-        def clean(name: str, L: int) -> Tensor:
-            return caps[(name, L)][b0:b1]
-
-        sub: dict[tuple, list[int]] = defaultdict(list)
-        for j, c in enumerate(conds):
-            key = ("site", c.layer, c.hook) if isinstance(c, SitePatch) else ("head", c.layer, c.site, id(c.source))
-            sub[key].append(j)
         parts = []
-        for key, js in sub.items():
-            cs = [conds[j] for j in js]
-            L = key[1]
-            if key[0] == "site":
-                hook = key[2]
-                a, b = _mix_coefficients(cs, head=False)
-                S = torch.stack([src(c) for c in cs])
-                new = S if all(x == 1.0 for x in a) else torch.tensor(a, dtype=dtype, device=S.device)[:, None, None] * S
-                if any(x != 0.0 for x in b):
-                    new = new + torch.tensor(b, dtype=dtype, device=S.device)[:, None, None] * clean(hook, L)
-                if hook == "attn_out":
-                    new = clean("resid_pre", L) + new
-                elif hook == "mlp_out":
-                    new = clean("resid_mid", L) + new
+        for run in runs:
+            lo, hi = max(c0, run.start), min(c1, run.stop)
+            if lo >= hi:
+                continue
+            r0, r1 = lo - run.start, hi - run.start
+            L = run.layer
+            if run.kind == "site":
+                key = ("stack", id(run), )
+                if len({id(t) for t in run.sources}) == 1:
+                    S = gathered(run.sources[0])[None]
+                else:
+                    if key not in batch_src:
+                        batch_src[key] = torch.stack([gathered(t) for t in run.sources])
+                    S = batch_src[key][r0:r1]
+                new = run.a[r0:r1, None, None] * S[:, b0:b1]
+                if run.b is not None:
+                    new = new + run.b[r0:r1, None, None] * caps[(run.hook, L)][b0:b1]
+                if run.hook == "attn_out":
+                    new = caps[("resid_pre", L)][b0:b1] + new
+                elif run.hook == "mlp_out":
+                    new = caps[("resid_mid", L)][b0:b1] + new
             else:
-                site = key[2]
-                a, b = _mix_coefficients(cs, head=True)
-                w_o = W_O[L].to(dtype)
-                own = torch.einsum("bhe,hed->bhd", clean("z", L), w_o)
-                s = src(cs[0])
-                s = torch.einsum("bhe,hed->bhd", s, w_o) if site == "z" else s
-                M = torch.zeros(len(cs), w_o.shape[0], dtype=dtype, device=s.device)
-                for r, c in enumerate(cs):
-                    M[r, list(c.heads)] = 1.0
-                at = torch.tensor(a, dtype=dtype, device=s.device)[:, None, None]
-                bt = torch.tensor(b, dtype=dtype, device=s.device)[:, None, None]
-                delta = at * torch.einsum("kh,bhd->kbd", M, s) - bt * torch.einsum("kh,bhd->kbd", M, own)
-                new = clean("resid_mid", L) + delta
-            parts.append((js, new))
-        if len(parts) == 1:
-            return parts[0][1]
-        out = torch.empty(len(conds), *parts[0][1].shape[1:], dtype=dtype, device=parts[0][1].device)
-        for js, new in parts:
-            out[js] = new
-        return out
+                key = ("heads", id(run))
+                if key not in batch_src:
+                    src = gathered(run.sources[0])
+                    if run.hook == "z":
+                        src = torch.einsum("bhe,hed->bhd", src, W_O[L])
+                    own = torch.einsum("bhe,hed->bhd", caps[("z", L)], W_O[L])
+                    batch_src[key] = torch.cat([src, own], dim=1)
+                X = batch_src[key][b0:b1]
+                new = caps[("resid_mid", L)][b0:b1] + torch.einsum("kh,bhd->kbd", run.coef[r0:r1], X)
+            parts.append(new)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _resume(self, kern: _Kernel, h: Tensor, start: int, phase: str, caps: dict, mask_add: Tensor,
+    @staticmethod
+    def _resume(kern: _Kernel, h: Tensor, start: int, phase: str, caps: dict, mask_add: Tensor,
                 b0: int, b1: int) -> Tensor:
-        """Run the rows ``h`` from their entry point to the decision logits ``[cond, batch, d_vocab]``."""
+        """Run the rows ``h`` ``[cond, batch, d_model]`` from their entry point through the last layer."""
         m = mask_add[b0:b1]
         for L in range(start, len(kern.layers)):
             w = kern.layers[L]
@@ -605,7 +691,7 @@ class Patcher:
                 h = h + _attention_rows(w, w.ln1(h), caps[("k", L)][b0:b1], caps[("v", L)][b0:b1], m,
                                         caps["cos"][b0:b1], caps["sin"][b0:b1])
             h = h + _mlp_rows(w, w.ln2(h))
-        return F.linear(kern.norm(h), *kern.unembed)
+        return h
 
 
 def patch_logits(model, ids, positions, pad_id: int, layer: int, hook: str, source: Tensor,

@@ -112,17 +112,18 @@ def _run(spec, cfg, info, out, writer, say):
         pos = prep_dec.base_positions if target == "base" else prep_dec.tuned_positions
         pad = pad_b if target == "base" else pad_t
         vocab = sv.base_ids if target == "base" else sv.tuned_ids
-        clean = patching.decision_logits(model, ids, pos, pad, batch_size=cfg.batch_size)
+        conds, keys = [], []
         for src, cond in ((source_side, f"{source_side}->{target}"), (target, f"self:{target}")):
             acts = A.ActivationSet(store_dir(src, dec))
             for h in hooks:
                 for L in layers:
-                    source = acts.load(h, L)
-                    patched = patching.patch_logits(model, ids, pos, pad, L, h, source, batch_size=cfg.batch_size)
-                    kl = patching.kl_rows(clean, patched, vocab)
-                    kl_rows.append({"layer": L, "hook": h, "condition": cond, "values": kl})
-                    per_prompt.append(pd.DataFrame({"layer": L, "hook": h, "condition": cond,
-                                                    "prompt_id": prep_dec.prompt_ids, "kl": kl}))
+                    conds.append(patching.SitePatch(L, h, acts.load(h, L)))
+                    keys.append((L, h, cond))
+        kls = patching.Patcher(model, ids, pos, pad, batch_size=cfg.batch_size).kl(conds, vocab)
+        for (L, h, cond), kl in zip(keys, kls, strict=True):
+            kl_rows.append({"layer": L, "hook": h, "condition": cond, "values": kl})
+            per_prompt.append(pd.DataFrame({"layer": L, "hook": h, "condition": cond,
+                                            "prompt_id": prep_dec.prompt_ids, "kl": kl}))
 
     say("loading base", 0.05)
     with models.loaded(spec, "base", cfg.device) as m:

@@ -146,16 +146,17 @@ def _run(spec, cfg, info, out, writer, say):
         groups_tr = A.ActivationSet(sdir("base", "train", fitpos)).rows()[0].numpy()
         solvers = list(dict.fromkeys([*CONTROL_SOLVERS, *cfg.solvers]))
         ids_t, pos_t = prep_dec.tuned_ids, prep_dec.tuned_positions
-        clean = patching.decision_logits(m, ids_t, pos_t, pad_t, batch_size=cfg.batch_size)
+        conds: list[patching.SitePatch] = []
+        keys: list[tuple] = []
         for si, (L, h) in enumerate(sites):
-            say(f"fitting maps and patching L{L} {h}", 0.25 + 0.5 * si / len(sites))
+            say(f"fitting maps L{L} {h}", 0.25 + 0.4 * si / len(sites))
             Xtr, Ytr = load("base", "train", fitpos, L, h), load("tuned", "train", fitpos, L, h)
             Xva, Yva = load("base", "val", fitpos, L, h), load("tuned", "val", fitpos, L, h)
             Xdec = Xva if prep_dec is prep_va else load("base", "val", dec, L, h)
+            raw_src = torch.from_numpy(Xdec).float()
             for a in cfg.alphas:
-                raw = patching.patch_logits(m, ids_t, pos_t, pad_t, L, h, torch.from_numpy(Xdec).float(), a,
-                                            cfg.alpha_mode, cfg.batch_size)
-                kl_store[(L, h, "raw", a)] = patching.kl_rows(clean, raw, sv.tuned_ids)
+                conds.append(patching.SitePatch(L, h, raw_src, a, cfg.alpha_mode))
+                keys.append((L, h, "raw", a))
             for solver in solvers:
                 kw = {"W_U": W_U} if solver == "logit-subspace" else {}
                 est = maps.make_map(solver, **kw).fit(Xtr, Ytr)
@@ -176,9 +177,11 @@ def _run(spec, cfg, info, out, writer, say):
                         continue
                     src = torch.from_numpy(np.asarray(mp.transform(Xdec))).float()
                     for a in cfg.alphas:
-                        lg = patching.patch_logits(m, ids_t, pos_t, pad_t, L, h, src, a, cfg.alpha_mode,
-                                                   cfg.batch_size)
-                        kl_store[(L, h, tag, a)] = patching.kl_rows(clean, lg, sv.tuned_ids)
+                        conds.append(patching.SitePatch(L, h, src, a, cfg.alpha_mode))
+                        keys.append((L, h, tag, a))
+        say(f"patching the tuned model ({len(conds)} conditions)", 0.65)
+        kls = patching.Patcher(m, ids_t, pos_t, pad_t, batch_size=cfg.batch_size).kl(conds, sv.tuned_ids)
+        kl_store.update(zip(keys, kls, strict=True))
 
     # drops with paired bootstrap CIs
     idx = stats.resample_indices(len(prep_dec), cfg.n_boot, cfg.seed + 1)
@@ -206,7 +209,8 @@ def _run(spec, cfg, info, out, writer, say):
     say("loading base (reverse direction)", 0.8)
     with models.loaded(spec, "base", cfg.device) as m:
         ids_b, pos_b = prep_dec.base_ids, prep_dec.base_positions
-        clean_b = patching.decision_logits(m, ids_b, pos_b, pad_b, batch_size=cfg.batch_size)
+        rev_conds: list[patching.SitePatch] = []
+        rev_sites = []
         for (L, h), b in best.items():
             solver = b["solver"]
             if solver is None:
@@ -217,12 +221,15 @@ def _run(spec, cfg, info, out, writer, say):
             rev = maps.make_map(solver, **kw).fit(Ttr, Btr)
             fitted[(L, h, f"reverse:{solver}")] = rev
             a = b["alpha"]
-            raw = patching.kl_rows(clean_b, patching.patch_logits(
-                m, ids_b, pos_b, pad_b, L, h, torch.from_numpy(Tdec).float(), a, cfg.alpha_mode, cfg.batch_size),
-                sv.base_ids)
-            mapped = patching.kl_rows(clean_b, patching.patch_logits(
-                m, ids_b, pos_b, pad_b, L, h, torch.from_numpy(np.asarray(rev.transform(Tdec))).float(), a,
-                cfg.alpha_mode, cfg.batch_size), sv.base_ids)
+            rev_conds.append(patching.SitePatch(L, h, torch.from_numpy(Tdec).float(), a, cfg.alpha_mode))
+            rev_conds.append(patching.SitePatch(L, h, torch.from_numpy(np.asarray(rev.transform(Tdec))).float(), a,
+                                                cfg.alpha_mode))
+            rev_sites.append((L, h, b))
+        rev_kls = patching.Patcher(m, ids_b, pos_b, pad_b, batch_size=cfg.batch_size).kl(rev_conds, sv.base_ids) \
+            if rev_conds else np.empty((0, len(prep_dec)))
+        for i, (L, h, b) in enumerate(rev_sites):
+            solver, a = b["solver"], b["alpha"]
+            raw, mapped = rev_kls[2 * i], rev_kls[2 * i + 1]
             nothing = float(raw.mean()) < KL_FLOOR
             d, lo, hi = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, mapped, idx=idx)
             rows.append({"layer": L, "hook": h, "condition": f"reverse:{solver}|alpha={a}|{cfg.alpha_mode}",

@@ -237,7 +237,7 @@ def _analyse_layer(p_sel, p_val, L, site, source, s_sel, s_val, vocab, cfg, n_he
             _, c = record(f"random-{k}#{j}", s, kl[off], "random", k)
             null.append(c.value)
             off += 1
-        pct = HD.null_percentile(c_top.value, null)
+        pct = HD.null_percentile(c_top.value, null) if k < n_heads else float("nan")  # k = all: no null
         finite = [v for v in null if np.isfinite(v)]
         q = (np.quantile(finite, [0.05, 0.5, 0.95]).tolist() if finite else [float("nan")] * 3)
         for metric, val in (("null_percentile", pct), ("null_q05", q[0]), ("null_median", q[1]),
@@ -271,11 +271,14 @@ def _summary(spec, cfg, layers, site_check) -> dict[str, Any]:
             if e["source"] == "mapped" and raw_all >= HD.EFFECT_FLOOR:
                 why = (f" — the raw base heads do change the output here ({raw_all:.3g} nats), "
                        "so the per-head maps transport these heads essentially fully")
-            e["verdict"] = (f"{tag}: patching all heads changes nothing (effect {e['effect_all']['value']:.2g} nats), "
+            e["verdict"] = (f"{tag}: patching all heads changes nothing (effect "
+                            f"{max(e['effect_all']['value'], 0.0):.2g} nats), "
                             f"so coverage is undefined{why}")
         else:
             parts = []
             for k, c in e["coverage"].items():
+                if int(k) == len(e["single_effect_val"]):
+                    continue  # top-n_heads is all heads: coverage 1 by definition
                 parts.append(f"top-{k} (heads {_fmt_heads(c['heads'])}) covers {100 * c['coverage']:.0f}% "
                              f"[{100 * c['ci'][0]:.0f}, {100 * c['ci'][1]:.0f}] vs random-{k} median "
                              f"{100 * c['random_null']['median']:.0f}% (percentile {c['null_percentile']:.0f})")

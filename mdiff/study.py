@@ -1,0 +1,190 @@
+"""``mdiff study``: RQ1 → RQ4 on one pair, each step choosing its sites from the earlier results.
+
+Plan (every choice is written into ``OUT/<pair>/study.json``):
+
+1. **RQ1** on every layer (resid_post, attn_out, mlp_out): CKA and cross-patch KL.
+2. **RQ2** on RQ1's probe layers (the two largest base→tuned patch KLs at resid_post) at resid_post and
+   attn_out, with RQ1's control layer as the control site; the winners are pinned (``rq2/winners.json``).
+3. **RQ3** on RQ2's best site, at the winner's α.
+4. **RQ4** on the *best attention layer*: the layer whose ``attn_out`` cross-patch KL (base→tuned, RQ1)
+   is largest, with RQ1's control layer as the control; raw and mapped sources at the ``result`` site
+   (both sites' all-heads effects are always measured).
+
+Resumable: a step whose results folder already holds a run with exactly the planned settings is not
+run again (each step writes atomically, so an interrupted step leaves no half folder and simply runs
+again). ``dry_run`` prints the plan, resolving what earlier results already determine.
+"""
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mdiff import models
+from mdiff.activations import atomic_write_text
+from mdiff.errors import MdiffError
+from mdiff.pairs import PairSpec
+from mdiff.positions import parse_positions
+
+STEPS = ("rq1", "rq2", "rq3", "rq4")
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    n: int | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    batch_size: int = 16
+    device: str | None = None
+    rq1_hooks: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
+    rq2_hooks: tuple[str, ...] = ("resid_post", "attn_out")
+    alphas: tuple[float, ...] = (0.5, 1.0)
+    random_sets: int = 20
+    rq4_sources: tuple[str, ...] = ("raw", "mapped")
+
+
+def _norm(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _done(out: Path, pair: str, rq: str, settings: dict) -> bool:
+    cfg = out / pair / rq / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("settings") == _norm(settings)
+    except ValueError:
+        return False
+
+
+def _summary(out: Path, pair: str, rq: str) -> dict:
+    return json.loads((out / pair / rq / "summary.json").read_text())
+
+
+def best_attention_layer(out: Path, pair: str, exclude: int | None = None) -> int | None:
+    """The layer with the largest base→tuned cross-patch KL at attn_out in RQ1's metrics."""
+    m = pd.read_csv(out / pair / "rq1" / "metrics.csv")
+    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == "base->tuned")]
+    if exclude is not None and (a.layer != exclude).any():
+        a = a[a.layer != exclude]
+    if not len(a) or not (a.value > 1e-6).any():
+        return None
+    return int(a.loc[a.value.idxmax(), "layer"])
+
+
+def _quietest_attention_layer(out: Path, pair: str, exclude: int) -> int:
+    """The layer (other than ``exclude``) whose attn_out cross-patch changes the output least."""
+    m = pd.read_csv(out / pair / "rq1" / "metrics.csv")
+    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == "base->tuned") & (m.layer != exclude)]
+    return int(a.loc[a.value.idxmin(), "layer"]) if len(a) else exclude
+
+
+def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
+    """Each step's name, config (or None with the reason it cannot be resolved yet) and settings."""
+    from mdiff.rq1 import RQ1Config
+    from mdiff.rq2 import DEFAULT_SOLVERS, RQ2Config
+    from mdiff.rq3 import RQ3Config, default_ks
+    from mdiff.rq4 import RQ4Config
+
+    d = info.base
+    steps: list[dict] = []
+    c1 = RQ1Config(layers=list(range(d.n_layers)), hooks=list(scfg.rq1_hooks),
+                   positions=parse_positions("last", seed=scfg.seed), n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
+                   batch_size=scfg.batch_size, device=scfg.device)
+    steps.append({"step": "rq1", "cfg": c1, "why": "every layer"})
+    rq1_ok = _done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()})
+    if not rq1_ok:
+        for s in ("rq2", "rq3", "rq4"):
+            steps.append({"step": s, "cfg": None, "why": "sites chosen from RQ1's results"})
+        return steps
+    s1 = _summary(out, spec.name, "rq1")
+    probe, control = s1["suggested_probe_layers"], s1["suggested_control_layer"]
+    c2 = RQ2Config(layers=list(probe), hooks=list(scfg.rq2_hooks), solvers=list(DEFAULT_SOLVERS),
+                   alphas=list(scfg.alphas), control_layer=control, n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
+                   batch_size=scfg.batch_size, device=scfg.device)
+    steps.append({"step": "rq2", "cfg": c2, "why": f"RQ1 probe layers {probe} (largest base→tuned patch KL), "
+                                                  f"control layer {control}"})
+    attn = best_attention_layer(out, spec.name)
+    if attn is None:
+        c4, why4 = None, "RQ1 found no attention layer whose patch changes the output (attn_out KL ≈ 0 everywhere)"
+    else:
+        ctrl = control if control != attn else _quietest_attention_layer(out, spec.name, exclude=attn)
+        ks = [2 ** i for i in range(d.n_heads.bit_length()) if 2 ** i <= d.n_heads]
+        c4 = RQ4Config(layers=[attn], ks=ks, sites=["result"], sources=list(scfg.rq4_sources),
+                       random_sets=scfg.random_sets, control_layer=ctrl, n=scfg.n, n_boot=scfg.n_boot,
+                       seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device)
+        why4 = f"best attention layer L{attn} (largest attn_out patch KL in RQ1), control layer {ctrl}"
+    rq2_ok = _done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()})
+    if not rq2_ok:
+        steps.append({"step": "rq3", "cfg": None, "why": "RQ2's best site"})
+    else:
+        best = _summary(out, spec.name, "rq2").get("best_site")
+        if best is None:
+            steps.append({"step": "rq3", "cfg": None, "skip": True,
+                          "why": "RQ2 found no site with a learned map to restrict (nothing to drop anywhere)"})
+        else:
+            c3 = RQ3Config(layer=int(best["layer"]), hook=best["hook"], ks=default_ks(d.d_model),
+                           target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode, n=scfg.n,
+                           n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device)
+            steps.append({"step": "rq3", "cfg": c3, "why": f"RQ2's best site L{best['layer']} {best['hook']} "
+                                                          f"({best['solver']}, α={best['alpha']:g})"})
+    steps.append({"step": "rq4", "cfg": c4, "why": why4, **({"skip": True} if c4 is None else {})})
+    return steps
+
+
+def _settings(spec, step) -> dict | None:
+    return None if step["cfg"] is None else {"pair": spec.name, **step["cfg"].settings()}
+
+
+def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: bool = False, dry_run: bool = False,
+              say: Callable[[str], None] | None = None,
+              progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+    """Run (or with ``dry_run`` only plan) the study; returns the plan with each step's status."""
+    from mdiff.report import build_report
+    from mdiff.rq1 import run_rq1
+    from mdiff.rq2 import freeze_winners, run_rq2
+    from mdiff.rq3 import run_rq3
+    from mdiff.rq4 import run_rq4
+
+    say = say or (lambda msg: None)
+    out = Path(out)
+    info = models.inspect_pair(spec)
+    runners = {"rq1": run_rq1, "rq2": run_rq2, "rq3": run_rq3, "rq4": run_rq4}
+    record: dict[str, Any] = {"pair": spec.name, "config": dataclasses.asdict(scfg), "steps": []}
+    if dry_run:
+        for st in _configs(spec, info, scfg, out):
+            sett = _settings(spec, st)
+            status = ("skipped" if st.get("skip") else "to be resolved" if sett is None
+                      else "done" if _done(out, spec.name, st["step"], sett) else "to run")
+            record["steps"].append({"step": st["step"], "status": status, "why": st["why"], "settings": sett})
+        return record
+    for name in STEPS:
+        st = next(s for s in _configs(spec, info, scfg, out) if s["step"] == name)
+        sett = _settings(spec, st)
+        entry = {"step": name, "why": st["why"], "settings": sett}
+        if st.get("skip"):
+            entry["status"] = "skipped"
+            say(f"{name}: skipped — {st['why']}")
+        elif sett is None:
+            raise MdiffError(f"study step {name} could not be planned: {st['why']} (an earlier step did not finish)")
+        elif _done(out, spec.name, name, sett):
+            entry["status"] = "already done"
+            say(f"{name}: already done ({st['why']}) — kept {out / spec.name / name}")
+        else:
+            say(f"{name}: running on {st['why']}")
+            t0 = time.perf_counter()
+            runners[name](spec, st["cfg"], out, overwrite, progress=(
+                (lambda msg, frac, n=name: progress(f"{n}: {msg}", frac)) if progress else None))
+            entry["status"] = "ran"
+            entry["seconds"] = round(time.perf_counter() - t0, 1)
+        if name == "rq2" and entry["status"] != "skipped":
+            freeze_winners(out, spec.name)
+        record["steps"].append(entry)
+        atomic_write_text(out / spec.name / "study.json", json.dumps(record, indent=2, default=str))
+    record["report"] = str(build_report(out, spec.name))
+    atomic_write_text(out / spec.name / "study.json", json.dumps(record, indent=2, default=str))
+    return record
