@@ -157,7 +157,7 @@ class _WebSocket:
                     if fin:
                         return b"".join(parts).decode()
                 # 0xA (pong) and anything else: ignore
-        except socket.timeout:
+        except TimeoutError:  # socket.timeout
             if parts:
                 raise BrowserError("websocket message truncated") from None
             return None
@@ -308,6 +308,20 @@ def _wait_for_ws_url(proc: subprocess.Popen, profile: Path, stderr_tail: collect
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is left in group ``pgid``.
+
+    Orphaned Chromium children become zombies until PID 1 reaps them; they hold nothing, so they
+    do not count (on Linux, read from /proc; elsewhere any member counts).
+    """
+    if os.path.isdir("/proc/self"):
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+        return False
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):

@@ -36,6 +36,7 @@ def chromium(tmp_path_factory) -> str:
             said = f"{ENSURE.name} did not run: {e}"
         exe = find_chromium()
         if exe is None:
+            said = said.removeprefix("ensure_chromium: FAILED: ")
             pytest.skip(f"chromium not installed and `apt-get install chromium` failed: {said}")
     # smoke: it must start headless and load a trivial page, else it is the machine, not the report
     page = tmp_path_factory.mktemp("browser-smoke") / "blank.html"
@@ -43,7 +44,7 @@ def chromium(tmp_path_factory) -> str:
     try:
         with open_page(page, chromium=exe) as p:
             assert p.evaluate("document.body.textContent") == "ok"
-    except BrowserError as e:
+    except (BrowserError, OSError) as e:
         pytest.skip(f"chromium at {exe} does not run headless here: {e}")
     return exe
 
@@ -53,7 +54,7 @@ def chromium(tmp_path_factory) -> str:
 CHECK_JS = """(() => {
   const figs = Array.from(document.querySelectorAll('.mdiff-figure'));
   const plots = Array.from(document.querySelectorAll('.mdiff-figure .js-plotly-plot'));
-  const heads = document.querySelector('#%(heads)s .js-plotly-plot');
+  const heads = document.querySelector('#HEADS_FIG .js-plotly-plot');
   const img = heads && heads.querySelector('.heatmaplayer image');
   return {
     plotly: typeof window.Plotly === 'object' && typeof window.Plotly.newPlot === 'function',
@@ -68,7 +69,7 @@ CHECK_JS = """(() => {
     heads_image: !!(img && (img.getAttribute('href') || img.getAttribute('xlink:href') || '').startsWith('data:')
                     && parseFloat(img.getAttribute('width')) > 0),
   };
-})()""" % {"heads": HEADS_FIG}
+})()""".replace("HEADS_FIG", HEADS_FIG)
 
 
 def assert_report_page(html: Path, chromium: str) -> dict:
