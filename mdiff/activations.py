@@ -90,8 +90,14 @@ def _save_shard(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]
     os.replace(tmp, path)
 
 
-def collection_dir(out: str | Path, pair: str, side: str, split: str | None, positions_tag: str) -> Path:
-    return Path(out) / pair / "activations" / f"{side}-{split or 'all'}-{positions_tag}"
+def collection_dir(out: str | Path, pair: str, side: str, split: str | None, positions_tag: str,
+                   hooks: list[str] | None = None, layers: list[int] | None = None) -> Path:
+    """Where one side's collection lives. With ``hooks``/``layers`` the folder name carries a short digest of
+    them, so runs that read other sites (RQ1 on every layer, RQ2 at two probe layers ...) never collide."""
+    name = f"{side}-{split or 'all'}-{positions_tag}"
+    if hooks is not None or layers is not None:
+        name += "-" + _sha({"hooks": list(hooks or []), "layers": sorted(layers or [])})[:10]
+    return Path(out) / pair / "activations" / name
 
 
 @dataclasses.dataclass

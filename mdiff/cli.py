@@ -512,6 +512,33 @@ def compare_cmd(
     out.print(f"compare report: {path}")
 
 
+@app.command("bench")
+@cli_errors
+def bench_cmd(
+    pair: PairOpt = "toy-lowrank",
+    prompts: Annotated[int | None, typer.Option("--prompts", help="Prompts to patch (default: the whole set).")]
+    = None,
+    layer: Annotated[int | None, typer.Option(help="Patched layer (default: the last-but-one).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per engine, interleaved; medians are reported.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass of the naive loop.")] = 32,
+    memory: Annotated[bool, typer.Option(help="Also measure each engine's peak memory in a child process.")] = True,
+    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    threads: ThreadsOpt = None,
+):
+    """Benchmark the patching engine against the naive loop (RQ4 head grid + RQ2 α sweep both ways)."""
+    _setup(threads)
+    from mdiff.bench import format_table, run_bench
+    from mdiff.pairs import resolve_pair
+
+    if repeats < 1:
+        raise MdiffError(f"--repeats must be ≥ 1, got {repeats}")
+    name = resolve_pair(pair, progress=True).name
+    with _progress_bar("bench") as prog:
+        res = run_bench(name, n_prompts=prompts, layer=layer, repeats=repeats, batch_size=batch_size,
+                        say=prog.fraction, memory=memory, device=device)
+    out.print(format_table(res), highlight=False)
+
+
 @app.command("freeze")
 @cli_errors
 def freeze_cmd(

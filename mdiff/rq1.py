@@ -79,7 +79,7 @@ def _run(spec, cfg, info, out, writer, say):
     hooks, layers = cfg.hooks, cfg.layers
 
     def store_dir(side, pos):
-        return A.collection_dir(out, spec.name, side, cfg.split, pos.tag)
+        return A.collection_dir(out, spec.name, side, cfg.split, pos.tag, hooks, layers)
 
     def collect(model, side):
         pad = pad_b if side == "base" else pad_t

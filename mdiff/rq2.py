@@ -115,7 +115,7 @@ def _run(spec, cfg, info, out, writer, say):
     sites = [(L, h) for L in layers for h in hooks]
 
     def sdir(side, split, pos):
-        return A.collection_dir(out, spec.name, side, split, pos.tag)
+        return A.collection_dir(out, spec.name, side, split, pos.tag, hooks, layers)
 
     def collect_all(model, side):
         jobs = [(prep_tr, fitpos, "train"), (prep_va, fitpos, "val")]

@@ -315,3 +315,12 @@ def test_cli_collect_bad_input(toys, tmp_path, args, needle):
     assert "Traceback" not in r.output and not isinstance(r.exception, MdiffError)
     assert not out.exists()
     assert json.dumps(r.stdout) == '""'  # nothing on stdout
+
+
+def test_collection_dirs_of_different_sites_never_collide(tmp_path):
+    """RQ1 on every layer and RQ2 at two probe layers (same split/positions) write to different stores."""
+    a = A.collection_dir(tmp_path, "p", "base", "all", "last", ["resid_post"], [0, 1, 2])
+    b = A.collection_dir(tmp_path, "p", "base", "all", "last", ["resid_post", "attn_out"], [0, 1, 2])
+    c = A.collection_dir(tmp_path, "p", "base", "all", "last", ["resid_post"], [2, 1, 0])
+    assert a != b and a == c and a.parent == b.parent
+    assert A.collection_dir(tmp_path, "p", "base", "all", "last").name == "base-all-last"  # `mdiff collect`'s folder
