@@ -25,7 +25,9 @@ the largest ``|KL_fast − KL_naive|`` over every condition, prompt and repeat.
 peak-RSS mark (``/proc/self/clear_refs``, value 5) and reports ``VmHWM − VmRSS`` measured just before the
 run: the peak resident memory the evaluation added above the loaded model. Where ``clear_refs`` is not
 writable (not Linux), the child reports ``ru_maxrss`` minus the RSS before the run instead, which is only
-an upper bound when the model load itself peaked higher; ``memory_method`` says which was used.
+an upper bound when the model load itself peaked higher. On a CUDA ``device`` the child reports
+``torch.cuda.max_memory_allocated`` above the allocation before the run (GPU memory; untested here, no GPU).
+``memory_method`` says which was used.
 """
 
 import dataclasses
@@ -43,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from mdiff.errors import MdiffError
+from mdiff.pairs import PairSpec
 
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
 RANDOM_SETS = 20
@@ -84,7 +87,7 @@ def _status() -> dict[str, int]:
     return out
 
 
-def _peak_child(pair: str, side: str, payload: str, engine: str, device: str, threads: int, conn) -> None:
+def _peak_child(pair, side: str, payload: str, engine: str, device: str, threads: int, conn) -> None:
     """Child process: load ``side``, warm up, reset the peak-RSS mark, run one evaluation, report the peak."""
     try:
         import gc
@@ -96,7 +99,7 @@ def _peak_child(pair: str, side: str, payload: str, engine: str, device: str, th
         from mdiff.patching import Patcher
 
         torch.set_num_threads(threads)
-        spec = resolve_pair(pair)
+        spec = resolve_pair(pair) if isinstance(pair, str) else pair
         data = torch.load(payload, weights_only=False)
         ids, pos, pad, vocab, conds, bs = (data[k] for k in ("ids", "positions", "pad", "vocab", "conds",
                                                               "batch_size"))
@@ -104,18 +107,27 @@ def _peak_child(pair: str, side: str, payload: str, engine: str, device: str, th
             warm = [dataclasses.replace(c, source=c.source[:2]) for c in conds[:1]]
             Patcher(model, ids[:2], pos[:2], pad, bs, engine).kl(warm, vocab)
             gc.collect()
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                method = "VmHWM after clear_refs"
-            except OSError:
-                method = "ru_maxrss (upper bound)"
-            before = _status()["VmRSS"] if sys.platform.startswith("linux") else 0
-            Patcher(model, ids, pos, pad, bs, engine).kl(conds, vocab)
-            if method.startswith("VmHWM"):
-                peak = _status()["VmHWM"]
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                Patcher(model, ids, pos, pad, bs, engine).kl(conds, vocab)
+                torch.cuda.synchronize()
+                peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
             else:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+                try:
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")
+                    method = "VmHWM after clear_refs"
+                except OSError:
+                    method = "ru_maxrss (upper bound)"
+                before = _status()["VmRSS"] if sys.platform.startswith("linux") else 0
+                Patcher(model, ids, pos, pad, bs, engine).kl(conds, vocab)
+                if method.startswith("VmHWM"):
+                    peak = _status()["VmHWM"]
+                else:
+                    scale = 1 if sys.platform == "darwin" else 1024
+                    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
         conn.send({"peak_bytes": max(0, peak - before), "method": method})
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         conn.send({"error": f"{type(e).__name__}: {e}"})
@@ -123,7 +135,7 @@ def _peak_child(pair: str, side: str, payload: str, engine: str, device: str, th
         conn.close()
 
 
-def _measure_peak(pair: str, side: str, payload: str, engine: str, device: str) -> dict[str, Any]:
+def _measure_peak(pair, side: str, payload: str, engine: str, device: str) -> dict[str, Any]:
     import multiprocessing as mp
 
     import torch
@@ -177,13 +189,14 @@ def _time_workload(model, w: _Workload, repeats: int, batch_size: int) -> dict[s
             "naive_times": times["naive"], "fast_times": times["fast"]}
 
 
-def run_bench(pair: str = "toy-lowrank", n_prompts: int | None = None, layer: int | None = None,
+def run_bench(pair: str | PairSpec = "toy-lowrank", n_prompts: int | None = None, layer: int | None = None,
               repeats: int = 3, batch_size: int = 32, seed: int = 0,
               say: Callable[[str, float], None] | None = None, memory: bool = True,
               device: str = "cpu") -> dict[str, Any]:
     """Time the naive and the fast patching engines on the RQ4 head grid and the RQ2 α sweep (module docstring).
 
-    Returns ``{"pair", "layer", "n_layers", "n_heads", "prompts", "batch_size", "repeats", "device",
+    ``pair`` is a pair name, a pair ``.toml`` path or a :class:`~mdiff.pairs.PairSpec`. ``say(message, fraction)``
+    reports progress. Returns ``{"pair", "layer", "n_layers", "n_heads", "prompts", "batch_size", "repeats", "device",
     "threads", "memory_method", "workloads": [row, ...]}``; each row has ``workload``, ``target``,
     ``conditions``, ``prompts``, ``naive_s``, ``fast_s``, ``speedup``, ``naive_peak_mib``,
     ``fast_peak_mib``, ``peak_ratio`` (fast / naive; ``None`` without ``memory``), ``max_kl_diff``,
@@ -205,7 +218,7 @@ def run_bench(pair: str = "toy-lowrank", n_prompts: int | None = None, layer: in
     if n_prompts is not None and (isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 2):
         raise MdiffError(f"the prompt count must be a whole number ≥ 2, got {n_prompts!r}")
     say("preparing prompts", 0.0)
-    spec = resolve_pair(pair)
+    spec = resolve_pair(pair) if isinstance(pair, str) else pair
     info = models.inspect_pair(spec)
     n_layers, n_heads = info.base.n_layers, info.base.n_heads
     if layer is None:
@@ -257,7 +270,7 @@ def run_bench(pair: str = "toy-lowrank", n_prompts: int | None = None, layer: in
                             "conds": w.conds, "batch_size": batch_size}, payload)
                 for engine in ("naive", "fast"):
                     say(f"peak memory: {w.name}, {engine} (child process)", 0.85 + 0.05 * i)
-                    got = _measure_peak(pair, w.side, payload, engine, device)
+                    got = _measure_peak(spec, w.side, payload, engine, device)
                     row[f"{engine}_peak_mib"] = got["peak_bytes"] / _MIB
                     method = got["method"]
                 row["peak_ratio"] = row["fast_peak_mib"] / row["naive_peak_mib"] if row["naive_peak_mib"] else None
@@ -293,7 +306,11 @@ def format_table(result: dict[str, Any]) -> str:
         return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths, strict=True)))
 
     out = [head, fmt(cols), fmt(["-" * w for w in widths]), *(fmt(x) for x in lines)]
-    out.append(f"peak memory: {result['memory_method']} (above the loaded model, each engine in its own child process)")
+    if result["memory_method"] == "not measured":
+        out.append("peak memory: not measured")
+    else:
+        out.append(f"peak memory: {result['memory_method']} (above the loaded model, each engine in its own child "
+                   "process)")
     fell_back = [r["workload"] for r in result["workloads"] if r.get("fast_engine_used") != "fast"]
     if fell_back:
         out.append(f"note: the fast engine fell back to the naive one on: {', '.join(fell_back)}")

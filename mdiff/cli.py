@@ -532,11 +532,11 @@ def bench_cmd(
 
     if repeats < 1:
         raise MdiffError(f"--repeats must be ≥ 1, got {repeats}")
-    name = resolve_pair(pair, progress=True).name
+    spec = resolve_pair(pair, progress=True)
     with _progress_bar("bench") as prog:
-        res = run_bench(name, n_prompts=prompts, layer=layer, repeats=repeats, batch_size=batch_size,
+        res = run_bench(spec, n_prompts=prompts, layer=layer, repeats=repeats, batch_size=batch_size,
                         say=prog.fraction, memory=memory, device=device)
-    out.print(format_table(res), highlight=False)
+    out.print(format_table(res), highlight=False, soft_wrap=True)
 
 
 @app.command("freeze")

@@ -17,8 +17,9 @@ Both return the same numbers to float tolerance; ``tests/test_patching.py`` chec
 
 **The fast engine.** Under causal attention a patch at layer L, position p changes nothing below L
 and nothing before p, and tokens after p cannot reach the logits at p. So, per batch of prompts
-(sorted by length, each truncated at its decision position p and left-padded so that p is the last
-column):
+(sorted by decision position, each truncated at it and left-padded so that p is the last column; a
+batch holds as many prompts as fit in the token slots of one naive batch, ``batch_size`` × the widest
+prompt, and at least ``batch_size``):
 
 1. one clean ``run_with_hooks`` of the target with capture hooks only: the clean decision logits
    (HF ``logits_to_keep=1``: only the decision column is unembedded), the clean values at p of the
@@ -27,16 +28,26 @@ column):
    layer a condition recomputes;
 2. every condition becomes "the residual stream at p, entering layer L's attention or MLP half",
    computed from clean values (``blend``: ``(1−α)h + α·src``; ``scale``: ``α·src``; head sites:
-   ``attn_out + Σ_{h∈S} (new_h − z_h·W_O[h])``, with ``new_h − z_h·W_O[h] = (new_z_h − z_h)·W_O[h]``
-   at the ``z`` site). Conditions with the same entry point are stacked as rows (condition × prompt);
+   ``resid_mid + Σ_{h∈S} (new_h − z_h·W_O[h])``, with ``new_h − z_h·W_O[h] = (new_z_h − z_h)·W_O[h]`` at
+   the ``z`` site; Llama has no ``b_O``, and a bias would cancel in these differences anyway).
+   Conditions with the same entry point are stacked as rows (condition × prompt), whatever their layer
+   and hook (``resid_post`` at L and ``resid_pre`` at L+1 share one);
 3. the remaining layers run on those one-position rows against the frozen prefix keys/values,
-   broadcast over conditions (never copied per row), then the final norm and the unembedding, in
-   chunks of at most ``max_rows`` rows.
+   broadcast over conditions (conditions ride along the query axis of one batched matmul; nothing is
+   copied per row), then the final norm and the unembedding (of the shared-vocabulary rows of ``W_U``
+   only, when they are a contiguous range), in chunks of rows (``max_rows``, :meth:`Patcher.chunk_rows`).
+
+A row whose patched residual is bit-for-bit the clean one (a self-patch, or a cross-patch below the
+first layer where the models differ) gets exactly the clean logits, so KL is exactly 0 as with hooks;
+the clean pass adds one masked pad column so that its values equal, bit for bit, those of padded
+batches in the naive engine and in :func:`mdiff.activations.collect` (a batch without padding takes
+another attention-mask path whose values differ in the last bits).
 
 Step 3 drives the model's own weight tensors and norm/activation modules directly (no hooks: the
 patched value is set by construction), for Llama-style decoder layers (Llama, Mistral and Qwen2
-without sliding windows). Other architectures, and models carrying persistent hooks, fall back to
-the naive engine (:attr:`Patcher.engine_used` and :attr:`Patcher.fallback_reason` say so).
+without sliding windows; raw mode). Other architectures fall back to the naive engine
+(:attr:`Patcher.engine_used` and :attr:`Patcher.fallback_reason` say so); a model carrying persistent
+hooks is refused (the fast path could not honour them).
 """
 
 from collections import defaultdict
@@ -230,6 +241,8 @@ def fast_support(model) -> str | None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not len(blocks):
         return "the model has no TransformerBridge 'blocks' stack"
+    if getattr(model, "compatibility_mode", False):
+        return "compatibility mode (folded/centred weights) is not supported by the fast engine; use raw mode"
     hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
     if hf_cfg is not None:
         if getattr(hf_cfg, "sliding_window", None) is not None and getattr(hf_cfg, "use_sliding_window", True):
@@ -239,6 +252,8 @@ def fast_support(model) -> str | None:
         rope = getattr(hf_cfg, "rope_parameters", None)
         if isinstance(rope, dict) and rope.get("llama_4_scaling_beta") is not None:
             return "llama-4 query scaling is not supported by the fast engine"
+        if float(getattr(hf_cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
+            return "partial rotary embeddings are not supported by the fast engine"
     for b in blocks:
         layer = getattr(b, "original_component", None)
         name = type(layer).__name__
@@ -252,9 +267,9 @@ def fast_support(model) -> str | None:
             return f"{name}: QK-norm is not supported by the fast engine"
         if any(getattr(mlp, n, None) is None for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return f"{name}: MLP is not a gated MLP"
-        for hook in ("hook_rot_k", "hook_v", "hook_cos", "hook_sin"):
-            if f"blocks.0.attn.{hook}" not in model.hook_dict:
-                return f"the bridge has no blocks.L.attn.{hook} hook"
+    for hook in ("hook_rot_k", "hook_v", "hook_cos", "hook_sin"):
+        if f"blocks.0.attn.{hook}" not in model.hook_dict:
+            return f"the bridge has no blocks.L.attn.{hook} hook"
     for part in ("ln_final", "unembed"):
         if getattr(model, part, None) is None:
             return f"the bridge has no {part}"
@@ -335,6 +350,14 @@ def _clean_values(cond: Condition) -> list[tuple[str, int]]:
             "attn_out": [("resid_pre", L), ("attn_out", L)], "mlp_out": [("resid_mid", L), ("mlp_out", L)]}[cond.hook]
 
 
+def _entry_clean(entry: Entry, n_layers: int) -> tuple[str, int]:
+    """The clean residual at an entry point: what a no-op patch would hand to the remaining layers."""
+    start, phase = entry
+    if phase == "mlp":
+        return "resid_mid", start
+    return ("resid_pre", start) if start < n_layers else ("resid_post", n_layers - 1)
+
+
 _CLEAN_HOOK = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "attn_out": "hook_attn_out",
                "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post", "z": "attn.hook_z"}
 
@@ -371,8 +394,9 @@ class _Run:
     """Consecutive conditions of one entry group whose patched residuals are built the same way.
 
     Site runs (one hook at one layer): ``new = a·source + b·clean`` (+ the clean residual the hook adds to).
-    Head runs (one head site, layer and source tensor): ``resid_mid + Σ_h M[h]·(a·src_h − b·own_h)``, with
-    ``coef = [a·M | −b·M]`` ``[k, 2·head]`` applied to ``[src_h ; own_h]`` in one contraction.
+    Head runs (one head site, layer, source tensor and α, mode): ``resid_mid + Σ_h M[c, h]·(a·src_h − b·own_h)``
+    with the membership matrix ``M`` ``[k, head]``; ``a·src − b·own`` is formed first, so a patch that writes
+    the clean value back gives exactly ``resid_mid``, as the hooks do.
     """
 
     kind: str
@@ -381,7 +405,7 @@ class _Run:
     sources: list[Tensor]
     a: Tensor
     b: Tensor | None
-    coef: Tensor | None
+    members: Tensor | None
     start: int
     stop: int
 
@@ -403,19 +427,19 @@ def _compile_runs(conds: Sequence[Condition], n_heads: int, dtype, device) -> li
             runs.append(_Run("site", c0.layer, c0.hook, [c.source for c in cs], alpha,
                              clean_w if bool((clean_w != 0).any()) else None, None, i, j))
         else:
-            own_w = torch.tensor([float(c.alpha) if c.mode == "blend" else 1.0 for c in cs], dtype=dtype,
-                                 device=device)
+            own_w = torch.tensor([float(c0.alpha) if c0.mode == "blend" else 1.0], dtype=dtype, device=device)
             M = torch.zeros(len(cs), n_heads, dtype=dtype, device=device)
             for r, c in enumerate(cs):
                 M[r, list(c.heads)] = 1.0
-            coef = torch.cat([alpha[:, None] * M, -own_w[:, None] * M], dim=1)
-            runs.append(_Run("head", c0.layer, c0.site, [c0.source], alpha, None, coef, i, j))
+            runs.append(_Run("head", c0.layer, c0.site, [c0.source], alpha[:1], own_w, M, i, j))
         i = j
     return runs
 
 
 def _run_key(c: Condition) -> tuple:
-    return ("site", c.layer, c.hook) if isinstance(c, SitePatch) else ("head", c.layer, c.site, id(c.source))
+    if isinstance(c, SitePatch):
+        return "site", c.layer, c.hook
+    return "head", c.layer, c.site, id(c.source), float(c.alpha), c.mode
 
 
 class Patcher:
@@ -540,14 +564,17 @@ class Patcher:
         for ent in sorted(groups):
             cis = sorted(groups[ent], key=lambda i: (_run_key(conds[i])[:3], str(_run_key(conds[i])[3:]), i))
             plans.append((ent, cis, _compile_runs([conds[i] for i in cis], cfg.n_heads, dtype, dev)))
-        needed = sorted({v for c in conds for v in _clean_values(c)}, key=lambda t: (t[1], t[0]))
+        entry_clean = {ent: _entry_clean(ent, cfg.n_layers) for ent in groups}
+        needed = sorted({v for c in conds for v in _clean_values(c)} | set(entry_clean.values()),
+                        key=lambda t: (t[1], t[0]))
         kv_layers = sorted({L for (s, ph) in groups for L in range(s + (ph == "mlp"), cfg.n_layers)})
         vocab = None if vocab_ids is None else torch.as_tensor(np.asarray(vocab_ids), device=dev)
         layer_rows, vocab_rows = self.chunk_rows(None if vocab is None else len(vocab))
         out_logits = torch.empty(len(conds), self.n, cfg.d_vocab) if want_logits else None
         out_kl = np.empty((len(conds), self.n)) if vocab is not None else None
         clean_all = torch.empty(self.n, cfg.d_vocab) if self._clean is None else None
-        W_O = {c.layer: model.blocks[c.layer].attn.W_O.detach().to(dtype) for c in conds if isinstance(c, HeadPatch)}
+        W_O = {L: model.blocks[L].attn.W_O.detach().to(dtype) for L in {c.layer for c in conds
+                                                                        if isinstance(c, HeadPatch)}}
         # the shared vocabulary is usually a prefix (or a contiguous range) of the target's: unembed only it
         vocab_slice = vocab is not None and len(vocab) > 0 and bool(
             (vocab == torch.arange(int(vocab[0]), int(vocab[0]) + len(vocab), device=dev)).all())
@@ -573,20 +600,27 @@ class Patcher:
                 for (start, phase), cis, runs in plans:
                     for c0, c1, b0, b1 in _tiles(len(cis), len(idx), layer_rows):
                         h = self._entries(runs, c0, c1, b0, b1, caps, pidx, batch_src, W_O, dtype)
+                        # a row whose patched residual is bitwise the clean one is the clean run: exactly
+                        # the clean logits (KL 0), as with hooks, not float noise from another code path
+                        noop = (h == caps[entry_clean[(start, phase)]][b0:b1]).all(-1)
                         h = kern.norm(self._resume(kern, h, start, phase, caps, mask_add, b0, b1))
                         for v0, v1, u0, u1 in _tiles(c1 - c0, b1 - b0, vocab_rows):
                             rows_c = cis[c0 + v0:c0 + v1]
                             cols = idx[b0 + u0:b0 + u1]
                             hv = h[v0:v1, u0:u1]
+                            same = noop[v0:v1, u0:u1]
                             if out_logits is not None:
+                                lg = F.linear(hv, *kern.unembed)
+                                lg = torch.where(same[..., None], clean[b0 + u0:b0 + u1].unsqueeze(0), lg)
                                 out_logits[torch.tensor(rows_c)[:, None], torch.tensor(cols)[None, :]] = \
-                                    F.linear(hv, *kern.unembed).float().cpu()
+                                    lg.float().cpu()
                             if out_kl is not None:
                                 x = F.linear(hv, *unembed_kl)
                                 logq = torch.log_softmax((x if vocab_slice else x.index_select(-1, vocab)).float(), -1)
-                                # KL = Σ p·log p − Σ p·log q (float64, as align.kl_divergence), without [rows, vocab] temporaries
+                                # KL = Σ p·log p − Σ p·log q in float64 (as align.kl_divergence), one contraction
                                 cross = torch.einsum("cbv,bv->cb", logq.double(), clean_p[b0 + u0:b0 + u1])
-                                out_kl[np.ix_(rows_c, cols)] = (clean_ent[b0 + u0:b0 + u1] - cross).cpu().numpy()
+                                kl = (clean_ent[b0 + u0:b0 + u1] - cross).masked_fill(same, 0.0)
+                                out_kl[np.ix_(rows_c, cols)] = kl.cpu().numpy()
         if clean_all is not None:
             self._clean = clean_all
         return out_logits, out_kl
@@ -621,6 +655,11 @@ class Patcher:
         dev = _device(model)
         ids = [self.ids[i][: self.positions[i][-1] + 1] for i in idx]
         inp, mask = pad_left(ids, self.pad_id)
+        # one more (masked) pad column: a batch with no padding takes another attention-mask path whose
+        # values differ from padded batches' in the last bits; with it, the clean values equal, bit for bit,
+        # those of the naive engine's (and the activation collection's) padded batches
+        inp = torch.cat([torch.full((len(ids), 1), int(self.pad_id), dtype=inp.dtype), inp], dim=1)
+        mask = torch.cat([torch.zeros((len(ids), 1), dtype=mask.dtype), mask], dim=1)
         store: dict[Any, Tensor] = {}
         hooks = [(f"blocks.{L}.{_CLEAN_HOOK[h]}", H._Hook(_grab_last, store=store, key=(h, L))) for h, L in needed]
         for L in kv_layers:
@@ -669,14 +708,14 @@ class Patcher:
                     new = caps[("resid_mid", L)][b0:b1] + new
             else:
                 key = ("heads", id(run))
-                if key not in batch_src:
-                    src = gathered(run.sources[0])
+                if key not in batch_src:  # a·src_h − b·own_h per head, once per batch
+                    src, own = gathered(run.sources[0]), caps[("z", L)]
                     if run.hook == "z":
-                        src = torch.einsum("bhe,hed->bhd", src, W_O[L])
-                    own = torch.einsum("bhe,hed->bhd", caps[("z", L)], W_O[L])
-                    batch_src[key] = torch.cat([src, own], dim=1)
+                        batch_src[key] = torch.einsum("bhe,hed->bhd", run.a * src - run.b * own, W_O[L])
+                    else:
+                        batch_src[key] = run.a * src - run.b * torch.einsum("bhe,hed->bhd", own, W_O[L])
                 X = batch_src[key][b0:b1]
-                new = caps[("resid_mid", L)][b0:b1] + torch.einsum("kh,bhd->kbd", run.coef[r0:r1], X)
+                new = caps[("resid_mid", L)][b0:b1] + torch.einsum("kh,bhd->kbd", run.members[r0:r1], X)
             parts.append(new)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
