@@ -518,8 +518,13 @@ class Patcher:
         if self.engine_used == "fast":
             self._check(conds)
             return self._fast(conds, want_logits=False, vocab_ids=vocab_ids)[1]
+        self._check(conds)
         clean = restrict_logprobs(self.clean, vocab_ids)
-        rows = [kl_divergence(clean, restrict_logprobs(lg, vocab_ids)).numpy() for lg in self.logits(conds)]
+        rows = []
+        for c in conds:  # one condition's logits at a time: the naive loop's metric, as transformer_lens.patching
+            lg = decision_logits(self.model, self.ids, self.positions, self.pad_id,
+                                 lambda s, e, pos, c=c: condition_hooks(self.model, c, s, e, pos), self.batch_size)
+            rows.append(kl_divergence(clean, restrict_logprobs(lg, vocab_ids)).numpy())
         return np.stack(rows) if rows else np.empty((0, self.n))
 
     # -------------------------------------------------------------------------------- fast engine
