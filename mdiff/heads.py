@@ -51,11 +51,6 @@ def parse_ks(text: str, n_heads: int, option: str = "--k") -> list[int]:
 
 
 # --------------------------------------------------------------------------- reading heads
-def decision_rows(positions: list[list[int]]) -> list[list[int]]:
-    """Each prompt's decision position (its last chosen position) as a one-position list."""
-    return [[p[-1]] for p in positions]
-
-
 def collect_z(model, ids: list[list[int]], positions: list[list[int]], pad_id: int, layers: Sequence[int],
               batch_size: int = 16) -> dict[int, Float[Tensor, "rows head d_head"]]:
     """``z`` of every query head at ``layers``, at the given positions (rows prompt-major), on the CPU."""

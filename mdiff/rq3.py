@@ -174,11 +174,9 @@ def _run(spec, cfg, info, writer, say):
     L, hook = cfg.layer, cfg.hook
     name = H.hook_name(hook, L, info.base.n_layers)
 
-    def read(model, prep, side, decision=False):
+    def read(model, prep, side):
         ids = prep.base_ids if side == "base" else prep.tuned_ids
         pos = prep.base_positions if side == "base" else prep.tuned_positions
-        if decision:
-            pos = [[p[-1]] for p in pos]
         got = A.gather_all(model, ids, pos, [name], pad_b if side == "base" else pad_t, cfg.batch_size,
                            stop_at_layer=L + 1 if L + 1 < info.base.n_layers else None)
         return got[name].double().numpy()
@@ -186,14 +184,15 @@ def _run(spec, cfg, info, writer, say):
     say("loading base", 0.02)
     with models.loaded(spec, "base", cfg.device) as m:
         say("reading base activations", 0.05)
-        X_tr, X_va, X_dec = read(m, prep_tr, "base"), read(m, prep_va, "base"), read(m, prep_dec, "base", True)
+        X_tr, X_va = read(m, prep_tr, "base"), read(m, prep_va, "base")
+        X_dec = X_va if prep_dec is prep_va else read(m, prep_dec, "base")
     rows: list[dict] = []
     groups = np.repeat(np.arange(len(prep_tr)), [len(p) for p in prep_tr.base_positions])
     say("loading tuned", 0.15)
     with models.loaded(spec, "tuned", cfg.device) as m:
         say("reading tuned activations", 0.2)
         Y_tr, Y_va = read(m, prep_tr, "tuned"), read(m, prep_va, "tuned")
-        patcher = Patcher(m, prep_dec.tuned_ids, [[p[-1]] for p in prep_dec.tuned_positions], pad_t, cfg.batch_size,
+        patcher = Patcher(m, prep_dec.tuned_ids, prep_dec.tuned_positions, pad_t, cfg.batch_size,
                           cfg.engine)
 
         def cond(src: np.ndarray) -> SitePatch:

@@ -29,7 +29,7 @@ from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, provenance, tidy
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
-from mdiff.patching import ENGINES, Patcher
+from mdiff.patching import ENGINES, HeadPatch, Patcher
 from mdiff.positions import PositionSpec, parse_positions
 
 
@@ -111,16 +111,16 @@ def _run(spec, cfg, info, writer, say):
     n_heads = info.base.n_heads
     bs = cfg.batch_size
 
-    def zs(model, prep, side, positions=None):
+    def zs(model, prep, side):
         ids = prep.base_ids if side == "base" else prep.tuned_ids
-        pos = positions or (prep.base_positions if side == "base" else prep.tuned_positions)
+        pos = prep.base_positions if side == "base" else prep.tuned_positions
         return HD.collect_z(model, ids, pos, pad_b if side == "base" else pad_t, layers, bs)
 
     say("loading base", 0.02)
     with models.loaded(spec, "base", cfg.device) as m:
         say("reading the base model's heads", 0.05)
-        zb_sel = zs(m, prep_sel, "base", HD.decision_rows(prep_sel.base_positions))
-        zb_val = zs(m, prep_val, "base", HD.decision_rows(prep_val.base_positions))
+        zb_sel = zs(m, prep_sel, "base")  # "last": one position per prompt, the decision position
+        zb_val = zs(m, prep_val, "base")
         zb_tr = zs(m, prep_tr, "base") if want_map else None
         WOb = {L: HD.W_O_of(m, L) for L in layers}
 
@@ -133,18 +133,38 @@ def _run(spec, cfg, info, writer, say):
         WOt = {L: HD.W_O_of(m, L) for L in layers}
         zt_tr = zs(m, prep_tr, "tuned") if want_map else None
         groups = (np.repeat(np.arange(len(prep_tr)), [len(p) for p in prep_tr.base_positions]) if want_map else None)
-        p_sel = Patcher(m, prep_sel.tuned_ids, HD.decision_rows(prep_sel.tuned_positions), pad_t, bs, cfg.engine)
-        p_val = Patcher(m, prep_val.tuned_ids, HD.decision_rows(prep_val.tuned_positions), pad_t, bs, cfg.engine)
+        p_sel = Patcher(m, prep_sel.tuned_ids, prep_sel.tuned_positions, pad_t, bs, cfg.engine)
+        p_val = Patcher(m, prep_val.tuned_ids, prep_val.tuned_positions, pad_t, bs, cfg.engine)
         vocab = sv.tuned_ids
         idx = stats.resample_indices(p_val.n, cfg.n_boot, cfg.seed + 1)
         idx_sel = stats.resample_indices(p_sel.n, cfg.n_boot, cfg.seed + 2)
         plan = [(L, site, src) for L in layers for site in cfg.sites for src in cfg.sources]
-        for i, L in enumerate(layers):  # both sites' all-heads effect, raw source: the blindness check
-            say(f"site check L{L}", 0.2 + 0.05 * i / len(layers))
+        sources = {}
+        for j, (L, site, source) in enumerate(plan):
+            say(f"L{L} {site} sources ({source})", 0.2 + 0.1 * j / len(plan))
+            if source == "raw":
+                sources[(L, site, source)] = (HD.site_values(zb_sel[L], WOb[L], site),
+                                              HD.site_values(zb_val[L], WOb[L], site))
+            else:
+                target = HD.site_values(zt_tr[L], WOt[L], site)
+                hm = HD.HeadMaps(cfg.map_solver, cfg.seed).fit(zb_tr[L], target, groups)
+                fitted_r2[(L, site)] = [float(x) for x in hm.score(zb_tr[L], target)]
+                sources[(L, site, source)] = (hm.transform(zb_sel[L]), hm.transform(zb_val[L]))
+        # the engine runs the clean pass once per call: one call per split, every condition in it
+        say("single-head scan (select split)", 0.35)
+        singles = [(h,) for h in range(n_heads)]
+        kl_sel = _split_kl(p_sel, [(L, site, sources[(L, site, src)][0], singles) for L, site, src in plan], vocab)
+        sets = {e: _val_sets(HD.rank_heads(kl_sel[i]), cfg, n_heads) for i, e in enumerate(plan)}
+        # the site check: both sites' all-heads effect with the raw source at every layer (z-site blindness)
+        check = [(L, site) for L in layers for site in HD.HEAD_SITES]
+        say("head sets (val split)", 0.55)
+        kl_val = _split_kl(p_val, [(L, site, HD.site_values(zb_val[L], WOb[L], site), [tuple(range(n_heads))])
+                                   for L, site in check]
+                           + [(e[0], e[1], sources[e][1], sets[e]["all"]) for e in plan], vocab)
+        for L in layers:
             eff = {}
             for site in HD.HEAD_SITES:
-                src = HD.site_values(zb_val[L], WOb[L], site)
-                kl = HD.head_effects(p_val, L, site, src, [tuple(range(n_heads))], vocab)[0]
+                kl = kl_val[check.index((L, site))][0]
                 v, lo, hi = stats.bootstrap_mean(kl, idx=idx)
                 eff[site] = v
                 rows.append({"layer": L, "hook": site, "condition": "raw|all", "metric": "effect_all_site_check",
@@ -152,17 +172,9 @@ def _run(spec, cfg, info, writer, say):
                              "source": "raw"})
             site_check[L] = {"effect_all_result": eff["result"], "effect_all_z": eff["z"],
                              "note": HD.site_blindness(eff)}
-        for j, (L, site, source) in enumerate(plan):
-            say(f"L{L} {site} heads ({source})", 0.3 + 0.65 * j / len(plan))
-            if source == "raw":
-                s_sel = HD.site_values(zb_sel[L], WOb[L], site)
-                s_val = HD.site_values(zb_val[L], WOb[L], site)
-            else:
-                target = HD.site_values(zt_tr[L], WOt[L], site)
-                hm = HD.HeadMaps(cfg.map_solver, cfg.seed).fit(zb_tr[L], target, groups)
-                fitted_r2[(L, site)] = [float(x) for x in hm.score(zb_tr[L], target)]
-                s_sel, s_val = hm.transform(zb_sel[L]), hm.transform(zb_val[L])
-            res = _analyse_layer(p_sel, p_val, L, site, source, s_sel, s_val, vocab, cfg, n_heads, idx, idx_sel)
+        for i, (L, site, source) in enumerate(plan):
+            res = _analyse_layer(kl_sel[i], kl_val[len(check) + i], sets[(L, site, source)], source, cfg, n_heads,
+                                 idx, idx_sel)
             for r in res["rows"]:
                 rows.append({"layer": L, "hook": site, "site": site, "source": source, **r})
             summary_layers.append({"layer": L, "site": site, "source": source,
@@ -194,25 +206,36 @@ def _run(spec, cfg, info, writer, say):
     return summary
 
 
-def _analyse_layer(p_sel, p_val, L, site, source, s_sel, s_val, vocab, cfg, n_heads, idx, idx_sel):
-    rows: list[dict] = []
+def _split_kl(patcher: Patcher, groups: list[tuple], vocab) -> list[np.ndarray]:
+    """One engine call for every ``(layer, site, source, head sets)`` group; per-prompt KL per group."""
+    conds = [HeadPatch(L, tuple(int(h) for h in hs), site, src) for L, site, src, sets in groups for hs in sets]
+    kl = patcher.kl(conds, vocab)
+    bounds = np.cumsum([0] + [len(g[3]) for g in groups])
+    return [kl[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _val_sets(ranking: list[int], cfg: RQ4Config, n_heads: int) -> dict[str, Any]:
+    """The val-split head sets of one (layer, site, source): all heads, singles, top-k, random-k."""
+    top = {k: tuple(sorted(ranking[:k])) for k in cfg.ks}
+    rand = {k: HD.random_sets(n_heads, k, cfg.random_sets, cfg.seed) for k in cfg.ks}
     singles = [(h,) for h in range(n_heads)]
-    kl_sel = HD.head_effects(p_sel, L, site, s_sel, singles, vocab)
-    ranking = HD.rank_heads(kl_sel)
+    return {"ranking": ranking, "top": top, "rand": rand,
+            "all": [tuple(range(n_heads))] + singles + [top[k] for k in cfg.ks] + [s for k in cfg.ks for s in rand[k]]}
+
+
+def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel):
+    rows: list[dict] = []
+    ranking, top, rand = sets["ranking"], sets["top"], sets["rand"]
     for h in range(n_heads):
         v, lo, hi = stats.bootstrap_mean(kl_sel[h], idx=idx_sel)
         rows.append({"condition": f"{source}|head:{h}", "metric": "effect", "value": v, "ci_low": lo, "ci_high": hi,
                      "n": kl_sel.shape[1], "split": "select", "k": 1, "heads": str(h), "set": "single",
                      "rank": ranking.index(h) + 1})
-    top = {k: tuple(sorted(ranking[:k])) for k in cfg.ks}
-    rand = {k: HD.random_sets(n_heads, k, cfg.random_sets, cfg.seed) for k in cfg.ks}
-    sets = [tuple(range(n_heads))] + singles + [top[k] for k in cfg.ks] + [s for k in cfg.ks for s in rand[k]]
-    kl = HD.head_effects(p_val, L, site, s_val, sets, vocab)
     all_kl = kl[0]
     a, alo, ahi = stats.bootstrap_mean(all_kl, idx=idx)
     nothing = a < HD.EFFECT_FLOOR
     rows.append({"condition": f"{source}|all", "metric": "effect", "value": a, "ci_low": alo, "ci_high": ahi,
-                 "n": len(all_kl), "split": "val", "k": n_heads, "heads": _fmt_heads(sets[0]),
+                 "n": len(all_kl), "split": "val", "k": n_heads, "heads": _fmt_heads(sets["all"][0]),
                  "set": "all"})
 
     def record(name, s, kl_s, kind, k):
