@@ -131,25 +131,16 @@ def comparisons(facts: list[dict]) -> list[str]:
 
 
 def compare_figures(pairs: list[str], results: dict[str, dict]) -> list[tuple[str, str, go.Figure]]:
-    figs = []
-    f = go.Figure()
-    for i, p in enumerate(pairs):
-        m = results[p]["rq1"]["metrics"]
-        d = m[(m.metric == "cka") & (m.hook == "resid_post")].sort_values("layer")
-        figures._band(f, d.layer, d.ci_low, d.ci_high, _COL[i], p)
-        f.add_trace(go.Scatter(x=d.layer, y=d.value, name=p, mode="lines+markers", line=dict(color=_COL[i])))
-    f.update_layout(template="plotly_white", title=dict(text="CKA per layer (resid_post, 95% CI)"),
-                    xaxis=dict(title=dict(text="layer")), yaxis=dict(title=dict(text="linear CKA")))
-    figs.append(("fig-cmp-cka", "CKA curves overlaid", f))
-    f = go.Figure()
-    for i, p in enumerate(pairs):
-        m = results[p]["rq1"]["metrics"]
-        d = m[(m.metric == "patch_kl") & (m.hook == "resid_post") & (m.condition == "base->tuned")].sort_values("layer")
-        figures._band(f, d.layer, d.ci_low, d.ci_high, _COL[i], p)
-        f.add_trace(go.Scatter(x=d.layer, y=d.value, name=p, mode="lines+markers", line=dict(color=_COL[i])))
-    f.update_layout(template="plotly_white", title=dict(text="Cross-patch KL base→tuned per layer (resid_post)"),
-                    xaxis=dict(title=dict(text="layer")), yaxis=dict(title=dict(text="KL (nats)")))
-    figs.append(("fig-cmp-patch-kl", "Patch KL overlaid", f))
+    def rq1_curves(pick) -> pd.DataFrame:
+        return pd.concat([pick(results[p]["rq1"]["metrics"]).assign(pair=p) for p in pairs])
+
+    figs = [("fig-cmp-cka", "CKA curves overlaid", figures.lines_with_ci(
+                rq1_curves(lambda m: m[(m.metric == "cka") & (m.hook == "resid_post")]), "pair",
+                "CKA per layer (resid_post, 95% CI)", "linear CKA")),
+            ("fig-cmp-patch-kl", "Patch KL overlaid", figures.lines_with_ci(
+                rq1_curves(lambda m: m[(m.metric == "patch_kl") & (m.hook == "resid_post")
+                                       & (m.condition == "base->tuned")]), "pair",
+                "Cross-patch KL base→tuned per layer (resid_post, 95% CI)", "KL (nats)"))]
     f = go.Figure()
     for i, p in enumerate(pairs):
         sites = [x for x in results[p]["rq2"]["summary"]["sites"] if x["solver"] is not None]

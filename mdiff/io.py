@@ -47,6 +47,21 @@ def provenance() -> dict[str, Any]:
             "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
+def run_config(writer: "ResultWriter", spec, info, shared_vocab_size: int, tokenized_with: str, split_seed: int,
+               splits: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """Every RQ's ``config.json`` (METHODS, Reporting): settings, pair, shapes, tokenization, prompts, provenance.
+
+    ``splits`` maps a split name to its prepared prompts (``summary()`` and ``prompt_ids``); ``fields`` are the
+    RQ's own entries.
+    """
+    splits = splits or {}
+    return {"settings": writer.settings, "pair": spec.to_dict(), "pair_info": info.to_dict(),
+            "tokenized_with": tokenized_with, **{k: p.summary() for k, p in splits.items()},
+            **{f"{k}_prompt_ids": p.prompt_ids for k, p in splits.items()}, "split_seed": split_seed,
+            "kl_vocabulary": f"shared vocabulary ({shared_vocab_size} ids), renormalised", **fields,
+            "dtype": spec.dtype, "provenance": provenance()}
+
+
 def tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for c in METRIC_COLUMNS:

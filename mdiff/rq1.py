@@ -22,7 +22,7 @@ import pandas as pd
 from mdiff import activations as A
 from mdiff import behaviour, cka, data, models, patching, stats
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, provenance, tidy
+from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.positions import PositionSpec, parse_positions
@@ -187,17 +187,12 @@ def _run(spec, cfg, info, out, writer, say):
     if self_max > SELF_PATCH_TOL:
         raise MdiffError(f"self-patch sanity check failed: KL {self_max:.3g} > {SELF_PATCH_TOL} (hooks are not "
                          f"replacing what they should, or the model is non-deterministic)")
-    config = {
-        "settings": writer.settings, "pair": spec.to_dict(), "pair_info": info.to_dict(),
-        "tokenized_with": prep_cka.tokenized_with, "prompts": prep_cka.summary(),
-        "prompt_ids": prep_cka.prompt_ids, "split": cfg.split, "split_seed": cfg.seed,
-        "kl_vocabulary": f"shared vocabulary ({sv.size} ids), renormalised",
-        "cka_ci": "biased linear CKA: prompt (cluster) bootstrap percentile; debiased CKA: delete-one-prompt "
-                  "jackknife normal interval",
-        "patch_position": "decision position (last content token)", "dtype": spec.dtype,
-        "behaviour": beh_settings,
-        "provenance": provenance(),
-    }
+    config = run_config(
+        writer, spec, info, sv.size, prep_cka.tokenized_with, cfg.seed, prompts=prep_cka.summary(),
+        prompt_ids=prep_cka.prompt_ids, split=cfg.split,
+        cka_ci="biased linear CKA: prompt (cluster) bootstrap percentile; debiased CKA: delete-one-prompt "
+               "jackknife normal interval",
+        patch_position="decision position (last content token)", behaviour=beh_settings)
     writer.csv("metrics.csv", metrics)
     writer.csv("per_prompt_kl.csv", pd.concat(per_prompt, ignore_index=True))
     writer.json("summary.json", summary)

@@ -33,7 +33,7 @@ import torch
 from mdiff import activations as A
 from mdiff import cka, maps, models, patching, stats
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, provenance, tidy
+from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.positions import PositionSpec, parse_positions
@@ -244,12 +244,9 @@ def _run(spec, cfg, info, out, writer, say):
         maps.save_map(est, prefix)
     writer.csv("metrics.csv", metrics)
     writer.json("summary.json", summary)
-    writer.json("config.json", {
-        "settings": writer.settings, "pair": spec.to_dict(), "pair_info": info.to_dict(),
-        "tokenized_with": prep_tr.tokenized_with, "train": prep_tr.summary(), "val": prep_va.summary(),
-        "train_prompt_ids": prep_tr.prompt_ids, "val_prompt_ids": prep_va.prompt_ids, "split_seed": cfg.seed,
-        "kl_vocabulary": f"shared vocabulary ({sv.size} ids), renormalised", "target": "tuned",
-        "alpha_mode": cfg.alpha_mode, "dtype": spec.dtype, "provenance": provenance()})
+    writer.json("config.json", run_config(writer, spec, info, sv.size, prep_tr.tokenized_with, cfg.seed,
+                                          {"train": prep_tr, "val": prep_va}, target="tuned",
+                                          alpha_mode=cfg.alpha_mode))
     from mdiff import figures
 
     writer.figure("drop.html", figures.drop_figure(metrics, spec.name, cfg.alpha_mode))

@@ -26,7 +26,7 @@ from mdiff import activations as A
 from mdiff import hooks as H
 from mdiff import maps, models, stats
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, provenance, tidy
+from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher, SitePatch
@@ -271,12 +271,9 @@ def _run(spec, cfg, info, writer, say):
     summary = _summary(spec, cfg, per_method, nothing, float(raw.mean()))
     writer.csv("metrics.csv", metrics)
     writer.json("summary.json", summary)
-    writer.json("config.json", {
-        "settings": writer.settings, "pair": spec.to_dict(), "pair_info": info.to_dict(),
-        "tokenized_with": prep_tr.tokenized_with, "train": prep_tr.summary(), "val": prep_va.summary(),
-        "train_prompt_ids": prep_tr.prompt_ids, "val_prompt_ids": prep_va.prompt_ids, "split_seed": cfg.seed,
-        "kl_vocabulary": f"shared vocabulary ({sv.size} ids), renormalised", "target": "tuned",
-        "alpha_mode": cfg.alpha_mode, "engine": cfg.engine, "dtype": spec.dtype, "provenance": provenance()})
+    writer.json("config.json", run_config(writer, spec, info, sv.size, prep_tr.tokenized_with, cfg.seed,
+                                          {"train": prep_tr, "val": prep_va}, target="tuned",
+                                          alpha_mode=cfg.alpha_mode, engine=cfg.engine))
     from mdiff import figures
 
     writer.figure("drop_vs_k.html", figures.rank_figure(metrics, spec.name))

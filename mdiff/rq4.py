@@ -26,7 +26,7 @@ from mdiff import activations as A
 from mdiff import heads as HD
 from mdiff import models, stats
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, provenance, tidy
+from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, HeadPatch, Patcher
@@ -186,14 +186,10 @@ def _run(spec, cfg, info, writer, say):
     summary = _summary(spec, cfg, summary_layers, site_check)
     writer.csv("metrics.csv", metrics)
     writer.json("summary.json", summary)
-    writer.json("config.json", {
-        "settings": writer.settings, "pair": spec.to_dict(), "pair_info": info.to_dict(),
-        "tokenized_with": prep_val.tokenized_with, "select": prep_sel.summary(), "val": prep_val.summary(),
-        "train": prep_tr.summary() if prep_tr is not None else None,
-        "select_prompt_ids": prep_sel.prompt_ids, "val_prompt_ids": prep_val.prompt_ids, "split_seed": cfg.seed,
-        "kl_vocabulary": f"shared vocabulary ({sv.size} ids), renormalised", "target": "tuned",
-        "position": "decision position (last content token)", "engine": cfg.engine, "dtype": spec.dtype,
-        "provenance": provenance()})
+    writer.json("config.json", run_config(
+        writer, spec, info, sv.size, prep_val.tokenized_with, cfg.seed, {"select": prep_sel, "val": prep_val},
+        train=prep_tr.summary() if prep_tr is not None else None, target="tuned",
+        position="decision position (last content token)", engine=cfg.engine))
     from mdiff import figures
 
     for site in cfg.sites:

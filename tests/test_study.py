@@ -133,3 +133,13 @@ def test_compare_shows_what_was_measured(studies):
 def test_compare_without_a_study_says_what_to_run(toys, tmp_path):
     r = runner.invoke(app, ["compare", "--pairs", "toy-lowrank,toy-distributed", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "mdiff study --pair toy-lowrank" in r.output, r.output
+
+
+def test_every_rq_config_carries_the_provenance_contract(studies):
+    common = {"settings", "pair", "pair_info", "tokenized_with", "split_seed", "kl_vocabulary", "dtype", "provenance"}
+    for rq in ("rq1", "rq2", "rq3", "rq4"):
+        cfg = json.loads((studies / "toy-lowrank" / rq / "config.json").read_text())
+        assert common <= set(cfg), (rq, common - set(cfg))
+        assert cfg["provenance"]["git_commit"] and cfg["pair"]["name"] == "toy-lowrank"
+        if rq != "rq1":
+            assert cfg["val_prompt_ids"] and cfg["val"]["n_prompts"] == len(cfg["val_prompt_ids"])
