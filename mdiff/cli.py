@@ -27,6 +27,13 @@ out = Console()
 PairOpt = Annotated[str, typer.Option("--pair", "-p", help="Built-in pair name (see `mdiff pairs`) or a pair .toml file.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="Torch device (default: cuda if available, else cpu).")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice; 1 in tests/CI).")]
+NOpt = Annotated[int | None, typer.Option(help="Use at most N prompts per split.")]
+BootstrapOpt = Annotated[int, typer.Option(help="Bootstrap resamples over prompts for the CIs (≥ 1).")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings "
+                                                 "(the old folder is kept as <name>.prev).")]
+AlphaModeOpt = Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")]
+FitPositionsOpt = Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")]
 
 
 def cli_errors(fn):
@@ -214,11 +221,11 @@ def rq1_cmd(
     positions: Annotated[str, typer.Option(help="CKA positions: last, or k=K content positions per prompt.")] = "last",
     split: Annotated[str, typer.Option(help="Prompts used: all, train, select or val.")] = "all",
     n: Annotated[int | None, typer.Option(help="Use at most N prompts.")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts for the CIs (≥ 1).")] = 1000,
+    bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, positions and bootstrap.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq1/.")] = "results",
-    overwrite: Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings.")] = False,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -273,16 +280,16 @@ def rq2_cmd(
                                              "pca-procrustes, logit-subspace (identity and mean-shift always run).")]
     = "ridge,procrustes,procrustes-scaled,whiten-procrustes",
     alphas: Annotated[str, typer.Option(help="Comma list of α values.")] = "1.0",
-    alpha_mode: Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")] = "blend",
-    fit_positions: Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")] = "last",
+    alpha_mode: AlphaModeOpt = "blend",
+    fit_positions: FitPositionsOpt = "last",
     control_layer: Annotated[int, typer.Option(help="Early-layer control site.")] = 0,
-    n: Annotated[int | None, typer.Option(help="Use at most N prompts per split.")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (≥ 1).")] = 1000,
+    n: NOpt = None,
+    bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, positions, shuffles and bootstrap.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq2/.")] = "results",
     freeze: Annotated[bool, typer.Option(help="Also pin each site's winning map and α into rq2/winners.json.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings.")] = False,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -332,15 +339,15 @@ def rq3_cmd(
     target_frac: Annotated[float | None, typer.Option(help="Target as a fraction of the full-rank drop "
                                                            "(default 0.9 when --target is not given).")] = None,
     alpha: Annotated[float, typer.Option(help="α of the patch (raw and mapped at the same α).")] = 1.0,
-    alpha_mode: Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")] = "blend",
+    alpha_mode: AlphaModeOpt = "blend",
     null_draws: Annotated[int, typer.Option(help="Random k-dim subspaces (matched variance) per k for the null.")] = 5,
-    fit_positions: Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")] = "last",
-    n: Annotated[int | None, typer.Option(help="Use at most N prompts per split.")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (≥ 1).")] = 1000,
+    fit_positions: FitPositionsOpt = "last",
+    n: NOpt = None,
+    bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, null subspaces and bootstrap.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq3/.")] = "results",
-    overwrite: Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings.")] = False,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -385,12 +392,12 @@ def rq4_cmd(
     control_layer: Annotated[int, typer.Option(help="Control layer, analysed the same way.")] = 0,
     map_solver: Annotated[str, typer.Option(help="Solver of the per-head maps (--source mapped).")] = "ridge",
     fit_positions: Annotated[str, typer.Option(help="Positions the per-head maps are fit on: last or k=K.")] = "last",
-    n: Annotated[int | None, typer.Option(help="Use at most N prompts per split.")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (≥ 1).")] = 1000,
+    n: NOpt = None,
+    bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, random head sets and bootstrap.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq4/.")] = "results",
-    overwrite: Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings.")] = False,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -437,11 +444,11 @@ def study_cmd(
     = "results",
     dry_run: Annotated[bool, typer.Option(help="Print the plan (resolving what earlier results decide) and stop.")]
     = False,
-    n: Annotated[int | None, typer.Option(help="Use at most N prompts per split.")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (≥ 1).")] = 1000,
+    n: NOpt = None,
+    bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, nulls and bootstrap.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
-    overwrite: Annotated[bool, typer.Option(help="Replace results of earlier runs with other settings.")] = False,
+    batch_size: BatchOpt = 16,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):

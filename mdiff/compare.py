@@ -21,13 +21,13 @@ import plotly.graph_objects as go
 from mdiff import figures
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
-from mdiff.report import _CSS, _md_table, load_results
+from mdiff.report import _CSS, RQS, _md_table, load_results
 
 _COL = figures._COLOURS
 
 
-def _need(res: dict, pair: str, rqs=("rq1", "rq2", "rq3", "rq4")) -> None:
-    missing = [r for r in rqs if r not in res]
+def _need(res: dict, pair: str) -> None:
+    missing = [r for r in RQS if r not in res]
     if missing:
         raise MdiffError(f"pair {pair!r} has no {', '.join(missing)} results: run `mdiff study --pair {pair}` first "
                          f"(or `mdiff compare --run-missing`)")
@@ -195,8 +195,7 @@ def run_compare(pairs: list[str], out: str | Path, run_missing: bool = False, st
     results = {}
     for p in pairs:
         res = load_results(out, p)
-        missing = [r for r in ("rq1", "rq2", "rq3", "rq4") if r not in res]
-        if missing and run_missing:
+        if run_missing and not set(RQS) <= set(res):
             from mdiff.pairs import resolve_pair
             from mdiff.study import StudyConfig, run_study
 
