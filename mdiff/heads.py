@@ -131,8 +131,17 @@ def random_sets(n_heads: int, k: int, n_sets: int, seed: int) -> list[tuple[int,
 def head_effects(patcher: Patcher, layer: int, site: str, source: Tensor, sets: Sequence[Sequence[int]],
                  vocab_ids) -> np.ndarray:
     """Per-prompt KL for each head set: ``[set, prompt]`` (one batched engine call)."""
-    conds = [HeadPatch(layer, tuple(int(h) for h in s), site, source) for s in sets]
-    return patcher.kl(conds, vocab_ids)
+    return grouped_head_effects(patcher, [(layer, site, source, sets)], vocab_ids)[0]
+
+
+def grouped_head_effects(patcher: Patcher, groups: Sequence[tuple[int, str, Tensor, Sequence[Sequence[int]]]],
+                         vocab_ids) -> list[np.ndarray]:
+    """:func:`head_effects` for many ``(layer, site, source, sets)`` groups in **one** engine call (the engine
+    runs its clean pass once per call); one ``[set, prompt]`` array per group."""
+    conds = [HeadPatch(L, tuple(int(h) for h in hs), site, src) for L, site, src, sets in groups for hs in sets]
+    kl = patcher.kl(conds, vocab_ids)
+    bounds = np.cumsum([0] + [len(g[3]) for g in groups])
+    return [kl[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def rank_heads(single: np.ndarray) -> list[int]:

@@ -29,7 +29,7 @@ from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
-from mdiff.patching import ENGINES, HeadPatch, Patcher
+from mdiff.patching import ENGINES, Patcher
 from mdiff.positions import PositionSpec, parse_positions
 
 
@@ -153,12 +153,12 @@ def _run(spec, cfg, info, writer, say):
         # the engine runs the clean pass once per call: one call per split, every condition in it
         say("single-head scan (select split)", 0.35)
         singles = [(h,) for h in range(n_heads)]
-        kl_sel = _split_kl(p_sel, [(L, site, sources[(L, site, src)][0], singles) for L, site, src in plan], vocab)
+        kl_sel = HD.grouped_head_effects(p_sel, [(L, site, sources[(L, site, src)][0], singles) for L, site, src in plan], vocab)
         sets = {e: _val_sets(HD.rank_heads(kl_sel[i]), cfg, n_heads) for i, e in enumerate(plan)}
         # the site check: both sites' all-heads effect with the raw source at every layer (z-site blindness)
         check = [(L, site) for L in layers for site in HD.HEAD_SITES]
         say("head sets (val split)", 0.55)
-        kl_val = _split_kl(p_val, [(L, site, HD.site_values(zb_val[L], WOb[L], site), [tuple(range(n_heads))])
+        kl_val = HD.grouped_head_effects(p_val, [(L, site, HD.site_values(zb_val[L], WOb[L], site), [tuple(range(n_heads))])
                                    for L, site in check]
                            + [(e[0], e[1], sources[e][1], sets[e]["all"]) for e in plan], vocab)
         for L in layers:
@@ -200,14 +200,6 @@ def _run(spec, cfg, info, writer, say):
     say("done", 1.0)
     summary["path"] = str(path)
     return summary
-
-
-def _split_kl(patcher: Patcher, groups: list[tuple], vocab) -> list[np.ndarray]:
-    """One engine call for every ``(layer, site, source, head sets)`` group; per-prompt KL per group."""
-    conds = [HeadPatch(L, tuple(int(h) for h in hs), site, src) for L, site, src, sets in groups for hs in sets]
-    kl = patcher.kl(conds, vocab)
-    bounds = np.cumsum([0] + [len(g[3]) for g in groups])
-    return [kl[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _val_sets(ranking: list[int], cfg: RQ4Config, n_heads: int) -> dict[str, Any]:
