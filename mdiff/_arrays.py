@@ -73,3 +73,17 @@ def factorize_groups(groups: Any, n: int | None) -> tuple[np.ndarray, int]:
         inverse = np.fromiter((codes.setdefault(v, len(codes)) for v in g.tolist()), dtype=np.int64)
     inverse = np.asarray(inverse, dtype=np.int64).reshape(-1)
     return inverse, int(inverse.max()) + 1
+
+
+def as_float_pair(X: Any, Y: Any, what: str, purpose: str, min_n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Validate paired feature matrices (same samples, in the same order, for both models; ≥ ``min_n`` rows)."""
+    x = as_float_array(X, "X", 2, purpose=purpose)
+    y = as_float_array(Y, "Y", 2, purpose=purpose)
+    if x.shape[0] != y.shape[0]:
+        raise MdiffError(
+            f"X has {x.shape[0]} rows but Y has {y.shape[0]}; {what} needs the same samples "
+            "(prompt positions) in the same order for both models"
+        )
+    if x.shape[0] < min_n:
+        raise MdiffError(f"{what} needs at least {min_n} samples but got {x.shape[0]}; use more prompts")
+    return x, y

@@ -82,7 +82,7 @@ import torch
 from jaxtyping import Float, Int, Real, Shaped
 from scipy import sparse
 
-from mdiff._arrays import as_float_array, factorize_groups
+from mdiff._arrays import as_float_pair, factorize_groups
 from mdiff.errors import MdiffError
 
 __all__ = [
@@ -145,22 +145,8 @@ class CKABootstrap:
 # input handling
 
 
-def _to_numpy(a: Any, name: str) -> np.ndarray:
-    """Validate one feature matrix and return it as a float32/float64 numpy array (no copy if possible)."""
-    return as_float_array(a, name, 2, purpose="computing CKA")
-
-
 def _validate_pair(X: Any, Y: Any, min_n: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    x = _to_numpy(X, "X")
-    y = _to_numpy(Y, "Y")
-    if x.shape[0] != y.shape[0]:
-        raise MdiffError(
-            f"X has {x.shape[0]} rows but Y has {y.shape[0]}; CKA needs the same samples "
-            "(prompt positions) in the same order for both models"
-        )
-    if x.shape[0] < min_n:
-        raise MdiffError(f"{what} needs at least {min_n} samples but got {x.shape[0]}; use more prompts")
-    return x, y
+    return as_float_pair(X, Y, what, purpose="computing CKA", min_n=min_n)
 
 
 def _check_ci(ci: float) -> float:

@@ -132,7 +132,7 @@ import scipy.linalg as sla
 import torch
 from jaxtyping import Float, Shaped
 
-from mdiff._arrays import as_float_array, factorize_groups
+from mdiff._arrays import as_float_array, as_float_pair, factorize_groups
 from mdiff.errors import MdiffError
 
 __all__ = [
@@ -191,16 +191,7 @@ def _to_numpy(a: Any, name: str, ndim: int | None = 2) -> np.ndarray:
 
 
 def _validate_pair(X: Any, Y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    x = _to_numpy(X, "X")
-    y = _to_numpy(Y, "Y")
-    if x.shape[0] != y.shape[0]:
-        raise MdiffError(
-            f"X has {x.shape[0]} rows but Y has {y.shape[0]}; {what} needs the same samples "
-            "(prompt positions) in the same order for both models"
-        )
-    if x.shape[0] < 2:
-        raise MdiffError(f"{what} needs at least 2 samples but got {x.shape[0]}; use more prompts")
-    return x, y
+    return as_float_pair(X, Y, what, purpose="fitting or applying a map")
 
 
 def _resolve_dtype(dtype: str, x: np.ndarray, y: np.ndarray) -> np.dtype:
