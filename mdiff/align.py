@@ -55,11 +55,16 @@ def shared_vocab(base_tok, tuned_tok, n_base: int | None = None, n_tuned: int | 
 
 
 def restrict_logprobs(logits, ids):
-    """Log-probabilities renormalised over the vocabulary subset ``ids`` (last axis)."""
+    """Log-probabilities renormalised over the vocabulary subset ``ids`` (last axis), in float64.
+
+    The model's logits (any dtype) are upcast *before* the log-softmax: a float32 log-softmax leaves a
+    noise floor of ~1e-7 nats in every KL (self-patches of 3e-7, negative KLs of -5e-9); in float64 the
+    KL of identical logits is exactly 0 and round-off stays below 1e-12.
+    """
     import torch
 
     idx = torch.as_tensor(ids, device=logits.device)
-    return torch.log_softmax(logits.index_select(-1, idx).float(), dim=-1)
+    return torch.log_softmax(logits.index_select(-1, idx).double(), dim=-1)
 
 
 def kl_divergence(logp_p, logp_q):

@@ -34,6 +34,9 @@ OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier 
                                                  "(the old folder is kept as <name>.prev).")]
 AlphaModeOpt = Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")]
 FitPositionsOpt = Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")]
+EngineOpt = Annotated[str, typer.Option(help="Patching engine: fast (recomputes only the decision position from the "
+                                             "patched layer; falls back to naive on unsupported models, and says so) "
+                                             "or naive (one full forward per condition). Recorded in config.json.")]
 
 
 def cli_errors(fn):
@@ -226,6 +229,7 @@ def rq1_cmd(
     batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq1/.")] = "results",
     overwrite: OverwriteOpt = False,
+    engine: EngineOpt = "fast",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -246,14 +250,17 @@ def rq1_cmd(
     layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")[::stride]
     cfg = RQ1Config(layers=layer_list, hooks=parse_str_list(hooks, "--hooks", RQ1_HOOKS),
                     positions=parse_positions(positions, seed=seed), split=split, n=n, n_boot=bootstrap, seed=seed,
-                    batch_size=batch_size, device=device)
+                    batch_size=batch_size, device=device, engine=engine)
     with _progress_bar("rq1") as prog:
         summary = run_rq1(spec, cfg, out_dir, overwrite,
                           progress=prog.fraction)
     out.print(f"[bold]RQ1 {spec.name}[/] ({summary['hook']}): largest divergence at layers "
               f"{summary['largest_divergence_layers']} (CKA), largest patch KL at {summary['largest_patch_kl_layers']}; "
               f"probe layers {summary['suggested_probe_layers']}, control layer {summary['suggested_control_layer']}; "
-              f"self-patch max KL {summary['self_patch_max_kl']:.2e}")
+              f"self-patch max KL {summary['self_patch_max_kl']:.2e}; KL tolerance {summary['noise']['kl_tolerance']:.2g} "
+              f"nats ({summary['noise'].get('dtype', '')} noise floor)")
+    for f in summary.get("findings", []):
+        out.print(f)
     out.print(f"wrote {summary['path']}")
 
 
@@ -348,6 +355,7 @@ def rq3_cmd(
     batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq3/.")] = "results",
     overwrite: OverwriteOpt = False,
+    engine: EngineOpt = "fast",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -367,7 +375,7 @@ def rq3_cmd(
                     methods=parse_str_list(methods, "--methods", METHODS), target=target, target_frac=target_frac,
                     alpha=alpha, alpha_mode=alpha_mode, n_null=null_draws,
                     fit_positions=parse_positions(fit_positions, seed=seed), n=n, n_boot=bootstrap, seed=seed,
-                    batch_size=batch_size, device=device)
+                    batch_size=batch_size, device=device, engine=engine)
     with _progress_bar("rq3") as prog:
         summary = run_rq3(spec, cfg, out_dir, overwrite, progress=prog.fraction)
     for f in summary["findings"]:
@@ -398,6 +406,7 @@ def rq4_cmd(
     batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq4/.")] = "results",
     overwrite: OverwriteOpt = False,
+    engine: EngineOpt = "fast",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -428,7 +437,7 @@ def rq4_cmd(
                     sources=parse_str_list(source, "--source", HD.SOURCES), random_sets=random_sets,
                     control_layer=control_layer, map_solver=map_solver,
                     fit_positions=parse_positions(fit_positions, seed=seed), n=n, n_boot=bootstrap, seed=seed,
-                    batch_size=batch_size, device=device)
+                    batch_size=batch_size, device=device, engine=engine)
     with _progress_bar("rq4") as prog:
         summary = run_rq4(spec, cfg, out_dir, overwrite, progress=prog.fraction)
     for f in summary["findings"]:
@@ -449,6 +458,7 @@ def study_cmd(
     seed: Annotated[int, typer.Option(help="Seed of splits, nulls and bootstrap.")] = 0,
     batch_size: BatchOpt = 16,
     overwrite: OverwriteOpt = False,
+    engine: EngineOpt = "fast",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -463,7 +473,7 @@ def study_cmd(
 
     check_bootstrap(bootstrap)
     spec = resolve_pair(pair, progress=True)
-    scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device)
+    scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device, engine=engine)
     if dry_run:
         rec = run_study(spec, scfg, out_dir, dry_run=True)
         out.print(f"[bold]plan for {spec.name}[/] (out: {out_dir}/{spec.name}/)")

@@ -108,6 +108,15 @@ def head_heatmap(metrics: pd.DataFrame, pair: str, site: str, source: str, split
         i, j = layers.index(int(r.layer)), heads.index(int(r.head))
         z[i, j], lo[i, j], hi[i, j] = r.value, r.ci_low, r.ci_high
     text = [[f"L{L}H{h}" for h in heads] for L in layers]
+    # ranking stability (RQ4 runs record it): share of select-split resamples whose top-k holds the head
+    f = metrics[(metrics["metric"] == "topk_frequency") & (metrics["site"] == site) & (metrics["source"] == source)] \
+        if "metric" in metrics else metrics.iloc[0:0]
+    for r in f.sort_values("k").itertuples():
+        L, h = int(r.layer), int(r.heads)
+        if L in layers and h in heads:
+            i, j = layers.index(L), heads.index(h)
+            sep = "; " if "top-" in text[i][j] else "<br>in the top-k of select resamples: "
+            text[i][j] += f"{sep}top-{int(r.k)} {100 * r.value:.0f}%"
     zmax = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"H{h}" for h in heads], y=[f"L{L}" for L in layers], text=text,

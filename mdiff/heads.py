@@ -37,7 +37,7 @@ from mdiff.patching import HeadPatch, Patcher
 
 HEAD_SITES = ("result", "z")
 SOURCES = ("raw", "mapped")
-EFFECT_FLOOR = 1e-6  # mean KL below this: the heads change nothing here, coverage is undefined
+EFFECT_FLOOR = 1e-10  # default tolerance; runs pass their measured one (mdiff.noise): at or below it, nothing to cover
 
 
 def parse_ks(text: str, n_heads: int, option: str = "--k") -> list[int]:
@@ -150,6 +150,62 @@ def rank_heads(single: np.ndarray) -> list[int]:
     return [int(h) for h in sorted(range(len(m)), key=lambda h: (-m[h], h))]
 
 
+STABLE_FREQ = 0.9
+"""A top-k set is *stable* when each of its heads is in the top-k in at least this share of prompt resamples."""
+
+
+@dataclass
+class RankStability:
+    """How often each head lands in the top-k when the ranking prompts are resampled (bootstrap).
+
+    ``head_freq[k][h]``: share of resamples whose top-k contains head h; ``set_freq[k]``: share whose top-k
+    is exactly the reported set; ``stable[k]``: every reported member has ``head_freq ≥ STABLE_FREQ``.
+    """
+
+    head_freq: dict[int, list[float]]
+    set_freq: dict[int, float]
+    stable: dict[int, bool]
+    n_resamples: int
+
+
+def rank_stability(single: np.ndarray, ks: Sequence[int], idx: np.ndarray) -> RankStability:
+    """Top-k membership frequencies of :func:`rank_heads` over prompt resamples ``idx`` ``[n_boot, n_prompts]``.
+
+    ``single`` is ``[head, prompt]`` (per-prompt single-head effects on the ranking split). Each resample ranks
+    the heads by their resampled means with the same tie rule as :func:`rank_heads` (lower index first).
+    """
+    x = np.asarray(single, np.float64)
+    n_heads = x.shape[0]
+    means = x[:, idx].mean(-1).T                                   # [n_boot, head]
+    order = np.lexsort((np.broadcast_to(np.arange(n_heads), means.shape), -means), axis=-1)  # [n_boot, head]
+    ranking = rank_heads(x)
+    rank_of = np.empty_like(order)
+    np.put_along_axis(rank_of, order, np.arange(n_heads)[None, :].repeat(len(means), 0), axis=-1)
+    head_freq, set_freq, stable = {}, {}, {}
+    for k in ks:
+        inside = rank_of < k                                         # [n_boot, head]
+        freq = inside.mean(0)
+        top = sorted(ranking[:k])
+        head_freq[int(k)] = [float(f) for f in freq]
+        set_freq[int(k)] = float(inside[:, top].all(-1).mean())
+        stable[int(k)] = bool(all(freq[h] >= STABLE_FREQ for h in top))
+    return RankStability(head_freq, set_freq, stable, len(means))
+
+
+def kv_group_of(heads: Sequence[int], n_heads: int, n_kv: int | None) -> int | None:
+    """The KV group (GQA) whose query heads are exactly ``heads``, else None.
+
+    Llama/Mistral-style GQA shares KV head ``g`` among query heads ``g·G .. g·G + G − 1``, ``G = n_heads / n_kv``.
+    """
+    if not n_kv or n_kv >= n_heads or n_heads % n_kv:
+        return None
+    G = n_heads // n_kv
+    hs = sorted(int(h) for h in heads)
+    if len(hs) != G or hs[0] % G or hs != list(range(hs[0], hs[0] + G)):
+        return None
+    return hs[0] // G
+
+
 @dataclass
 class Coverage:
     value: float
@@ -157,13 +213,15 @@ class Coverage:
     ci_high: float
 
 
-def coverage(effect_s: np.ndarray, effect_all: np.ndarray, idx: np.ndarray, ci: float = 0.95) -> Coverage:
-    """``mean(effect_S) / mean(effect_all)`` with a paired prompt-bootstrap CI (NaN if effect_all ≈ 0)."""
+def coverage(effect_s: np.ndarray, effect_all: np.ndarray, idx: np.ndarray, ci: float = 0.95,
+             floor: float = EFFECT_FLOOR) -> Coverage:
+    """``mean(effect_S) / mean(effect_all)`` with a paired prompt-bootstrap CI (NaN if effect_all ≤ ``floor``,
+    the run's KL noise tolerance)."""
     es, ea = np.asarray(effect_s, np.float64), np.asarray(effect_all, np.float64)
-    if ea.mean() < EFFECT_FLOOR:
+    if ea.mean() <= floor:
         return Coverage(float("nan"), float("nan"), float("nan"))
     sb, ab = es[idx].mean(1), ea[idx].mean(1)
-    ok = ab > EFFECT_FLOOR * 1e-3
+    ok = ab > floor * 1e-3
     lo, hi = np.quantile(sb[ok] / ab[ok], [(1 - ci) / 2, (1 + ci) / 2])
     return Coverage(float(es.mean() / ea.mean()), float(lo), float(hi))
 
@@ -176,10 +234,10 @@ def null_percentile(value: float, null: Sequence[float]) -> float:
     return float(100.0 * np.mean(null <= value))
 
 
-def site_blindness(effect_all: dict[str, float]) -> str | None:
+def site_blindness(effect_all: dict[str, float], floor: float = EFFECT_FLOOR) -> str | None:
     """A sentence when the ``z`` site sees much less than the ``result`` site (a change in W_O), else None."""
     r, z = effect_all.get("result"), effect_all.get("z")
-    if r is None or z is None or not np.isfinite(r) or r < EFFECT_FLOOR:
+    if r is None or z is None or not np.isfinite(r) or r <= floor:
         return None
     if z < 0.1 * r:
         z = max(z, 0.0)  # a KL of -1e-9 is float round-off

@@ -496,6 +496,79 @@ class Patcher:
                                               batch_size=self.batch_size)
         return self._clean
 
+    def capture(self, sites: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Tensor]:
+        """The target's own clean values at each prompt's decision position, ``{(hook, layer): [prompt, ...]}``.
+
+        ``hook`` is a site hook (:data:`SITE_HOOKS`) or ``"z"`` (``[prompt, head, d_head]``). The values are
+        computed with this engine's own batching and padding, so patching them back is a bit-for-bit no-op
+        in any dtype: a self-patch built from them gives KL exactly 0 (values read from an activation store,
+        batched otherwise, differ from these in their last bits in bf16; :meth:`noise_floor` measures how
+        much that is worth).
+        """
+        cfg = self.model.cfg
+        keys = list(dict.fromkeys((str(h), int(L)) for h, L in sites))
+        for h, L in keys:
+            if h not in (*SITE_HOOKS, "z"):
+                raise MdiffError(f"cannot capture {h!r}: use one of {', '.join((*SITE_HOOKS, 'z'))}")
+            if not 0 <= L < cfg.n_layers:
+                raise MdiffError(f"layer {L} is outside the model's layers 0..{cfg.n_layers - 1}")
+        out: dict[tuple[str, int], Tensor] = {}
+        clean_all = torch.empty(self.n, cfg.d_vocab)
+        dev = _device(self.model)
+
+        def put(key, rows, value):
+            if key not in out:
+                out[key] = torch.empty((self.n, *value.shape[1:]), dtype=value.dtype)
+            out[key][rows] = value.cpu()
+
+        with torch.no_grad():
+            if self.engine_used == "fast":
+                for idx in self._fast_batches():
+                    caps, clean, _ = self._clean_pass(idx, keys, [])
+                    clean_all[idx] = clean.float().cpu()
+                    for k in keys:
+                        put(k, torch.tensor(idx), caps[k])
+            else:
+                for s, e in _batches(self.n, self.batch_size):
+                    inp, mask = pad_left(self.ids[s:e], self.pad_id)
+                    pos = _decision_columns(self.ids[s:e], self.positions[s:e], inp.shape[1]).to(dev)
+                    store: dict[Any, Tensor] = {}
+                    hooks = [(H.hook_name(h, L, cfg.n_layers), H.capture_hook(store, (h, L), positions=pos))
+                             for h, L in keys]
+                    logits = self.model.run_with_hooks(inp.to(dev), attention_mask=mask.to(dev), fwd_hooks=hooks)
+                    clean_all[s:e] = logits[torch.arange(e - s), pos].float().cpu()
+                    for k in keys:
+                        put(k, slice(s, e), store[k])
+        if self._clean is None:
+            self._clean = clean_all
+        return out
+
+    def rounding_conditions(self, own: dict[tuple[str, int], Tensor], seed: int = 0) -> list[Condition]:
+        """One condition per captured site: the target's own value with **one rounding error** added.
+
+        Each element is multiplied by ``1 + δ``, ``δ`` uniform in ``[−u, u]`` with ``u`` the unit round-off of
+        the model's dtype (half its machine epsilon), then rounded to that dtype: the size of error a single
+        operation in this dtype makes. The KL such a patch causes is what arithmetic alone is worth at that site
+        (:mod:`mdiff.noise`). ``z`` sites become a :class:`HeadPatch` of every head at the ``z`` site.
+        """
+        dtype = next(self.model.parameters()).dtype
+        u = torch.finfo(dtype).eps / 2
+        g = torch.Generator().manual_seed(int(seed))
+        conds: list[Condition] = []
+        for (h, L), v in own.items():
+            noise = (2 * torch.rand(v.shape, generator=g, dtype=torch.float64) - 1) * u
+            pert = (v.double() * (1 + noise)).to(dtype)
+            if h == "z":
+                conds.append(HeadPatch(L, tuple(range(v.shape[1])), "z", pert))
+            else:
+                conds.append(SitePatch(L, h, pert))
+        return conds
+
+    def noise_floor(self, vocab_ids: Sequence[int] | np.ndarray, sites: Sequence[tuple[str, int]],
+                    seed: int = 0) -> np.ndarray:
+        """Per-prompt KL of one rounding error at each site (:meth:`rounding_conditions`): ``[site, prompt]``."""
+        return self.kl(self.rounding_conditions(self.capture(sites), seed), vocab_ids)
+
     def _check(self, conds: Sequence[Condition]) -> None:
         cfg = self.model.cfg
         for c in conds:
@@ -535,7 +608,7 @@ class Patcher:
         in what one naive batch forward holds (``batch_size`` prompts at the widest naive batch's width, each
         token with its ``d_vocab`` logits and attention scores): a layer row holds a few ``d_model``/``d_mlp``
         vectors and its scores against the prefix; a vocabulary row its logits, their log-softmax and the
-        float64 KL terms (about ``36`` bytes per shared-vocabulary id).
+        float64 log-softmax and KL terms (about ``48`` bytes per shared-vocabulary id).
         """
         if self.max_rows is not None:
             return self.max_rows, self.max_rows
@@ -548,7 +621,7 @@ class Patcher:
         budget = batch * width * naive_token
         layer_row = es * (10 * cfg.d_model + 4 * (cfg.n_heads + 2 * kv) * cfg.d_head + 5 * cfg.d_mlp) \
             + 16 * cfg.n_heads * (width + 1)
-        vocab_row = cfg.d_vocab * es + 36 * (n_vocab or cfg.d_vocab)
+        vocab_row = cfg.d_vocab * es + 48 * (n_vocab or cfg.d_vocab)
         return max(1, budget // layer_row), max(1, budget // vocab_row)
 
     def _fast(self, conds: Sequence[Condition], want_logits: bool,
@@ -597,7 +670,7 @@ class Patcher:
                 if not conds:
                     continue
                 if vocab is not None:
-                    clean_lp = restrict_logprobs(clean, vocab).double()
+                    clean_lp = restrict_logprobs(clean, vocab)
                     clean_p = clean_lp.exp()
                     clean_ent = (clean_p * clean_lp).sum(-1)  # Σ p·log p, per prompt
                 pidx = torch.tensor(idx, device=dev)
@@ -621,9 +694,9 @@ class Patcher:
                                     lg.float().cpu()
                             if out_kl is not None:
                                 x = F.linear(hv, *unembed_kl)
-                                logq = torch.log_softmax((x if vocab_slice else x.index_select(-1, vocab)).float(), -1)
+                                logq = torch.log_softmax((x if vocab_slice else x.index_select(-1, vocab)).double(), -1)
                                 # KL = Σ p·log p − Σ p·log q in float64 (as align.kl_divergence), one contraction
-                                cross = torch.einsum("cbv,bv->cb", logq.double(), clean_p[b0 + u0:b0 + u1])
+                                cross = torch.einsum("cbv,bv->cb", logq, clean_p[b0 + u0:b0 + u1])
                                 kl = (clean_ent[b0 + u0:b0 + u1] - cross).masked_fill(same, 0.0)
                                 out_kl[np.ix_(rows_c, cols)] = kl.cpu().numpy()
         if clean_all is not None:

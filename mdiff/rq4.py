@@ -27,10 +27,14 @@ from mdiff import heads as HD
 from mdiff import models, stats
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
+from mdiff.noise import NoiseFloor
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher
 from mdiff.positions import PositionSpec, parse_positions
+
+TOPK_FREQ = "topk_frequency"
+"""Metric: share of select-split resamples whose top-k (column ``k``) contains the head."""
 
 
 @dataclasses.dataclass
@@ -54,7 +58,7 @@ class RQ4Config:
         return {"layers": self.layers, "ks": self.ks, "sites": self.sites, "sources": self.sources,
                 "random_sets": self.random_sets, "control_layer": self.control_layer, "map_solver": self.map_solver,
                 "fit_positions": self.fit_positions.to_dict(), "n": self.n, "bootstrap": self.n_boot,
-                "seed": self.seed}
+                "seed": self.seed, "engine": self.engine}
 
 
 def check_config(cfg: RQ4Config, n_layers: int, n_heads: int) -> None:
@@ -136,6 +140,11 @@ def _run(spec, cfg, info, writer, say):
         p_sel = Patcher(m, prep_sel.tuned_ids, prep_sel.tuned_positions, pad_t, bs, cfg.engine)
         p_val = Patcher(m, prep_val.tuned_ids, prep_val.tuned_positions, pad_t, bs, cfg.engine)
         vocab = sv.tuned_ids
+        say("noise floor (one rounding error at each layer's z)", 0.17)
+        noise = NoiseFloor.measure(spec.dtype, p_val.engine_used,
+                                   [p_val.noise_floor(vocab, [("z", L) for L in layers], cfg.seed)])
+        tol = noise.tolerance
+        engine = {"requested": cfg.engine, "used": p_val.engine_used, "fallback_reason": p_val.fallback_reason}
         idx = stats.resample_indices(p_val.n, cfg.n_boot, cfg.seed + 1)
         idx_sel = stats.resample_indices(p_sel.n, cfg.n_boot, cfg.seed + 2)
         plan = [(L, site, src) for L in layers for site in cfg.sites for src in cfg.sources]
@@ -171,10 +180,10 @@ def _run(spec, cfg, info, writer, say):
                              "value": v, "ci_low": lo, "ci_high": hi, "n": len(kl), "split": "val", "site": site,
                              "source": "raw"})
             site_check[L] = {"effect_all_result": eff["result"], "effect_all_z": eff["z"],
-                             "note": HD.site_blindness(eff)}
+                             "note": HD.site_blindness(eff, tol)}
         for i, (L, site, source) in enumerate(plan):
             res = _analyse_layer(kl_sel[i], kl_val[len(check) + i], sets[(L, site, source)], source, cfg, n_heads,
-                                 idx, idx_sel)
+                                 idx, idx_sel, tol, info.base.n_kv_heads)
             for r in res["rows"]:
                 rows.append({"layer": L, "hook": site, "site": site, "source": source, **r})
             summary_layers.append({"layer": L, "site": site, "source": source,
@@ -183,13 +192,16 @@ def _run(spec, cfg, info, writer, say):
                                    **({"map_r2_train": fitted_r2[(L, site)]} if source == "mapped" else {})})
 
     metrics = tidy([{"pair": spec.name, "rq": "rq4", **r} for r in rows])
-    summary = _summary(spec, cfg, summary_layers, site_check)
+    summary = _summary(spec, cfg, summary_layers, site_check, tol)
+    summary["noise"] = noise.to_dict()
     writer.csv("metrics.csv", metrics)
     writer.json("summary.json", summary)
     writer.json("config.json", run_config(
         writer, spec, info, sv.size, prep_val.tokenized_with, cfg.seed, {"select": prep_sel, "val": prep_val},
         train=prep_tr.summary() if prep_tr is not None else None, target="tuned",
-        position="decision position (last content token)", engine=cfg.engine))
+        position="decision position (last content token)", engine=engine,
+        ranking_stability=f"bootstrap over select prompts ({cfg.n_boot} resamples); a top-k is stable when each "
+                          f"member is in the top-k in >= {100 * HD.STABLE_FREQ:.0f}% of resamples"))
     from mdiff import figures
 
     for site in cfg.sites:
@@ -211,24 +223,28 @@ def _val_sets(ranking: list[int], cfg: RQ4Config, n_heads: int) -> dict[str, Any
             "all": [tuple(range(n_heads))] + singles + [top[k] for k in cfg.ks] + [s for k in cfg.ks for s in rand[k]]}
 
 
-def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel):
+def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel, tol, n_kv=None):
     rows: list[dict] = []
     ranking, top, rand = sets["ranking"], sets["top"], sets["rand"]
+    stab = HD.rank_stability(kl_sel, cfg.ks, idx_sel)
     for h in range(n_heads):
         v, lo, hi = stats.bootstrap_mean(kl_sel[h], idx=idx_sel)
         rows.append({"condition": f"{source}|head:{h}", "metric": "effect", "value": v, "ci_low": lo, "ci_high": hi,
                      "n": kl_sel.shape[1], "split": "select", "k": 1, "heads": str(h), "set": "single",
                      "rank": ranking.index(h) + 1})
+        for k in cfg.ks:
+            rows.append({"condition": f"{source}|head:{h}", "metric": TOPK_FREQ, "value": stab.head_freq[k][h],
+                         "n": stab.n_resamples, "split": "select", "k": k, "heads": str(h), "set": "single"})
     all_kl = kl[0]
     a, alo, ahi = stats.bootstrap_mean(all_kl, idx=idx)
-    nothing = a < HD.EFFECT_FLOOR
+    nothing = a <= tol
     rows.append({"condition": f"{source}|all", "metric": "effect", "value": a, "ci_low": alo, "ci_high": ahi,
                  "n": len(all_kl), "split": "val", "k": n_heads, "heads": _fmt_heads(sets["all"][0]),
                  "set": "all"})
 
     def record(name, s, kl_s, kind, k):
         v, lo, hi = stats.bootstrap_mean(kl_s, idx=idx)
-        c = HD.coverage(kl_s, all_kl, idx)
+        c = HD.coverage(kl_s, all_kl, idx, floor=tol)
         base = {"split": "val", "k": k, "heads": _fmt_heads(s), "set": kind, "n": len(kl_s)}
         rows.append({"condition": f"{source}|{name}", "metric": "effect", "value": v, "ci_low": lo, "ci_high": hi,
                      **base})
@@ -257,7 +273,10 @@ def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel):
                          "split": "val", "k": k, "heads": _fmt_heads(top[k]), "set": "top"})
         cov[k] = {"heads": list(top[k]), "coverage": c_top.value, "ci": [c_top.ci_low, c_top.ci_high],
                   "random_null": {"n_sets": len(null), "q05": q[0], "median": q[1], "q95": q[2]},
-                  "null_percentile": pct}
+                  "null_percentile": pct,
+                  "stability": {"head_freq": {str(h): stab.head_freq[k][h] for h in top[k]},
+                                "set_freq": stab.set_freq[k], "stable": stab.stable[k]},
+                  "kv_group": HD.kv_group_of(top[k], n_heads, n_kv)}
     summary = {
         "ranking_select": ranking,
         "single_effect_select": [float(kl_sel[h].mean()) for h in range(n_heads)],
@@ -269,7 +288,19 @@ def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel):
     return {"rows": rows, "summary": summary}
 
 
-def _summary(spec, cfg, layers, site_check) -> dict[str, Any]:
+def _stability_text(k: int, c: dict) -> str:
+    """"each in the top-2 in 97%, 95% of select resamples", or the unstable members."""
+    st = c["stability"]
+    freqs = [(int(h), f) for h, f in st["head_freq"].items()]
+    if st["stable"]:
+        return (f"stable: head{'s' if len(freqs) > 1 else ''} " + ", ".join(f"{h} in {100 * f:.0f}%" for h, f in freqs)
+                + f" of select resamples' top-{k}")
+    weak = [(h, f) for h, f in freqs if f < HD.STABLE_FREQ]
+    return ("UNSTABLE: " + ", ".join(f"head {h} is in the top-{k} in only {100 * f:.0f}%" for h, f in weak)
+            + " of select resamples, so this membership is within noise")
+
+
+def _summary(spec, cfg, layers, site_check, tol=HD.EFFECT_FLOOR) -> dict[str, Any]:
     findings = []
     for e in layers:
         tag = f"L{e['layer']} {e['site']} site, {e['source']} source"
@@ -279,7 +310,7 @@ def _summary(spec, cfg, layers, site_check) -> dict[str, Any]:
             if e["site"] == "z" and sc.get("note"):
                 why = " — " + sc["note"]
             raw_all = sc.get("effect_all_" + e["site"], 0.0)
-            if e["source"] == "mapped" and raw_all >= HD.EFFECT_FLOOR:
+            if e["source"] == "mapped" and raw_all > tol:
                 why = (f" — the raw base heads do change the output here ({raw_all:.3g} nats), "
                        "so the per-head maps transport these heads essentially fully")
             e["verdict"] = (f"{tag}: patching all heads changes nothing (effect "
@@ -290,9 +321,12 @@ def _summary(spec, cfg, layers, site_check) -> dict[str, Any]:
             for k, c in e["coverage"].items():
                 if int(k) == len(e["single_effect_val"]):
                     continue  # top-n_heads is all heads: coverage 1 by definition
-                parts.append(f"top-{k} (heads {_fmt_heads(c['heads'])}) covers {100 * c['coverage']:.0f}% "
+                group = (f" = KV group {c['kv_group']}, all the query heads that share one key/value head"
+                         if c.get("kv_group") is not None else "")
+                parts.append(f"top-{k} (heads {_fmt_heads(c['heads'])}{group}) covers {100 * c['coverage']:.0f}% "
                              f"[{100 * c['ci'][0]:.0f}, {100 * c['ci'][1]:.0f}] vs random-{k} median "
-                             f"{100 * c['random_null']['median']:.0f}% (percentile {c['null_percentile']:.0f})")
+                             f"{100 * c['random_null']['median']:.0f}% (percentile {c['null_percentile']:.0f}; "
+                             f"{_stability_text(int(k), c)})")
             e["verdict"] = f"{tag}: " + "; ".join(parts)
         findings.append(e["verdict"])
     for L, sc in sorted(site_check.items()):
@@ -305,7 +339,10 @@ def _summary(spec, cfg, layers, site_check) -> dict[str, Any]:
                                      "position, shared vocabulary; only the heads in the set are patched",
                            "coverage": "effect(set) / effect(all heads), paired prompt-bootstrap 95% CI",
                            "ranking": "single-head effects on the select split",
-                           "null_percentile": "percent of random k-sets (same layer) whose coverage is <= top-k's"}}
+                           "null_percentile": "percent of random k-sets (same layer) whose coverage is <= top-k's",
+                           "stability": "share of bootstrap resamples of the select prompts whose top-k contains the "
+                                        f"head; a top-k is stable when every member reaches {HD.STABLE_FREQ:.0%}",
+                           "kv_group": "GQA: the top-k is exactly the query heads sharing one key/value head"}}
     if spec.truth is not None:
         out["truth"] = spec.truth
     return out

@@ -45,6 +45,7 @@ class StudyConfig:
     alphas: tuple[float, ...] = (0.5, 1.0)
     random_sets: int = 20
     rq4_sources: tuple[str, ...] = ("raw", "mapped")
+    engine: str = "fast"
 
 
 def _norm(obj: Any) -> Any:
@@ -94,7 +95,7 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
     steps: list[dict] = []
     c1 = RQ1Config(layers=list(range(d.n_layers)), hooks=list(scfg.rq1_hooks),
                    positions=parse_positions("last", seed=scfg.seed), n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
-                   batch_size=scfg.batch_size, device=scfg.device)
+                   batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
     steps.append({"step": "rq1", "cfg": c1, "why": "every layer"})
     rq1_ok = _done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()})
     if not rq1_ok:
@@ -116,7 +117,7 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
         ks = [2 ** i for i in range(d.n_heads.bit_length()) if 2 ** i <= d.n_heads]
         c4 = RQ4Config(layers=[attn], ks=ks, sites=["result"], sources=list(scfg.rq4_sources),
                        random_sets=scfg.random_sets, control_layer=ctrl, n=scfg.n, n_boot=scfg.n_boot,
-                       seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device)
+                       seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
         why4 = f"best attention layer L{attn} (largest attn_out patch KL in RQ1), control layer {ctrl}"
     rq2_ok = _done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()})
     if not rq2_ok:
@@ -129,7 +130,8 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
         else:
             c3 = RQ3Config(layer=int(best["layer"]), hook=best["hook"], ks=default_ks(d.d_model),
                            target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode, n=scfg.n,
-                           n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device)
+                           n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
+                           engine=scfg.engine)
             steps.append({"step": "rq3", "cfg": c3, "why": f"RQ2's best site L{best['layer']} {best['hook']} "
                                                           f"({best['solver']}, α={best['alpha']:g})"})
     steps.append({"step": "rq4", "cfg": c4, "why": why4, **({"skip": True} if c4 is None else {})})
