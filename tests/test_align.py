@@ -124,12 +124,33 @@ def test_restricted_logprobs_and_kl():
     logits = torch.randn(3, 10, generator=g)
     ids = [0, 2, 3, 7]
     lp = align.restrict_logprobs(logits, ids)
-    ref = logits[:, ids] - torch.logsumexp(logits[:, ids], -1, keepdim=True)
-    assert torch.allclose(lp, ref, atol=1e-6) and torch.allclose(lp.exp().sum(-1), torch.ones(3))
+    ref = logits[:, ids].double() - torch.logsumexp(logits[:, ids].double(), -1, keepdim=True)
+    assert lp.dtype == torch.float64  # float64 from the logits of any dtype (F11)
+    assert torch.allclose(lp, ref, atol=1e-12) and torch.allclose(lp.exp().sum(-1), torch.ones(3, dtype=torch.float64))
     q = align.restrict_logprobs(logits.flip(0), ids)
     kl = align.kl_divergence(lp, q)
     manual = (lp.double().exp() * (lp.double() - q.double())).sum(-1)
     assert torch.allclose(kl, manual) and float(align.kl_divergence(lp, lp).abs().max()) == 0.0
+
+
+def test_kl_of_nearby_bf16_logits_has_no_float32_floor():
+    """Two bf16 logit rows one ulp apart: float64 KL matches an exact numpy reference; a float32
+    log-softmax (the old path) is off by its ~1e-7 floor and can go negative."""
+    g = torch.Generator().manual_seed(1)
+    a = (4 * torch.randn(64, 500, generator=g)).to(torch.bfloat16)
+    b = (a.float() * (1 + 2 ** -7)).to(torch.bfloat16)  # one bf16 ulp up (or so): a tiny change
+    b = torch.where(torch.rand(a.shape, generator=g) < 0.1, b, a)
+    ids = np.arange(500)
+    kl = align.kl_divergence(align.restrict_logprobs(a, ids), align.restrict_logprobs(b, ids)).numpy()
+    A, B = a.double().numpy(), b.double().numpy()
+    la = A - np.log(np.exp(A - A.max(-1, keepdims=True)).sum(-1, keepdims=True)) - A.max(-1, keepdims=True)
+    lb = B - np.log(np.exp(B - B.max(-1, keepdims=True)).sum(-1, keepdims=True)) - B.max(-1, keepdims=True)
+    ref = (np.exp(la) * (la - lb)).sum(-1)
+    assert np.allclose(kl, ref, rtol=1e-6, atol=1e-15)
+    assert kl.min() >= -1e-12
+    lp32a, lp32b = torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1)
+    kl32 = align.kl_divergence(lp32a, lp32b).numpy()
+    assert np.abs(kl32 - ref).max() > 1e3 * np.abs(kl - ref).max()
 
 
 # --------------------------------------------------------------------------- different tokenizers

@@ -146,3 +146,28 @@ def test_bad_head_patches_raise_clear_errors(lowrank_inputs):
             p.kl([HeadPatch(d["L"], (1,), "nope", res)], d["vocab"])
         with pytest.raises(MdiffError, match="rows"):
             p.kl([HeadPatch(d["L"], (1,), "result", res[:3])], d["vocab"])
+
+
+def test_rank_stability_matches_a_naive_loop():
+    """Top-k membership frequencies over prompt resamples, against a per-resample loop with rank_heads."""
+    from mdiff import stats
+    from mdiff.heads import STABLE_FREQ, kv_group_of, rank_heads, rank_stability
+
+    rng = np.random.default_rng(0)
+    single = rng.gamma(2.0, 1.0, size=(6, 40)) * np.array([3, 0.5, 2.9, 0.1, 1.0, 0.2])[:, None]
+    idx = stats.resample_indices(40, 300, 1)
+    st = rank_stability(single, [1, 2, 3], idx)
+    for k in (1, 2, 3):
+        top = sorted(rank_heads(single)[:k])
+        counts, same = np.zeros(6), 0
+        for r in idx:
+            t = rank_heads(single[:, r])[:k]
+            counts[t] += 1
+            same += sorted(t) == top
+        assert np.allclose(st.head_freq[k], counts / len(idx))
+        assert st.set_freq[k] == pytest.approx(same / len(idx))
+        assert st.stable[k] == all(counts[h] / len(idx) >= STABLE_FREQ for h in top)
+    assert not st.stable[1] and st.stable[2]  # heads 0 and 2 trade places, but both are always in the top-2
+    assert kv_group_of((4, 5, 6, 7), 8, 2) == 1 and kv_group_of((0, 1, 2, 3), 8, 2) == 0
+    assert kv_group_of((2, 3, 4, 5), 8, 2) is None and kv_group_of((4, 5, 6, 7), 8, 8) is None
+    assert kv_group_of((1,), 8, 8) is None and kv_group_of((6, 7), 8, 4) == 3
