@@ -4,7 +4,8 @@ Plan (every choice is written into ``OUT/<pair>/study.json``):
 
 1. **RQ1** on every layer (resid_post, attn_out, mlp_out): CKA and cross-patch KL.
 2. **RQ2** on RQ1's probe layers (the two largest base→tuned patch KLs at resid_post) at resid_post and
-   attn_out, with RQ1's control layer as the control site; the winners are pinned (``rq2/winners.json``).
+   attn_out, plus ``mlp_out`` when RQ1 names the MLP as the component carrying a probe layer's change, with
+   RQ1's control layer as the control site; the winners are pinned (``rq2/winners.json``).
 3. **RQ3** on RQ2's best site, at the winner's α.
 4. **RQ4** on the *best attention layer*: the layer whose ``attn_out`` cross-patch KL (base→tuned, RQ1)
    is largest, with RQ1's control layer as the control; raw and mapped sources at the ``result`` site
@@ -66,21 +67,36 @@ def _summary(out: Path, pair: str, rq: str) -> dict:
     return json.loads((out / pair / rq / "summary.json").read_text())
 
 
+def _rq1_tolerance(out: Path, pair: str) -> float:
+    """RQ1's KL noise tolerance (measured from its own noise floor; :mod:`mdiff.noise`)."""
+    from mdiff.noise import KL_ABS_FLOOR
+
+    try:
+        return float(_summary(out, pair, "rq1").get("noise", {}).get("kl_tolerance", KL_ABS_FLOOR))
+    except (OSError, ValueError):
+        return KL_ABS_FLOOR
+
+
 def best_attention_layer(out: Path, pair: str, exclude: int | None = None) -> int | None:
-    """The layer with the largest base→tuned cross-patch KL at attn_out in RQ1's metrics."""
+    """The layer with the largest base→tuned cross-patch KL at attn_out in RQ1's metrics (None when every
+    attn_out patch is within RQ1's noise tolerance)."""
+    from mdiff.rq1 import CROSS_B2T
+
     m = pd.read_csv(out / pair / "rq1" / "metrics.csv")
-    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == "base->tuned")]
+    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == CROSS_B2T)]
     if exclude is not None and (a.layer != exclude).any():
         a = a[a.layer != exclude]
-    if not len(a) or not (a.value > 1e-6).any():
+    if not len(a) or not (a.value > _rq1_tolerance(out, pair)).any():
         return None
     return int(a.loc[a.value.idxmax(), "layer"])
 
 
 def _quietest_attention_layer(out: Path, pair: str, exclude: int) -> int:
     """The layer (other than ``exclude``) whose attn_out cross-patch changes the output least."""
+    from mdiff.rq1 import CROSS_B2T
+
     m = pd.read_csv(out / pair / "rq1" / "metrics.csv")
-    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == "base->tuned") & (m.layer != exclude)]
+    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == CROSS_B2T) & (m.layer != exclude)]
     return int(a.loc[a.value.idxmin(), "layer"]) if len(a) else exclude
 
 
@@ -104,11 +120,19 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
         return steps
     s1 = _summary(out, spec.name, "rq1")
     probe, control = s1["suggested_probe_layers"], s1["suggested_control_layer"]
-    c2 = RQ2Config(layers=list(probe), hooks=list(scfg.rq2_hooks), solvers=list(DEFAULT_SOLVERS),
+    # RQ2's sites: resid_post plus the component(s) RQ1 names at the probe layers (attention → attn_out,
+    # MLP → mlp_out); attn_out when RQ1 names none (an older RQ1, or no component above noise)
+    comps = [h for h in s1.get("probe_components", []) if h not in scfg.rq2_hooks]
+    hooks2 = [*scfg.rq2_hooks, *comps]
+    c2 = RQ2Config(layers=list(probe), hooks=hooks2, solvers=list(DEFAULT_SOLVERS),
                    alphas=list(scfg.alphas), control_layer=control, n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
                    batch_size=scfg.batch_size, device=scfg.device)
+    named = {L: c["component"] for L, c in s1.get("components", {}).items() if int(L) in probe}
     steps.append({"step": "rq2", "cfg": c2, "why": f"RQ1 probe layers {probe} (largest base→tuned patch KL), "
-                                                  f"control layer {control}"})
+                                                  f"control layer {control}, hooks {', '.join(hooks2)}"
+                                                  + (f" (RQ1 components at the probe layers: "
+                                                     + ", ".join(f"L{L} {c}" for L, c in sorted(named.items())) + ")"
+                                                     if named else "")})
     attn = best_attention_layer(out, spec.name)
     if attn is None:
         c4, why4 = None, "RQ1 found no attention layer whose patch changes the output (attn_out KL ≈ 0 everywhere)"

@@ -246,3 +246,17 @@ def test_float32_patch_kl_matches_plain_hf_reference(pairs, rq1_runs):
         mine = got.loc[pids, "kl"].to_numpy()
         assert ref.min() > 1e-3  # a real effect to compare
         assert np.all(np.abs(mine - ref) <= 1e-4 * np.abs(ref) + 1e-8), np.abs(mine - ref).max()
+
+
+def test_study_picks_rq2_sites_from_rq1_components(pairs, rq1_runs):
+    """RQ1 names the MLP at a probe layer, so the study's RQ2 patches mlp_out there too (dry run, no model)."""
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig, run_study
+
+    s1 = rq1_runs["bf16"]["summary"]
+    assert LP.MLP_LAYER in s1["suggested_probe_layers"] and "mlp_out" in s1["probe_components"]
+    out = rq1_runs["bf16"]["dir"].parent.parent
+    rec = run_study(resolve_pair(str(pairs["bf16"])), StudyConfig(n=N, n_boot=200), out, dry_run=True)
+    steps = {s["step"]: s for s in rec["steps"]}
+    assert steps["rq1"]["status"] == "done"
+    assert "mlp_out" in steps["rq2"]["settings"]["hooks"] and f"L{LP.MLP_LAYER} MLP" in steps["rq2"]["why"]
