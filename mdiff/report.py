@@ -79,10 +79,26 @@ def findings(res: dict[str, dict]) -> list[Finding]:
                        f"({ck.value[Lc]:.3f} {_ci(ck.ci_low[Lc], ck.ci_high[Lc], False)}).",
                 {"first_divergent_layer": s["first_divergent_layer"], "kl_layer": Lk, "kl": float(kl.value[Lk]),
                  "cka_layer": Lc, "cka": float(ck.value[Lc]), "probe_layers": top}))
+            for h, name in (("attn_out", "attention"), ("mlp_out", "MLP")):
+                v = s.get("per_hook", {}).get(h)
+                L = None if v is None else v.get("peak_layer")
+                c = s.get("components", {}).get(str(L)) if L is not None else None
+                if L is None or c is None:
+                    continue
+                kv = v["patch_kl_base_to_tuned"][str(L)]
+                who = (f"the {c['component']} carries the larger patch KL there (CIs apart)" if c["clear"]
+                       else "attention and MLP patch KLs overlap there")
+                out.append(Finding("rq1", f"The {name} output's patch KL ({h}) peaks at L{L} ({kv:.3g} nats); {who}.",
+                                   {"layer": L, "hook": h, "kl": kv, "component": c["component"]}))
         ok = s.get("self_patch_ok", True)
+        noise = s.get("noise", {})
+        tol = (f" KL differences up to {noise['kl_tolerance']:.2g} nats are treated as arithmetic noise "
+               f"({noise.get('dtype', '')}: {noise.get('factor', 10):g} × the KL of one rounding error)."
+               if "kl_tolerance" in noise else "")
         out.append(Finding("rq1", f"Self-patch sanity check {'passes' if ok else 'FAILS'}: patching a model with its "
-                                  f"own activations gives KL at most {s['self_patch_max_kl']:.1e} nats.",
-                           {"self_patch_max_kl": s["self_patch_max_kl"], "ok": ok}))
+                                  f"own activations gives KL at most {s['self_patch_max_kl']:.1e} nats.{tol}",
+                           {"self_patch_max_kl": s["self_patch_max_kl"], "ok": ok,
+                            "kl_tolerance": noise.get("kl_tolerance")}))
     if "rq2" in res:
         s = res["rq2"]["summary"]
         b = s.get("best_site")
