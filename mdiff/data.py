@@ -239,7 +239,7 @@ SPLITS = ("train", "select", "val")
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 
 
-def split_of(prompt_id: str, seed: int = 0, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
+def split_of(prompt_id: str, seed: int = 0, fractions: tuple[float, ...] = DEFAULT_FRACTIONS) -> str:
     """The split of one prompt id: a pure function of (seed, id), so adding prompts never moves old ones."""
     import hashlib
 
@@ -249,7 +249,7 @@ def split_of(prompt_id: str, seed: int = 0, fractions: tuple[float, float, float
 
 
 def assign_splits(prompts: list[Prompt], seed: int = 0,
-                  fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, str]:
+                  fractions: tuple[float, ...] = DEFAULT_FRACTIONS) -> dict[str, str]:
     """``{prompt id: split}``, split **by prompt**: an explicit ``split`` field wins, else :func:`split_of`."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
         raise MdiffError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
@@ -265,7 +265,7 @@ def assign_splits(prompts: list[Prompt], seed: int = 0,
 
 
 def select_split(prompts: list[Prompt], split: str | None, seed: int = 0,
-                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> list[Prompt]:
+                 fractions: tuple[float, ...] = DEFAULT_FRACTIONS) -> list[Prompt]:
     """Prompts of one split (``None`` or ``"all"``: every prompt)."""
     if split in (None, "all"):
         return list(prompts)

@@ -85,4 +85,4 @@ class NoiseFloor:
 
 def is_noise(mean_kl: float, tolerance: float) -> bool:
     """True when a mean KL cannot be told apart from arithmetic noise (NaN counts as noise)."""
-    return not np.isfinite(mean_kl) or mean_kl <= tolerance
+    return bool(not np.isfinite(mean_kl) or mean_kl <= tolerance)

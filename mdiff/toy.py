@@ -423,6 +423,9 @@ def build_toys(root: Path | None = None, progress: bool = False, steps_scale: fl
             return root
         t0 = time.perf_counter()
         threads = torch.get_num_threads()
+        # one thread: CPU kernels split reductions by thread count, so training with 2 threads gives other
+        # weights (and other planted-truth numbers) than with 1; the toys must not depend on the machine
+        torch.set_num_threads(1)
         state = torch.random.get_rng_state()
         torch.manual_seed(SEED)
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
@@ -474,7 +477,7 @@ def build_toys(root: Path | None = None, progress: bool = False, steps_scale: fl
             _write_jsonl(tmp / "prompts-distributed.jsonl", distributed_prompts(random.Random(SEED + 5)))
             info = {
                 "recipe_key": root.name, "seed": SEED, "seconds": round(time.perf_counter() - t0, 1),
-                "torch_threads": threads, "base_final_loss": base_loss, "distributed_final_loss": tune_loss,
+                "torch_threads": 1, "base_final_loss": base_loss, "distributed_final_loss": tune_loss,
                 "truth": {n: toy_truth(n) for n in ("toy-lowrank", "toy-distributed")},
                 "distributed_relative_weight_change_per_layer": rel,
             }
@@ -484,6 +487,7 @@ def build_toys(root: Path | None = None, progress: bool = False, steps_scale: fl
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
             torch.random.set_rng_state(state)
+            torch.set_num_threads(threads)
         return root
     finally:
         if lock:

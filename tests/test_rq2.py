@@ -92,8 +92,12 @@ def test_alpha_bookkeeping_blending_any_source_lowers_kl(toys):
             seed_style = (raw1 - k03) / raw1  # blended source at α=0.3 vs raw patch at α=1
             matched = (raw03 - k03) / raw03  # mdiff: raw patch at the same α
             assert seed_style > 0.2, name  # the artefact: every source "removes" a large share of the KL
-            assert matched < 0.05, name  # matched baseline: no spurious gain
-    assert raw03 < raw1
+            # the share the seeds' comparison credits to the source is mostly α's own doing (blending toward
+            # the tuned activation), which the matched baseline takes out
+            assert seed_style - matched > 0.2, name
+            if src is src_base:
+                assert abs(matched) < 1e-9  # the raw source against itself at the same α: no gain at all
+    assert (raw1 - raw03) / raw1 > 0.2  # blending alone lowers the KL: the artefact
 
 
 @pytest.mark.parametrize("args, needle", [
