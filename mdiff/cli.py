@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from mdiff.errors import MdiffError
+from mdiff.positions import DEFAULT_FIT_POSITIONS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -33,7 +34,9 @@ BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings "
                                                  "(the old folder is kept as <name>.prev).")]
 AlphaModeOpt = Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")]
-FitPositionsOpt = Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")]
+FitPositionsOpt = Annotated[str, typer.Option(
+    help="Positions of the train prompts the maps are fit on: last, k=K, or upto=K (K content positions, fewer "
+         "when a prompt is shorter). Patching and every reported number stay at the decision position on val.")]
 
 
 def cli_errors(fn):
@@ -276,12 +279,14 @@ def rq2_cmd(
     pair: PairOpt = "toy-lowrank",
     layers: Annotated[str, typer.Option(help="Probe layers, comma list (e.g. 24,26).")] = "4",
     hooks: Annotated[str, typer.Option(help="Comma list of resid_pre, resid_post, attn_out, mlp_out.")] = "resid_post",
-    solvers: Annotated[str, typer.Option(help="Comma list of ridge, procrustes, procrustes-scaled, whiten-procrustes, "
-                                             "pca-procrustes, logit-subspace (identity and mean-shift always run).")]
-    = "ridge,procrustes,procrustes-scaled,whiten-procrustes",
+    solvers: Annotated[str, typer.Option(help="Comma list of ridge (shrinks toward the identity), ridge-zero (toward 0), "
+                                             "procrustes, procrustes-scaled, whiten-procrustes, pca-procrustes, "
+                                             "logit-subspace (identity and mean-shift always run); the best is chosen "
+                                             "on the select split, reported on val.")]
+    = "ridge,ridge-zero,procrustes,procrustes-scaled,whiten-procrustes",
     alphas: Annotated[str, typer.Option(help="Comma list of α values.")] = "1.0",
     alpha_mode: AlphaModeOpt = "blend",
-    fit_positions: FitPositionsOpt = "last",
+    fit_positions: FitPositionsOpt = DEFAULT_FIT_POSITIONS,
     control_layer: Annotated[int, typer.Option(help="Early-layer control site.")] = 0,
     n: NOpt = None,
     bootstrap: BootstrapOpt = 1000,
@@ -341,7 +346,7 @@ def rq3_cmd(
     alpha: Annotated[float, typer.Option(help="α of the patch (raw and mapped at the same α).")] = 1.0,
     alpha_mode: AlphaModeOpt = "blend",
     null_draws: Annotated[int, typer.Option(help="Random k-dim subspaces (matched variance) per k for the null.")] = 5,
-    fit_positions: FitPositionsOpt = "last",
+    fit_positions: FitPositionsOpt = DEFAULT_FIT_POSITIONS,
     n: NOpt = None,
     bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, null subspaces and bootstrap.")] = 0,
@@ -391,7 +396,8 @@ def rq4_cmd(
     random_sets: Annotated[int, typer.Option(help="Random k-sets per k for the null (same layer).")] = 20,
     control_layer: Annotated[int, typer.Option(help="Control layer, analysed the same way.")] = 0,
     map_solver: Annotated[str, typer.Option(help="Solver of the per-head maps (--source mapped).")] = "ridge",
-    fit_positions: Annotated[str, typer.Option(help="Positions the per-head maps are fit on: last or k=K.")] = "last",
+    fit_positions: Annotated[str, typer.Option(help="Positions the per-head maps are fit on (train prompts): last, "
+                                                    "k=K or upto=K.")] = DEFAULT_FIT_POSITIONS,
     n: NOpt = None,
     bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, random head sets and bootstrap.")] = 0,

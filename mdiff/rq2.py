@@ -36,14 +36,16 @@ from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
-from mdiff.positions import PositionSpec, parse_positions
+from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
 
 RQ2_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-SOLVERS = ("identity", "mean-shift", "ridge", "procrustes", "procrustes-scaled", "whiten-procrustes",
+SOLVERS = ("identity", "mean-shift", "ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes",
            "pca-procrustes", "logit-subspace")
-DEFAULT_SOLVERS = ("ridge", "procrustes", "procrustes-scaled", "whiten-procrustes")
+DEFAULT_SOLVERS = ("ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes")
 CONTROL_SOLVERS = ("identity", "mean-shift")
 KL_FLOOR = 1e-6  # mean KL_raw below this: nothing to drop
+FIT_METRICS = {"rows": "fit_rows", "prompts": "fit_prompts", "dof": "fit_dof", "lambda": "fit_lambda"}
+"""maps.fit_summary key → metric name of the per-map fit record (on train)."""
 
 
 @dataclasses.dataclass
@@ -53,7 +55,7 @@ class RQ2Config:
     solvers: list[str]
     alphas: list[float]
     alpha_mode: str = "blend"
-    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions("last"))
+    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions(DEFAULT_FIT_POSITIONS))
     control_layer: int | None = None
     n: int | None = None
     n_boot: int = 1000
@@ -110,6 +112,7 @@ def _run(spec, cfg, info, out, writer, say):
     prep_tr, pad_b, pad_t, sv = A.prepare_pair_prompts(spec, info, fitpos, "train", cfg.seed, cfg.n)
     prep_va = A.prepare_pair_prompts(spec, info, fitpos, "val", cfg.seed, cfg.n)[0]
     prep_dec = prep_va if fitpos.kind == "last" else A.prepare_pair_prompts(spec, info, dec, "val", cfg.seed, cfg.n)[0]
+    prep_sel = A.prepare_pair_prompts(spec, info, dec, "select", cfg.seed, cfg.n)[0]
     layers = sorted(set(cfg.layers) | {cfg.control_layer})
     hooks = cfg.hooks
     sites = [(L, h) for L in layers for h in hooks]
@@ -121,6 +124,8 @@ def _run(spec, cfg, info, out, writer, say):
         jobs = [(prep_tr, fitpos, "train"), (prep_va, fitpos, "val")]
         if prep_dec is not prep_va:
             jobs.append((prep_dec, dec, "val"))
+        if side == "base":  # the select split only needs the patch sources
+            jobs.append((prep_sel, dec, "select"))
         for prep, pos, split in jobs:
             A.collect(model, prep, side, hooks, layers, sdir(side, split, pos),
                       A.store_meta(spec, info, side, prep, pos, split, cfg.seed, pad_b if side == "base" else pad_t),
@@ -128,7 +133,9 @@ def _run(spec, cfg, info, out, writer, say):
 
     rows: list[dict] = []
     fitted: dict[tuple, Any] = {}
+    fit_info: dict[tuple, dict] = {}
     kl_store: dict[tuple, np.ndarray] = {}
+    kl_sel: dict[tuple, np.ndarray] = {}
 
     def load(side, split, pos, L, h):
         return A.ActivationSet(sdir(side, split, pos)).load(h, L).float().numpy()  # maps pick fp32 fast paths on big inputs
@@ -148,19 +155,25 @@ def _run(spec, cfg, info, out, writer, say):
         ids_t, pos_t = prep_dec.tuned_ids, prep_dec.tuned_positions
         conds: list[patching.SitePatch] = []
         keys: list[tuple] = []
+        conds_sel: list[patching.SitePatch] = []
+        keys_sel: list[tuple] = []
         for si, (L, h) in enumerate(sites):
             say(f"fitting maps L{L} {h}", 0.25 + 0.4 * si / len(sites))
             Xtr, Ytr = load("base", "train", fitpos, L, h), load("tuned", "train", fitpos, L, h)
             Xva, Yva = load("base", "val", fitpos, L, h), load("tuned", "val", fitpos, L, h)
             Xdec = Xva if prep_dec is prep_va else load("base", "val", dec, L, h)
+            Xsel = load("base", "select", dec, L, h)
             raw_src = torch.from_numpy(Xdec).float()
             for a in cfg.alphas:
                 conds.append(patching.SitePatch(L, h, raw_src, a, cfg.alpha_mode))
                 keys.append((L, h, "raw", a))
+                conds_sel.append(patching.SitePatch(L, h, torch.from_numpy(Xsel).float(), a, cfg.alpha_mode))
+                keys_sel.append((L, h, "raw", a))
             for solver in solvers:
                 kw = {"W_U": W_U} if solver == "logit-subspace" else {}
-                est = maps.make_map(solver, **kw).fit(Xtr, Ytr)
+                est = maps.make_map(solver, **kw).fit(Xtr, Ytr, groups_tr)
                 fitted[(L, h, solver)] = est
+                fit_info[(L, h, solver)] = maps.fit_summary(est)
                 shuf = maps.fit_shuffled(lambda s=solver, k=kw: maps.make_map(s, **k), Xtr, Ytr, groups=groups_tr,
                                          random_state=cfg.seed)
                 fitted[(L, h, f"shuffled:{solver}")] = shuf
@@ -172,6 +185,10 @@ def _run(spec, cfg, info, out, writer, say):
                 for k, v in diag.items():
                     rows.append({"layer": L, "hook": h, "condition": solver, "metric": k, "value": float(v),
                                  "n": len(Yva)})
+                for k, v in fit_info[(L, h, solver)].items():
+                    if k in FIT_METRICS and v is not None:
+                        rows.append({"layer": L, "hook": h, "condition": solver, "metric": FIT_METRICS[k],
+                                     "value": float(v), "n": fit_info[(L, h, solver)]["rows"], "split": "train"})
                 for tag, mp in ((solver, est), (f"shuffled:{solver}", shuf)):
                     if tag.startswith("shuffled:") and solver in CONTROL_SOLVERS:
                         continue
@@ -179,18 +196,40 @@ def _run(spec, cfg, info, out, writer, say):
                     for a in cfg.alphas:
                         conds.append(patching.SitePatch(L, h, src, a, cfg.alpha_mode))
                         keys.append((L, h, tag, a))
-        say(f"patching the tuned model ({len(conds)} conditions)", 0.65)
+                if solver in cfg.solvers and solver not in CONTROL_SOLVERS:  # candidates, chosen on select
+                    src = torch.from_numpy(np.asarray(est.transform(Xsel))).float()
+                    for a in cfg.alphas:
+                        conds_sel.append(patching.SitePatch(L, h, src, a, cfg.alpha_mode))
+                        keys_sel.append((L, h, solver, a))
+        say(f"patching the tuned model on select ({len(conds_sel)} conditions)", 0.6)
+        kls = patching.Patcher(m, prep_sel.tuned_ids, prep_sel.tuned_positions, pad_t,
+                               batch_size=cfg.batch_size).kl(conds_sel, sv.tuned_ids)
+        kl_sel.update(zip(keys_sel, kls, strict=True))
+        say(f"patching the tuned model on val ({len(conds)} conditions)", 0.65)
         kls = patching.Patcher(m, ids_t, pos_t, pad_t, batch_size=cfg.batch_size).kl(conds, sv.tuned_ids)
         kl_store.update(zip(keys, kls, strict=True))
 
-    # drops with paired bootstrap CIs
+    # selection on the select split: point drop of every candidate (solver, α)
+    sel_rows = []
+    for (L, h, tag, a), kl in kl_sel.items():
+        if tag == "raw":
+            continue
+        raw = kl_sel[(L, h, "raw", a)]
+        nothing = float(raw.mean()) < KL_FLOOR
+        d = float("nan") if nothing else float((raw.mean() - kl.mean()) / raw.mean())
+        r = {"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}", "metric": "drop_select",
+             "value": d, "n": len(kl), "split": "select", "solver": tag, "alpha": a, "nothing_to_drop": nothing}
+        rows.append(r)
+        sel_rows.append(r)
+
+    # drops with paired bootstrap CIs on val
     idx = stats.resample_indices(len(prep_dec), cfg.n_boot, cfg.seed + 1)
     drop_rows = []
     for (L, h, tag, a), kl in kl_store.items():
         rows.append({"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}",
                      "metric": "kl_raw" if tag == "raw" else "kl_mapped",
                      **dict(zip(("value", "ci_low", "ci_high"), stats.bootstrap_mean(kl, idx=idx), strict=True)),
-                     "n": len(kl)})
+                     "n": len(kl), "split": "val"})
         if tag == "raw":
             continue
         raw = kl_store[(L, h, "raw", a)]
@@ -198,12 +237,14 @@ def _run(spec, cfg, info, out, writer, say):
         d, lo, hi = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, kl, idx=idx)
         r = {"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}", "metric": "drop",
              "value": d, "ci_low": lo, "ci_high": hi, "n": len(kl), "solver": tag, "alpha": a,
-             "nothing_to_drop": nothing}
+             "nothing_to_drop": nothing, "split": "val"}
         rows.append(r)
         drop_rows.append(r)
 
     drops = pd.DataFrame(drop_rows)
-    best = _best_per_site(drops, cfg)
+    best = _best_per_site(drops, pd.DataFrame(sel_rows), cfg)
+    for (L, h), b in best.items():
+        b["fits"] = {s: fit_info[(L, h, s)] for s in solvers if (L, h, s) in fit_info}
 
     # reverse direction (tuned → base) for each site's best solver, base as the target
     say("loading base (reverse direction)", 0.8)
@@ -218,7 +259,7 @@ def _run(spec, cfg, info, out, writer, say):
             Ttr, Btr = load("tuned", "train", fitpos, L, h), load("base", "train", fitpos, L, h)
             Tdec = load("tuned", "val", dec if prep_dec is not prep_va else fitpos, L, h)
             kw = {"W_U": m.W_U.detach().double().cpu().numpy()} if solver == "logit-subspace" else {}
-            rev = maps.make_map(solver, **kw).fit(Ttr, Btr)
+            rev = maps.make_map(solver, **kw).fit(Ttr, Btr, groups_tr)
             fitted[(L, h, f"reverse:{solver}")] = rev
             a = b["alpha"]
             rev_conds.append(patching.SitePatch(L, h, torch.from_numpy(Tdec).float(), a, cfg.alpha_mode))
@@ -234,18 +275,18 @@ def _run(spec, cfg, info, out, writer, say):
             d, lo, hi = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, mapped, idx=idx)
             rows.append({"layer": L, "hook": h, "condition": f"reverse:{solver}|alpha={a}|{cfg.alpha_mode}",
                          "metric": "drop", "value": d, "ci_low": lo, "ci_high": hi, "n": len(raw),
-                         "solver": f"reverse:{solver}", "alpha": a, "nothing_to_drop": nothing})
+                         "solver": f"reverse:{solver}", "alpha": a, "nothing_to_drop": nothing, "split": "val"})
             b["reverse_drop"] = {"value": d, "ci": [lo, hi], "nothing_to_drop": nothing}
 
     metrics = tidy([{"pair": spec.name, "rq": "rq2", **r} for r in rows])
-    summary = _summary(spec, cfg, best, metrics)
+    summary = _summary(spec, cfg, best, metrics, {"train": len(prep_tr), "select": len(prep_sel), "val": len(prep_dec)})
     for (L, h, tag), est in fitted.items():
         prefix = writer.file(f"maps/L{L}_{h}/{tag.replace(':', '_')}")
         maps.save_map(est, prefix)
     writer.csv("metrics.csv", metrics)
     writer.json("summary.json", summary)
     writer.json("config.json", run_config(writer, spec, info, sv.size, prep_tr.tokenized_with, cfg.seed,
-                                          {"train": prep_tr, "val": prep_va}, target="tuned",
+                                          {"train": prep_tr, "select": prep_sel, "val": prep_va}, target="tuned",
                                           alpha_mode=cfg.alpha_mode))
     from mdiff import figures
 
@@ -257,48 +298,77 @@ def _run(spec, cfg, info, out, writer, say):
     return summary
 
 
-def _best_per_site(drops: pd.DataFrame, cfg: RQ2Config) -> dict[tuple, dict]:
-    """The solver and α with the largest drop at each site (learned maps only, not the controls)."""
+def _best_per_site(drops: pd.DataFrame, sel: pd.DataFrame, cfg: RQ2Config) -> dict[tuple, dict]:
+    """Per site, the learned solver and α with the largest drop on **select**, reported with its **val** drop."""
     best = {}
     for (L, h), g in drops.groupby(["layer", "hook"]):
-        cand = g[g.solver.isin(cfg.solvers) & ~g.solver.isin(CONTROL_SOLVERS) & g.value.notna()]
+        s = sel[(sel.layer == L) & (sel.hook == h)] if len(sel) else sel
+        cand = s[s.solver.isin(cfg.solvers) & ~s.solver.isin(CONTROL_SOLVERS) & s.value.notna()] if len(s) else s
         ms = g[(g.solver == "mean-shift")]
         if len(cand) == 0:
             best[(int(L), h)] = {"solver": None, "alpha": None, "drop": float("nan"), "ci": [float("nan")] * 2,
-                                 "nothing_to_drop": bool(g.nothing_to_drop.all())}
+                                 "nothing_to_drop": bool(g.nothing_to_drop.all()), "chosen_on": "select"}
             continue
-        r = cand.loc[cand.value.idxmax()]
+        c = cand.loc[cand.value.idxmax()]
+        rv = g[(g.solver == c.solver) & (g.alpha == c.alpha)]
+        r = rv.iloc[0]
         msr = ms[ms.alpha == r.alpha].iloc[0] if len(ms) else None
         sh = g[g.solver == f"shuffled:{r.solver}"]
         shr = sh[sh.alpha == r.alpha].iloc[0] if len(sh) else None
+        finite = bool(np.isfinite(r.value))
         best[(int(L), h)] = {
             "solver": r.solver, "alpha": float(r.alpha), "drop": float(r.value), "ci": [float(r.ci_low), float(r.ci_high)],
+            "chosen_on": "select", "select_drop": float(c.value),
             "mean_shift_drop": None if msr is None else {"value": float(msr.value), "ci": [float(msr.ci_low), float(msr.ci_high)]},
             "shuffled_drop": None if shr is None else {"value": float(shr.value), "ci": [float(shr.ci_low), float(shr.ci_high)]},
-            "beats_mean_shift": bool(msr is not None and r.ci_low > msr.ci_high),
-            "beats_shuffled": bool(shr is not None and r.ci_low > shr.ci_high),
-            "nothing_to_drop": False,
+            "beats_mean_shift": bool(finite and msr is not None and r.ci_low > msr.ci_high),
+            "beats_shuffled": bool(finite and shr is not None and r.ci_low > shr.ci_high),
+            "nothing_to_drop": bool(r.nothing_to_drop),
         }
     return best
 
 
-def _summary(spec, cfg, best, metrics) -> dict[str, Any]:
+def _fit_warning(fits: dict[str, dict]) -> str | None:
+    """One line when the maps at a site had fewer fit rows than dimensions (what would help)."""
+    f = next((v for v in fits.values() if v), None)
+    if f is None or f["rows"] >= f["d_in"]:
+        return None
+    return (f"the maps were fit on {f['rows']} rows ({f['prompts']} train prompts) for d = {f['d_in']} dimensions, "
+            f"so a full linear map is underdetermined; only the regularised solvers (ridge toward the identity, "
+            f"λ by prompt-grouped CV) are trustworthy here. More rows help: more train prompts, or more fit "
+            f"positions per prompt (--fit-positions upto=K with a larger K, or longer prompts)")
+
+
+def _summary(spec, cfg, best, metrics, n_prompts) -> dict[str, Any]:
     sites = []
+    warnings = []
     for (L, h), b in sorted(best.items()):
+        warn = _fit_warning(b.get("fits", {}))
         if b["solver"] is None:
             verdict = ("nothing to drop: patching base activations here does not change the tuned model "
                        "(KL_raw ≈ 0)") if b["nothing_to_drop"] else "no learned map could be evaluated"
         else:
             pct = f"{100 * b['drop']:.0f}% [{100 * b['ci'][0]:.0f}, {100 * b['ci'][1]:.0f}]"
-            verdict = (f"{b['solver']} removes {pct} of the raw patch KL at α={b['alpha']:g} ({cfg.alpha_mode}); "
-                       f"{'beats' if b['beats_mean_shift'] else 'does NOT beat'} the mean-shift baseline and "
-                       f"{'beats' if b['beats_shuffled'] else 'does NOT beat'} the shuffled-pairs null "
-                       f"(95% CIs {'not ' if b['beats_mean_shift'] and b['beats_shuffled'] else ''}overlapping)")
+            fit = b["fits"].get(b["solver"], {})
+            lam = "" if fit.get("lambda") is None else f", λ = {fit['lambda']:.3g}"
+            verdict = (f"{b['solver']} (chosen on select) removes {pct} of the raw patch KL on val at α={b['alpha']:g} "
+                       f"({cfg.alpha_mode}); {'beats' if b['beats_mean_shift'] else 'does NOT beat'} the mean-shift "
+                       f"baseline and {'beats' if b['beats_shuffled'] else 'does NOT beat'} the shuffled-pairs null "
+                       f"(95% CIs {'not ' if b['beats_mean_shift'] and b['beats_shuffled'] else ''}overlapping); "
+                       f"fit on {fit.get('rows')} rows, d = {fit.get('d_in')}, {fit.get('dof', 0):.3g} effective "
+                       f"degrees of freedom per output{lam}")
+        if warn:
+            warnings.append(f"L{L} {h}: {warn}")
         sites.append({"layer": L, "hook": h, **b, "control_site": L == cfg.control_layer and L not in cfg.layers,
-                      "verdict": verdict})
-    real = [s for s in sites if s["solver"] is not None and not s["control_site"]]
+                      "verdict": verdict, "fit_warning": warn})
+    real = [s for s in sites if s["solver"] is not None and not s["control_site"] and np.isfinite(s["drop"])]
     winner = max(real, key=lambda s: s["drop"]) if real else None
     out = {"pair": spec.name, "alpha_mode": cfg.alpha_mode, "sites": sites,
+           "selection": (f"solver and α chosen per site on the select split ({n_prompts['select']} prompts) by the "
+                         f"largest drop; every reported drop and CI is on val ({n_prompts['val']} prompts); maps fit "
+                         f"on train ({n_prompts['train']} prompts, fit positions {cfg.fit_positions.kind}"
+                         f"{'' if cfg.fit_positions.kind == 'last' else '=' + str(cfg.fit_positions.k)})"),
+           "n_prompts": n_prompts, "fit_positions": cfg.fit_positions.to_dict(), "warnings": warnings,
            "best_site": None if winner is None else {k: winner[k] for k in ("layer", "hook", "solver", "alpha", "drop", "ci")}}
     if spec.truth is not None:
         out["truth"] = spec.truth

@@ -30,7 +30,7 @@ from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher
-from mdiff.positions import PositionSpec, parse_positions
+from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ class RQ4Config:
     random_sets: int = 20
     control_layer: int | None = None
     map_solver: str = "ridge"
-    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions("last"))
+    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions(DEFAULT_FIT_POSITIONS))
     n: int | None = None
     n_boot: int = 1000
     seed: int = 0

@@ -28,7 +28,7 @@ from mdiff import models
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
 from mdiff.pairs import PairSpec
-from mdiff.positions import parse_positions
+from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
 
 STEPS = ("rq1", "rq2", "rq3", "rq4")
 
@@ -103,9 +103,10 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
         return steps
     s1 = _summary(out, spec.name, "rq1")
     probe, control = s1["suggested_probe_layers"], s1["suggested_control_layer"]
+    fitpos = parse_positions(DEFAULT_FIT_POSITIONS, seed=scfg.seed)  # the same fit rows as the RQ commands
     c2 = RQ2Config(layers=list(probe), hooks=list(scfg.rq2_hooks), solvers=list(DEFAULT_SOLVERS),
-                   alphas=list(scfg.alphas), control_layer=control, n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
-                   batch_size=scfg.batch_size, device=scfg.device)
+                   alphas=list(scfg.alphas), fit_positions=fitpos, control_layer=control, n=scfg.n,
+                   n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device)
     steps.append({"step": "rq2", "cfg": c2, "why": f"RQ1 probe layers {probe} (largest base→tuned patch KL), "
                                                   f"control layer {control}"})
     attn = best_attention_layer(out, spec.name)
@@ -115,7 +116,7 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
         ctrl = control if control != attn else _quietest_attention_layer(out, spec.name, exclude=attn)
         ks = [2 ** i for i in range(d.n_heads.bit_length()) if 2 ** i <= d.n_heads]
         c4 = RQ4Config(layers=[attn], ks=ks, sites=["result"], sources=list(scfg.rq4_sources),
-                       random_sets=scfg.random_sets, control_layer=ctrl, n=scfg.n, n_boot=scfg.n_boot,
+                       random_sets=scfg.random_sets, control_layer=ctrl, fit_positions=fitpos, n=scfg.n, n_boot=scfg.n_boot,
                        seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device)
         why4 = f"best attention layer L{attn} (largest attn_out patch KL in RQ1), control layer {ctrl}"
     rq2_ok = _done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()})
@@ -128,7 +129,8 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
                           "why": "RQ2 found no site with a learned map to restrict (nothing to drop anywhere)"})
         else:
             c3 = RQ3Config(layer=int(best["layer"]), hook=best["hook"], ks=default_ks(d.d_model),
-                           target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode, n=scfg.n,
+                           target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode,
+                           fit_positions=fitpos, n=scfg.n,
                            n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device)
             steps.append({"step": "rq3", "cfg": c3, "why": f"RQ2's best site L{best['layer']} {best['hook']} "
                                                           f"({best['solver']}, α={best['alpha']:g})"})
