@@ -44,6 +44,7 @@ SOLVERS = ("identity", "mean-shift", "ridge", "ridge-zero", "procrustes", "procr
 DEFAULT_SOLVERS = ("ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes")
 CONTROL_SOLVERS = ("identity", "mean-shift")
 KL_FLOOR = 1e-6  # mean KL_raw below this: nothing to drop
+ROW_SEP = "@"  # "ridge@decision": ridge fit on each train prompt's decision row only
 FIT_METRICS = {"rows": "fit_rows", "prompts": "fit_prompts", "dof": "fit_dof", "lambda": "fit_lambda"}
 """maps.fit_summary key → metric name of the per-map fit record (on train)."""
 
@@ -150,8 +151,13 @@ def _run(spec, cfg, info, out, writer, say):
         W_U = m.W_U.detach().double().cpu().numpy() if "logit-subspace" in cfg.solvers else None
         say("collecting tuned activations", 0.2)
         collect_all(m, "tuned")
-        groups_tr = A.ActivationSet(sdir("base", "train", fitpos)).rows()[0].numpy()
+        row_prompt, row_pos = (t.numpy() for t in A.ActivationSet(sdir("base", "train", fitpos)).rows())
+        row_sets = fit_row_sets(row_prompt, row_pos, fitpos.kind)
+        groups_tr = row_prompt
+        val_sets = fit_row_sets(*(t.numpy() for t in A.ActivationSet(sdir("base", "val", fitpos)).rows()), fitpos.kind)
         solvers = list(dict.fromkeys([*CONTROL_SOLVERS, *cfg.solvers]))
+        tags = [(rs, solver, solver + suffix) for rs, (suffix, _) in row_sets.items() for solver in solvers
+                if not (suffix and solver == "identity")]
         ids_t, pos_t = prep_dec.tuned_ids, prep_dec.tuned_positions
         conds: list[patching.SitePatch] = []
         keys: list[tuple] = []
@@ -169,27 +175,29 @@ def _run(spec, cfg, info, out, writer, say):
                 keys.append((L, h, "raw", a))
                 conds_sel.append(patching.SitePatch(L, h, torch.from_numpy(Xsel).float(), a, cfg.alpha_mode))
                 keys_sel.append((L, h, "raw", a))
-            for solver in solvers:
+            for rs, solver, name in tags:
                 kw = {"W_U": W_U} if solver == "logit-subspace" else {}
-                est = maps.make_map(solver, **kw).fit(Xtr, Ytr, groups_tr)
-                fitted[(L, h, solver)] = est
-                fit_info[(L, h, solver)] = maps.fit_summary(est)
-                shuf = maps.fit_shuffled(lambda s=solver, k=kw: maps.make_map(s, **k), Xtr, Ytr, groups=groups_tr,
-                                         random_state=cfg.seed)
-                fitted[(L, h, f"shuffled:{solver}")] = shuf
-                pred = est.transform(Xva)
-                diag = {"r2_train": est.score(Xtr, Ytr), "r2_val": est.score(Xva, Yva),
-                        "r2_val_shuffled": shuf.score(Xva, Yva),
-                        "cka_mapped_tuned": cka.linear_cka(pred, Yva) if len(Yva) > 2 else float("nan"),
-                        "mean_cosine": _cosine(pred, Yva)}
+                rows_fit = row_sets[rs][1]
+                est = maps.make_map(solver, **kw).fit(Xtr[rows_fit], Ytr[rows_fit], groups_tr[rows_fit])
+                fitted[(L, h, name)] = est
+                fit_info[(L, h, name)] = maps.fit_summary(est)
+                shuf = maps.fit_shuffled(lambda s=solver, k=kw: maps.make_map(s, **k), Xtr[rows_fit], Ytr[rows_fit],
+                                         groups=groups_tr[rows_fit], random_state=cfg.seed)
+                fitted[(L, h, f"shuffled:{name}")] = shuf
+                vr = val_sets[rs][1]  # diagnostics on the val rows of the same kind as the fit rows
+                pred = est.transform(Xva[vr])
+                diag = {"r2_train": est.score(Xtr[rows_fit], Ytr[rows_fit]), "r2_val": est.score(Xva[vr], Yva[vr]),
+                        "r2_val_shuffled": shuf.score(Xva[vr], Yva[vr]),
+                        "cka_mapped_tuned": cka.linear_cka(pred, Yva[vr]) if len(vr) > 2 else float("nan"),
+                        "mean_cosine": _cosine(pred, Yva[vr])}
                 for k, v in diag.items():
-                    rows.append({"layer": L, "hook": h, "condition": solver, "metric": k, "value": float(v),
-                                 "n": len(Yva)})
-                for k, v in fit_info[(L, h, solver)].items():
+                    rows.append({"layer": L, "hook": h, "condition": name, "metric": k, "value": float(v),
+                                 "n": len(vr)})
+                for k, v in fit_info[(L, h, name)].items():
                     if k in FIT_METRICS and v is not None:
-                        rows.append({"layer": L, "hook": h, "condition": solver, "metric": FIT_METRICS[k],
-                                     "value": float(v), "n": fit_info[(L, h, solver)]["rows"], "split": "train"})
-                for tag, mp in ((solver, est), (f"shuffled:{solver}", shuf)):
+                        rows.append({"layer": L, "hook": h, "condition": name, "metric": FIT_METRICS[k],
+                                     "value": float(v), "n": fit_info[(L, h, name)]["rows"], "split": "train"})
+                for tag, mp in ((name, est), (f"shuffled:{name}", shuf)):
                     if tag.startswith("shuffled:") and solver in CONTROL_SOLVERS:
                         continue
                     src = torch.from_numpy(np.asarray(mp.transform(Xdec))).float()
@@ -200,7 +208,7 @@ def _run(spec, cfg, info, out, writer, say):
                     src = torch.from_numpy(np.asarray(est.transform(Xsel))).float()
                     for a in cfg.alphas:
                         conds_sel.append(patching.SitePatch(L, h, src, a, cfg.alpha_mode))
-                        keys_sel.append((L, h, solver, a))
+                        keys_sel.append((L, h, name, a))
         say(f"patching the tuned model on select ({len(conds_sel)} conditions)", 0.6)
         kls = patching.Patcher(m, prep_sel.tuned_ids, prep_sel.tuned_positions, pad_t,
                                batch_size=cfg.batch_size).kl(conds_sel, sv.tuned_ids)
@@ -244,7 +252,7 @@ def _run(spec, cfg, info, out, writer, say):
     drops = pd.DataFrame(drop_rows)
     best = _best_per_site(drops, pd.DataFrame(sel_rows), cfg)
     for (L, h), b in best.items():
-        b["fits"] = {s: fit_info[(L, h, s)] for s in solvers if (L, h, s) in fit_info}
+        b["fits"] = {name: fit_info[(L, h, name)] for _, _, name in tags if (L, h, name) in fit_info}
 
     # reverse direction (tuned → base) for each site's best solver, base as the target
     say("loading base (reverse direction)", 0.8)
@@ -258,8 +266,9 @@ def _run(spec, cfg, info, out, writer, say):
                 continue
             Ttr, Btr = load("tuned", "train", fitpos, L, h), load("base", "train", fitpos, L, h)
             Tdec = load("tuned", "val", dec if prep_dec is not prep_va else fitpos, L, h)
-            kw = {"W_U": m.W_U.detach().double().cpu().numpy()} if solver == "logit-subspace" else {}
-            rev = maps.make_map(solver, **kw).fit(Ttr, Btr, groups_tr)
+            base_solver, rows_fit = solver.split(ROW_SEP)[0], row_sets[_row_set_of(solver)][1]
+            kw = {"W_U": m.W_U.detach().double().cpu().numpy()} if base_solver == "logit-subspace" else {}
+            rev = maps.make_map(base_solver, **kw).fit(Ttr[rows_fit], Btr[rows_fit], groups_tr[rows_fit])
             fitted[(L, h, f"reverse:{solver}")] = rev
             a = b["alpha"]
             rev_conds.append(patching.SitePatch(L, h, torch.from_numpy(Tdec).float(), a, cfg.alpha_mode))
@@ -303,8 +312,8 @@ def _best_per_site(drops: pd.DataFrame, sel: pd.DataFrame, cfg: RQ2Config) -> di
     best = {}
     for (L, h), g in drops.groupby(["layer", "hook"]):
         s = sel[(sel.layer == L) & (sel.hook == h)] if len(sel) else sel
-        cand = s[s.solver.isin(cfg.solvers) & ~s.solver.isin(CONTROL_SOLVERS) & s.value.notna()] if len(s) else s
-        ms = g[(g.solver == "mean-shift")]
+        base = s.solver.str.split(ROW_SEP).str[0] if len(s) else None
+        cand = s[base.isin(cfg.solvers) & ~base.isin(CONTROL_SOLVERS) & s.value.notna()] if len(s) else s
         if len(cand) == 0:
             best[(int(L), h)] = {"solver": None, "alpha": None, "drop": float("nan"), "ci": [float("nan")] * 2,
                                  "nothing_to_drop": bool(g.nothing_to_drop.all()), "chosen_on": "select"}
@@ -312,13 +321,15 @@ def _best_per_site(drops: pd.DataFrame, sel: pd.DataFrame, cfg: RQ2Config) -> di
         c = cand.loc[cand.value.idxmax()]
         rv = g[(g.solver == c.solver) & (g.alpha == c.alpha)]
         r = rv.iloc[0]
+        suffix = c.solver[len(c.solver.split(ROW_SEP)[0]):]
+        ms = g[(g.solver == "mean-shift" + suffix)]  # the baseline fit on the same rows
         msr = ms[ms.alpha == r.alpha].iloc[0] if len(ms) else None
         sh = g[g.solver == f"shuffled:{r.solver}"]
         shr = sh[sh.alpha == r.alpha].iloc[0] if len(sh) else None
         finite = bool(np.isfinite(r.value))
         best[(int(L), h)] = {
             "solver": r.solver, "alpha": float(r.alpha), "drop": float(r.value), "ci": [float(r.ci_low), float(r.ci_high)],
-            "chosen_on": "select", "select_drop": float(c.value),
+            "chosen_on": "select", "select_drop": float(c.value), "fit_rows": _row_set_of(r.solver),
             "mean_shift_drop": None if msr is None else {"value": float(msr.value), "ci": [float(msr.ci_low), float(msr.ci_high)]},
             "shuffled_drop": None if shr is None else {"value": float(shr.value), "ci": [float(shr.ci_low), float(shr.ci_high)]},
             "beats_mean_shift": bool(finite and msr is not None and r.ci_low > msr.ci_high),
@@ -328,9 +339,29 @@ def _best_per_site(drops: pd.DataFrame, sel: pd.DataFrame, cfg: RQ2Config) -> di
     return best
 
 
-def _fit_warning(fits: dict[str, dict]) -> str | None:
+def fit_row_sets(row_prompt: np.ndarray, row_pos: np.ndarray, kind: str) -> dict[str, tuple[str, np.ndarray]]:
+    """The train rows the maps are fit on: name → (solver-name suffix, row indices).
+
+    ``fit``: every collected row (the fit positions). With ``upto=K`` positions (which always include the
+    decision position) also ``decision``: each prompt's decision row alone (its largest position), so that
+    RQ2 can choose on select between a map fit on many positions and one fit where it is applied.
+    """
+    sets = {"fit": ("", np.arange(len(row_prompt)))}
+    if kind == "upto":
+        order = np.lexsort((row_pos, row_prompt))
+        last_of_prompt = np.r_[row_prompt[order][1:] != row_prompt[order][:-1], True]
+        sets["decision"] = (ROW_SEP + "decision", np.sort(order[last_of_prompt]))
+    return sets
+
+
+def _row_set_of(tag: str) -> str:
+    return "decision" if tag.endswith(ROW_SEP + "decision") else "fit"
+
+
+def _fit_warning(fits: dict[str, dict], chosen: str | None = None) -> str | None:
     """One line when the maps at a site had fewer fit rows than dimensions (what would help)."""
-    f = next((v for v in fits.values() if v), None)
+    f = fits.get(chosen) if chosen else None
+    f = f or next((v for v in fits.values() if v), None)
     if f is None or f["rows"] >= f["d_in"]:
         return None
     return (f"the maps were fit on {f['rows']} rows ({f['prompts']} train prompts) for d = {f['d_in']} dimensions, "
@@ -339,11 +370,15 @@ def _fit_warning(fits: dict[str, dict]) -> str | None:
             f"positions per prompt (--fit-positions upto=K with a larger K, or longer prompts)")
 
 
+def _positions_text(p) -> str:
+    return "last" if p.kind == "last" else f"{p.kind}={p.k}"
+
+
 def _summary(spec, cfg, best, metrics, n_prompts) -> dict[str, Any]:
     sites = []
     warnings = []
     for (L, h), b in sorted(best.items()):
-        warn = _fit_warning(b.get("fits", {}))
+        warn = _fit_warning(b.get("fits", {}), b["solver"])
         if b["solver"] is None:
             verdict = ("nothing to drop: patching base activations here does not change the tuned model "
                        "(KL_raw ≈ 0)") if b["nothing_to_drop"] else "no learned map could be evaluated"
@@ -364,10 +399,13 @@ def _summary(spec, cfg, best, metrics, n_prompts) -> dict[str, Any]:
     real = [s for s in sites if s["solver"] is not None and not s["control_site"] and np.isfinite(s["drop"])]
     winner = max(real, key=lambda s: s["drop"]) if real else None
     out = {"pair": spec.name, "alpha_mode": cfg.alpha_mode, "sites": sites,
-           "selection": (f"solver and α chosen per site on the select split ({n_prompts['select']} prompts) by the "
-                         f"largest drop; every reported drop and CI is on val ({n_prompts['val']} prompts); maps fit "
-                         f"on train ({n_prompts['train']} prompts, fit positions {cfg.fit_positions.kind}"
-                         f"{'' if cfg.fit_positions.kind == 'last' else '=' + str(cfg.fit_positions.k)})"),
+           "selection": (f"maps fit on train ({n_prompts['train']} prompts) at the fit positions "
+                         f"({_positions_text(cfg.fit_positions)})"
+                         + (f" and, as '{ROW_SEP}decision', at each prompt's decision position alone"
+                            if cfg.fit_positions.kind == "upto" else "")
+                         + f"; solver, fit rows and α chosen per site on the select split ({n_prompts['select']} "
+                         f"prompts) by the largest drop; every reported drop and CI is on val ({n_prompts['val']} "
+                         f"prompts), against the mean shift fit on the same rows"),
            "n_prompts": n_prompts, "fit_positions": cfg.fit_positions.to_dict(), "warnings": warnings,
            "best_site": None if winner is None else {k: winner[k] for k in ("layer", "hook", "solver", "alpha", "drop", "ci")}}
     if spec.truth is not None:

@@ -5,7 +5,7 @@ Plan (every choice is written into ``OUT/<pair>/study.json``):
 1. **RQ1** on every layer (resid_post, attn_out, mlp_out): CKA and cross-patch KL.
 2. **RQ2** on RQ1's probe layers (the two largest base→tuned patch KLs at resid_post) at resid_post and
    attn_out, with RQ1's control layer as the control site; the winners are pinned (``rq2/winners.json``).
-3. **RQ3** on RQ2's best site, at the winner's α.
+3. **RQ3** on RQ2's best site, at the winner's α and on the winner's fit rows.
 4. **RQ4** on the *best attention layer*: the layer whose ``attn_out`` cross-patch KL (base→tuned, RQ1)
    is largest, with RQ1's control layer as the control; raw and mapped sources at the ``result`` site
    (both sites' all-heads effects are always measured).
@@ -83,6 +83,13 @@ def _quietest_attention_layer(out: Path, pair: str, exclude: int) -> int:
     return int(a.loc[a.value.idxmin(), "layer"]) if len(a) else exclude
 
 
+def _rq3_fit_positions(rq2_solver: str, fitpos, seed: int):
+    """RQ3 fits on the rows RQ2's winner was fit on: the decision position alone for a ``…@decision`` winner."""
+    from mdiff.rq2 import ROW_SEP
+
+    return parse_positions("last", seed=seed) if rq2_solver.endswith(ROW_SEP + "decision") else fitpos
+
+
 def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
     """Each step's name, config (or None with the reason it cannot be resolved yet) and settings."""
     from mdiff.rq1 import RQ1Config
@@ -130,7 +137,7 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
         else:
             c3 = RQ3Config(layer=int(best["layer"]), hook=best["hook"], ks=default_ks(d.d_model),
                            target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode,
-                           fit_positions=fitpos, n=scfg.n,
+                           fit_positions=_rq3_fit_positions(best["solver"], fitpos, scfg.seed), n=scfg.n,
                            n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device)
             steps.append({"step": "rq3", "cfg": c3, "why": f"RQ2's best site L{best['layer']} {best['hook']} "
                                                           f"({best['solver']}, α={best['alpha']:g})"})

@@ -79,3 +79,13 @@ def build_linear_pair(root: Path, rank: int = RANK, layer: int = LAYER, kl_per_c
     toml.write_text(f'name = "toy-linear"\nbase = "{base_dir}"\ntuned = "{tuned}"\ndtype = "float32"\n'
                     f'prompts = "{prompts}"\nchat_template = true\n')
     return toml, {"layer": layer, "hook": "attn_out", "rank": rank, "M": M}
+
+
+_BUILT: dict[str, tuple[Path, dict]] = {}
+
+
+def linear_pair(tmp_path_factory) -> tuple[Path, dict]:
+    """The planted pair, built once per test session (about 10 s)."""
+    if "pair" not in _BUILT:
+        _BUILT["pair"] = build_linear_pair(tmp_path_factory.mktemp("toy-linear"))
+    return _BUILT["pair"]
