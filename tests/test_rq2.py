@@ -216,3 +216,34 @@ def test_default_study_recovers_the_planted_transport_and_rank(linear, tmp_path)
     s3 = json.loads((d / "rq3" / "summary.json").read_text())
     assert (s3["layer"], s3["hook"]) == (truth["layer"], "attn_out")
     assert s3["methods"]["rrr"]["smallest_k"]["k"] == truth["rank"]
+
+
+def test_best_map_is_chosen_on_select_and_reported_on_val():
+    """Unit check of the rule: select prefers procrustes at α=0.5, val alone would prefer ridge at α=1;
+    the winner is procrustes α=0.5 with its *val* numbers, compared with the mean shift on the same rows."""
+    from mdiff.rq2 import RQ2Config, _best_per_site
+
+    def drop(solver, alpha, v, lo, hi):
+        return {"layer": 4, "hook": "attn_out", "solver": solver, "alpha": alpha, "value": v, "ci_low": lo,
+                "ci_high": hi, "nothing_to_drop": False}
+
+    val = pd.DataFrame([drop("ridge", 1.0, 0.95, 0.9, 0.99), drop("ridge", 0.5, 0.5, 0.4, 0.6),
+                        drop("procrustes", 0.5, 0.7, 0.6, 0.8), drop("procrustes", 1.0, 0.2, 0.1, 0.3),
+                        drop("mean-shift", 0.5, 0.3, 0.2, 0.4), drop("mean-shift", 1.0, 0.3, 0.2, 0.4),
+                        drop("mean-shift@decision", 0.5, 0.65, 0.62, 0.75),
+                        drop("ridge@decision", 0.5, 0.99, 0.98, 1.0),
+                        drop("shuffled:procrustes", 0.5, 0.0, -0.1, 0.1)])
+    sel = pd.DataFrame([drop("ridge", 1.0, 0.6, None, None), drop("ridge", 0.5, 0.4, None, None),
+                        drop("procrustes", 0.5, 0.9, None, None), drop("procrustes", 1.0, 0.1, None, None),
+                        drop("ridge@decision", 0.5, 0.8, None, None)])
+    cfg = RQ2Config([4], ["attn_out"], ["ridge", "procrustes"], [0.5, 1.0])
+    b = _best_per_site(val, sel, cfg)[(4, "attn_out")]
+    assert (b["solver"], b["alpha"], b["drop"], b["ci"]) == ("procrustes", 0.5, 0.7, [0.6, 0.8])
+    assert b["select_drop"] == 0.9 and b["chosen_on"] == "select" and b["fit_rows"] == "fit"
+    assert b["beats_mean_shift"] and b["mean_shift_drop"]["value"] == 0.3 and b["beats_shuffled"]
+    sel.loc[sel.solver == "ridge@decision", "value"] = 0.95  # now the decision-row ridge wins on select
+    b = _best_per_site(val, sel, cfg)[(4, "attn_out")]
+    assert (b["solver"], b["fit_rows"], b["drop"]) == ("ridge@decision", "decision", 0.99)
+    assert b["mean_shift_drop"]["value"] == 0.65 and b["beats_mean_shift"]  # the same-rows mean shift
+    cfg.solvers = ["procrustes"]  # a solver not asked for is never chosen
+    assert _best_per_site(val, sel, cfg)[(4, "attn_out")]["solver"] == "procrustes"
