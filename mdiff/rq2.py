@@ -332,8 +332,10 @@ def _best_per_site(drops: pd.DataFrame, sel: pd.DataFrame, cfg: RQ2Config) -> di
             "chosen_on": "select", "select_drop": float(c.value), "fit_rows": _row_set_of(r.solver),
             "mean_shift_drop": None if msr is None else {"value": float(msr.value), "ci": [float(msr.ci_low), float(msr.ci_high)]},
             "shuffled_drop": None if shr is None else {"value": float(shr.value), "ci": [float(shr.ci_low), float(shr.ci_high)]},
-            "beats_mean_shift": bool(finite and msr is not None and r.ci_low > msr.ci_high),
-            "beats_shuffled": bool(finite and shr is not None and r.ci_low > shr.ci_high),
+            "beats_mean_shift": bool(finite and msr is not None and stats.beats((r.ci_low, r.ci_high),
+                                                                                 (msr.ci_low, msr.ci_high))),
+            "beats_shuffled": bool(finite and shr is not None and stats.beats((r.ci_low, r.ci_high),
+                                                                              (shr.ci_low, shr.ci_high))),
             "nothing_to_drop": bool(r.nothing_to_drop),
         }
     return best

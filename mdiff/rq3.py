@@ -273,7 +273,7 @@ def _run(spec, cfg, info, writer, say):
             "null": {str(k): v for k, v in nulls.items()},
             "smallest_k": sk, "full_rank_drop": full, "correction_spectrum": spec_vals,
             "fit": maps.fit_summary(fits[method]["full"]),
-            "beats_null": {str(k): bool(np.isfinite(drops[k][1]) and k in nulls and drops[k][1] > nulls[k]["max"])
+            "beats_null": {str(k): bool(k in nulls and stats.beats(drops[k][1:], nulls[k]["max"]))
                            for k in ranks if k != "full"}}
     metrics = tidy([{"pair": spec.name, "rq": "rq3", "layer": L, "hook": hook, **r} for r in rows])
     summary = _summary(spec, cfg, per_method, nothing, float(raw.mean()))
