@@ -399,7 +399,7 @@ def _summary(spec, cfg, best, metrics, n_prompts) -> dict[str, Any]:
         sites.append({"layer": L, "hook": h, **b, "control_site": L == cfg.control_layer and L not in cfg.layers,
                       "verdict": verdict, "fit_warning": warn})
     real = [s for s in sites if s["solver"] is not None and not s["control_site"] and np.isfinite(s["drop"])]
-    winner = max(real, key=lambda s: s["drop"]) if real else None
+    winner = max(real, key=lambda s: s["select_drop"]) if real else None  # the best site, also chosen on select
     out = {"pair": spec.name, "alpha_mode": cfg.alpha_mode, "sites": sites,
            "selection": (f"maps fit on train ({n_prompts['train']} prompts) at the fit positions "
                          f"({_positions_text(cfg.fit_positions)})"
