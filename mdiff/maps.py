@@ -21,8 +21,16 @@ Maps (``make_map`` name → class)
 --------------------------------
 * ``identity`` (:class:`IdentityMap`): ``W = I``, ``b = 0``.
 * ``mean-shift`` (:class:`MeanShiftMap`): ``ŷ = x + mean(y − x)``.
-* ``ridge`` (:class:`RidgeMap`): ``W_λ = (X_cᵀX_c + λI)⁻¹ X_cᵀY_c``, the minimiser of
-  ``‖Y_c − X_cW‖² + λ‖W‖²`` (λ is on the scale of ``XᵀX``, the same α as sklearn's ``Ridge``). λ is
+* ``ridge`` / ``ridge-zero`` (:class:`RidgeMap`): ridge toward a prior W₀,
+  ``W_λ = W₀ + (X_cᵀX_c + λI)⁻¹X_cᵀ(Y_c − X_cW₀)``, the minimiser of ``‖Y_c − X_cW‖² + λ‖W − W₀‖²``.
+  Base → tuned maps are near the identity, so ``ridge`` uses W₀ = I (``prior="identity"``: it
+  regularises the *correction* y − x; λ → ∞ gives the mean shift, and with fewer rows than dimensions
+  the unseen directions stay at the identity instead of collapsing to 0); ``ridge-zero`` is textbook
+  ridge, W₀ = 0 (``prior="zero"``, the class default). Everything below is the W₀ = 0 fit of
+  ``Y − XW₀`` on X (written Y there). With ``cv=K`` (both make_map names use K = 5) λ is chosen by
+  prompt-grouped K-fold cross-validation (``groups``: a prompt's rows stay in one fold; the grid is
+  relative to all rows' mean eigenvalue, and each fold uses the decomposition below); without it
+  on one held-out fold. λ is on the scale of ``XᵀX`` (the same α as sklearn's ``Ridge``), and is
   chosen from a grid (default: 20 values, ``logspace(-6, 3)`` times the mean eigenvalue
   ``‖X_c‖²_F / d_in`` of the training fold's ``X_cᵀX_c``) by the squared error on a held-out fold.
   One spectral decomposition of the training fold ``X_cᵀX_c = V diag(e) Vᵀ`` serves every λ:
@@ -37,7 +45,9 @@ Maps (``make_map`` name → class)
   ``X_valX_cᵀ U diag(f_λ) UᵀY_c``, the same formula with ``A = X_valX_cᵀU``, ``B = UᵀY_c``), and a
   final solve with n < d uses ``W = X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c``. Both equal the primal solution for
   λ > 0; λ = 0 gives the minimum-norm least-squares solution (eigenvalues below
-  ``eps·max(e)·max(n, d)`` are dropped).
+  ``eps·max(e)·max(n, d)`` are dropped). ``dof_``, the effective degrees of freedom per output
+  column ``tr(X_c(X_cᵀX_c + λI)⁻¹X_cᵀ) = m − λ‖L⁻¹‖²_F`` (L the Cholesky factor of the final m × m
+  system), comes with the final solve at the cost of one triangular inverse.
 * ``procrustes`` (:class:`ProcrustesMap`): ``W = U Vᵀ`` from the SVD ``X_cᵀY_c = U Σ Vᵀ``, the
   orthogonal (semi-orthogonal when d_in ≠ d_out) W minimising ``‖X_cW − Y_c‖_F`` (the same R as
   ``scipy.linalg.orthogonal_procrustes(X_c, Y_c)``). ``procrustes-scaled`` (``scale=True``) uses
@@ -71,6 +81,12 @@ Maps (``make_map`` name → class)
   between ``X_cV_k`` and ``Y_cV_k``, and ``U_k = V_k(R − I)`` (the logit-subspace construction with
   the PCA basis of D). ``rank="full"`` means no truncation. :func:`fit_lowrank_path` fits many
   ranks from one decomposition.
+
+Every fitted map records ``n_samples_`` (fit rows), ``n_groups_`` (prompts), ``dof_`` (effective
+degrees of freedom per output column: ridge as above; 0 for identity and mean shift; the free
+parameters of the rotation for the Procrustes family, per output column, not counting the
+covariances or bases estimated without the targets) and, where a ridge is inside, ``alpha_`` (λ);
+:func:`fit_summary` collects them and flags ``rows < d_in`` as underdetermined.
 
 Controls: :func:`fit_shuffled` fits a fresh copy of an estimator on ``(X, Y[π])`` where π pairs no
 row with a row of its own prompt (the shuffled-pairs null); :func:`map_diagnostics` gives R²,

@@ -1,8 +1,11 @@
 """RQ2 "transport": cross-model linear transport maps base → tuned, mapped patching, and its controls.
 
 Definitions: METHODS.md, section RQ2 (call it cross-model linear transport, not CLT). For each site
-(layer, hook) and solver, a map W is fit on the **train** split (base activations → tuned activations,
-at the fit positions); everything reported is on **val**:
+(layer, hook) and solver, a map W is fit on the **train** split (base activations → tuned activations),
+on two row sets: the fit positions (default ``upto=16``: up to 16 chat-aware content positions per prompt
+plus its decision position, :data:`mdiff.positions.DEFAULT_FIT_POSITIONS`) and, as ``<solver>@decision``,
+each train prompt's decision position alone. The solver, row set and α of each site (and the best site)
+are chosen on the **select** split by the largest drop; everything reported is on **val**:
 
 * diagnostics: R² on train and val, R² of the same solver fit on shuffled pairs (the null), CKA(mapped,
   tuned) and the mean cosine between mapped and tuned activations;
@@ -11,8 +14,11 @@ at the fit positions); everything reported is on **val**:
   prompt-bootstrap CI. With α: ``blend`` mode patches ``(1−α)·h_tuned + α·source`` and ``scale`` mode
   ``α·source``; drop(α) is always against the raw patch **at the same α** (a blend toward the tuned
   model's own activation lowers KL for any source, so comparing with the α = 1 raw patch is an artefact).
-* controls, always run: identity (drop 0 by construction), mean-shift, a map fit on shuffled pairs, an
-  early-layer control site, and the reverse direction (tuned → base) for the best solver.
+* controls, always run: identity (drop 0 by construction), mean-shift (fit on the same rows as the
+  chosen map), a map fit on shuffled pairs, an early-layer control site, and the reverse direction
+  (tuned → base) for the best solver.
+* the fit record of every map (rows, prompts, d, effective degrees of freedom, λ), and a warning when a
+  site's maps had fewer rows than dimensions.
 
 Where ``KL_raw`` is ≈ 0 (nothing differs at that site) the drop is reported as undefined (NaN) with
 ``nothing_to_drop = true``, never as a division blow-up.
@@ -436,7 +442,7 @@ def freeze_winners(out: str | Path, pair: str) -> Path:
         winners[key] = {"layer": site["layer"], "hook": site["hook"], "solver": site["solver"], "alpha": site["alpha"],
                         "alpha_mode": s["alpha_mode"], "drop": site["drop"], "ci": site["ci"],
                         "map": str(prefix.relative_to(d)), "beats_mean_shift": site["beats_mean_shift"],
-                        "beats_shuffled": site["beats_shuffled"]}
+                        "beats_shuffled": site["beats_shuffled"], "fit_rows": site.get("fit_rows")}
     manifest = {"pair": pair, "settings": cfg["settings"], "git_commit": cfg["provenance"]["git_commit"],
                 "winners": winners}
     path = d / "winners.json"
