@@ -784,3 +784,15 @@ def test_input_errors(rng):
         LowRankCorrectionMap(rank=0).fit(X, Y)
     with _bad("method must be"):
         LowRankCorrectionMap(method="svd").fit(X, Y)
+
+
+def test_matrix_prior_saves_as_a_marker_and_must_be_given_to_refit(rng, tmp_path):
+    X = activations(30, 4, rng)
+    W0 = rng.standard_normal((4, 6))
+    m = RidgeMap(alphas=1.0, prior=W0).fit(X, X @ W0)
+    save_map(m, tmp_path / "m")
+    loaded = load_map(tmp_path / "m")
+    assert loaded.prior == "matrix" and np.allclose(loaded.prior_, W0) and np.allclose(loaded.W_, m.W_)
+    with _bad("loaded with a matrix prior"):
+        loaded.fit(X, X @ W0)
+    assert np.allclose(loaded.set_params(prior=loaded.prior_).fit(X, X @ W0).W_, m.W_)

@@ -247,3 +247,15 @@ def test_best_map_is_chosen_on_select_and_reported_on_val():
     assert b["mean_shift_drop"]["value"] == 0.65 and b["beats_mean_shift"]  # the same-rows mean shift
     cfg.solvers = ["procrustes"]  # a solver not asked for is never chosen
     assert _best_per_site(val, sel, cfg)[(4, "attn_out")]["solver"] == "procrustes"
+
+
+def test_fit_row_sets_pick_each_prompts_decision_row():
+    from mdiff.rq2 import fit_row_sets
+
+    prompt = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pos = np.array([2, 5, 9, 1, 7, 3, 4, 11, 6])  # prompt 2's decision position (11) is not its last row
+    sets = fit_row_sets(prompt, pos, "upto")
+    np.testing.assert_array_equal(sets["fit"][1], np.arange(9))
+    assert sets["decision"][0] == "@decision"
+    np.testing.assert_array_equal(sets["decision"][1], [2, 4, 7])
+    assert set(fit_row_sets(prompt, pos, "k")) == {"fit"} and set(fit_row_sets(prompt, pos, "last")) == {"fit"}
