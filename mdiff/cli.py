@@ -323,6 +323,8 @@ def rq2_cmd(
     for site in summary["sites"]:
         tag = " (control)" if site["control_site"] else ""
         out.print(f"L{site['layer']} {site['hook']}{tag}: {site['verdict']}")
+    for w in summary.get("warnings", []):
+        out.print(f"warning: {w}")
     out.print(f"wrote {summary['path']}")
     if freeze:
         out.print(f"winners pinned in {freeze_winners(out_dir, spec.name)}")
@@ -377,6 +379,8 @@ def rq3_cmd(
         summary = run_rq3(spec, cfg, out_dir, overwrite, progress=prog.fraction)
     for f in summary["findings"]:
         out.print(f)
+    for w in summary.get("warnings", []):
+        out.print(f"warning: {w}")
     out.print(f"wrote {summary['path']}")
 
 
