@@ -390,6 +390,9 @@ def _summary(spec, cfg, best, metrics, n_prompts) -> dict[str, Any]:
         if b["solver"] is None:
             verdict = ("nothing to drop: patching base activations here does not change the tuned model "
                        "(KL_raw ≈ 0)") if b["nothing_to_drop"] else "no learned map could be evaluated"
+        elif not np.isfinite(b["drop"]):
+            verdict = (f"{b['solver']} was chosen on select, but on val patching base activations here does not "
+                       f"change the tuned model (KL_raw ≈ 0): nothing to drop")
         else:
             pct = f"{100 * b['drop']:.0f}% [{100 * b['ci'][0]:.0f}, {100 * b['ci'][1]:.0f}]"
             fit = b["fits"].get(b["solver"], {})
@@ -398,7 +401,7 @@ def _summary(spec, cfg, best, metrics, n_prompts) -> dict[str, Any]:
                        f"({cfg.alpha_mode}); {'beats' if b['beats_mean_shift'] else 'does NOT beat'} the mean-shift "
                        f"baseline and {'beats' if b['beats_shuffled'] else 'does NOT beat'} the shuffled-pairs null "
                        f"(95% CIs {'not ' if b['beats_mean_shift'] and b['beats_shuffled'] else ''}overlapping); "
-                       f"fit on {fit.get('rows')} rows, d = {fit.get('d_in')}, {fit.get('dof', 0):.3g} effective "
+                       f"fit on {fit.get('rows')} rows, d = {fit.get('d_in')}, {fit.get('dof') or 0:.3g} effective "
                        f"degrees of freedom per output{lam}")
         if warn:
             warnings.append(f"L{L} {h}: {warn}")
