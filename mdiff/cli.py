@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from mdiff.errors import MdiffError
+from mdiff.positions import DEFAULT_FIT_POSITIONS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -33,7 +34,9 @@ BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings "
                                                  "(the old folder is kept as <name>.prev).")]
 AlphaModeOpt = Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")]
-FitPositionsOpt = Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")]
+FitPositionsOpt = Annotated[str, typer.Option(
+    help="Positions of the train prompts the maps are fit on: last, k=K, or upto=K (K content positions, fewer "
+         "when a prompt is shorter). Patching and every reported number stay at the decision position on val.")]
 EngineOpt = Annotated[str, typer.Option(help="Patching engine: fast (recomputes only the decision position from the "
                                              "patched layer; falls back to naive on unsupported models, and says so) "
                                              "or naive (one full forward per condition). Recorded in config.json.")]
@@ -283,12 +286,14 @@ def rq2_cmd(
     pair: PairOpt = "toy-lowrank",
     layers: Annotated[str, typer.Option(help="Probe layers, comma list (e.g. 24,26).")] = "4",
     hooks: Annotated[str, typer.Option(help="Comma list of resid_pre, resid_post, attn_out, mlp_out.")] = "resid_post",
-    solvers: Annotated[str, typer.Option(help="Comma list of ridge, procrustes, procrustes-scaled, whiten-procrustes, "
-                                             "pca-procrustes, logit-subspace (identity and mean-shift always run).")]
-    = "ridge,procrustes,procrustes-scaled,whiten-procrustes",
+    solvers: Annotated[str, typer.Option(help="Comma list of ridge (shrinks toward the identity), ridge-zero (toward 0), "
+                                             "procrustes, procrustes-scaled, whiten-procrustes, pca-procrustes, "
+                                             "logit-subspace (identity and mean-shift always run); the best is chosen "
+                                             "on the select split, reported on val.")]
+    = "ridge,ridge-zero,procrustes,procrustes-scaled,whiten-procrustes",
     alphas: Annotated[str, typer.Option(help="Comma list of α values.")] = "1.0",
     alpha_mode: AlphaModeOpt = "blend",
-    fit_positions: FitPositionsOpt = "last",
+    fit_positions: FitPositionsOpt = DEFAULT_FIT_POSITIONS,
     control_layer: Annotated[int, typer.Option(help="Early-layer control site.")] = 0,
     n: NOpt = None,
     bootstrap: BootstrapOpt = 1000,
@@ -297,6 +302,7 @@ def rq2_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq2/.")] = "results",
     freeze: Annotated[bool, typer.Option(help="Also pin each site's winning map and α into rq2/winners.json.")] = False,
     overwrite: OverwriteOpt = False,
+    engine: EngineOpt = "fast",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -318,13 +324,15 @@ def rq2_cmd(
                     solvers=parse_str_list(solvers, "--solvers", SOLVERS), alphas=_parse_floats(alphas, "--alphas"),
                     alpha_mode=alpha_mode, fit_positions=parse_positions(fit_positions, seed=seed),
                     control_layer=control_layer, n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size,
-                    device=device)
+                    device=device, engine=engine)
     with _progress_bar("rq2") as prog:
         summary = run_rq2(spec, cfg, out_dir, overwrite,
                           progress=prog.fraction)
     for site in summary["sites"]:
         tag = " (control)" if site["control_site"] else ""
         out.print(f"L{site['layer']} {site['hook']}{tag}: {site['verdict']}")
+    for w in summary.get("warnings", []):
+        out.print(f"warning: {w}")
     out.print(f"wrote {summary['path']}")
     if freeze:
         out.print(f"winners pinned in {freeze_winners(out_dir, spec.name)}")
@@ -348,7 +356,7 @@ def rq3_cmd(
     alpha: Annotated[float, typer.Option(help="α of the patch (raw and mapped at the same α).")] = 1.0,
     alpha_mode: AlphaModeOpt = "blend",
     null_draws: Annotated[int, typer.Option(help="Random k-dim subspaces (matched variance) per k for the null.")] = 5,
-    fit_positions: FitPositionsOpt = "last",
+    fit_positions: FitPositionsOpt = DEFAULT_FIT_POSITIONS,
     n: NOpt = None,
     bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, null subspaces and bootstrap.")] = 0,
@@ -380,6 +388,8 @@ def rq3_cmd(
         summary = run_rq3(spec, cfg, out_dir, overwrite, progress=prog.fraction)
     for f in summary["findings"]:
         out.print(f)
+    for w in summary.get("warnings", []):
+        out.print(f"warning: {w}")
     out.print(f"wrote {summary['path']}")
 
 
@@ -399,7 +409,8 @@ def rq4_cmd(
     random_sets: Annotated[int, typer.Option(help="Random k-sets per k for the null (same layer).")] = 20,
     control_layer: Annotated[int, typer.Option(help="Control layer, analysed the same way.")] = 0,
     map_solver: Annotated[str, typer.Option(help="Solver of the per-head maps (--source mapped).")] = "ridge",
-    fit_positions: Annotated[str, typer.Option(help="Positions the per-head maps are fit on: last or k=K.")] = "last",
+    fit_positions: Annotated[str, typer.Option(help="Positions the per-head maps are fit on (train prompts): last, "
+                                                    "k=K or upto=K.")] = DEFAULT_FIT_POSITIONS,
     n: NOpt = None,
     bootstrap: BootstrapOpt = 1000,
     seed: Annotated[int, typer.Option(help="Seed of splits, random head sets and bootstrap.")] = 0,

@@ -78,25 +78,45 @@ def site_values(z: Float[Tensor, "rows head d_head"], W_O: Float[Tensor, "head d
 class HeadMaps:
     """One linear map per query head, base ``z_h`` → the target site's value for head h (fit on train).
 
-    ``solver`` is any :data:`mdiff.maps.MAP_NAMES` solver that accepts different input and output widths
-    for the ``result`` site (``ridge``, ``mean-shift`` ...); estimators are kept in ``maps_``.
+    ``solver`` is any :data:`mdiff.maps.MAP_NAMES` solver; estimators are kept in ``maps_``. The ridge
+    solvers shrink toward a prior: ``ridge`` toward the *raw patch* (``prior`` = the base model's
+    ``W_O[h]`` at the ``result`` site, the identity at the ``z`` site), so with few train rows a head map
+    falls back to the raw source instead of to zero; ``ridge-zero`` toward 0. ``groups`` (the train prompt
+    of each row) keep a prompt's positions in one cross-validation fold.
     """
 
     def __init__(self, solver: str = "ridge", random_state: int = 0):
         self.solver, self.random_state = solver, random_state
 
     def fit(self, z_base: Float[Tensor, "rows head d_head"], target: Float[Tensor, "rows head d"],
-            groups: np.ndarray | None = None) -> "HeadMaps":
+            groups: np.ndarray | None = None,
+            prior: Float[Tensor, "head d_head d"] | None = None) -> "HeadMaps":
         if z_base.shape[:2] != target.shape[:2]:
             raise MdiffError(f"per-head maps need matching rows and heads: base z {tuple(z_base.shape)}, "
                              f"target {tuple(target.shape)}")
         if len(z_base) < 2:
             raise MdiffError("per-head maps need at least 2 training rows; add train prompts")
+        n_heads, d_head, d = z_base.shape[1], z_base.shape[2], target.shape[2]
+        if prior is not None and tuple(prior.shape) != (n_heads, d_head, d):
+            raise MdiffError(f"the per-head prior must have shape (heads, d_head, d) = {(n_heads, d_head, d)}, "
+                             f"got {tuple(prior.shape)}")
         self.maps_ = []
-        for h in range(z_base.shape[1]):
-            est = maps.make_map(self.solver)
+        for h in range(n_heads):
+            kw = {}
+            if self.solver == "ridge" and prior is not None:
+                kw = {"prior": prior[h].double().numpy()}
+            elif self.solver == "ridge" and d_head != d:
+                raise MdiffError("the ridge head maps shrink toward the raw patch: pass the base W_O as prior "
+                                 "for the result site, or use --map-solver ridge-zero")
+            est = maps.make_map(self.solver, **kw)
+            if "random_state" in est.get_params():
+                est.set_params(random_state=self.random_state)
             self.maps_.append(est.fit(z_base[:, h].double().numpy(), target[:, h].double().numpy(), groups=groups))
         return self
+
+    def fit_summaries(self) -> list[dict]:
+        """:func:`mdiff.maps.fit_summary` of every head's map (rows, prompts, d, dof, λ)."""
+        return [maps.fit_summary(m) for m in self.maps_]
 
     def transform(self, z_base: Float[Tensor, "rows head d_head"]) -> Float[Tensor, "rows head d"]:
         cols = [torch.from_numpy(np.asarray(m.transform(z_base[:, h].double().numpy()))).float()

@@ -21,8 +21,16 @@ Maps (``make_map`` name → class)
 --------------------------------
 * ``identity`` (:class:`IdentityMap`): ``W = I``, ``b = 0``.
 * ``mean-shift`` (:class:`MeanShiftMap`): ``ŷ = x + mean(y − x)``.
-* ``ridge`` (:class:`RidgeMap`): ``W_λ = (X_cᵀX_c + λI)⁻¹ X_cᵀY_c``, the minimiser of
-  ``‖Y_c − X_cW‖² + λ‖W‖²`` (λ is on the scale of ``XᵀX``, the same α as sklearn's ``Ridge``). λ is
+* ``ridge`` / ``ridge-zero`` (:class:`RidgeMap`): ridge toward a prior W₀,
+  ``W_λ = W₀ + (X_cᵀX_c + λI)⁻¹X_cᵀ(Y_c − X_cW₀)``, the minimiser of ``‖Y_c − X_cW‖² + λ‖W − W₀‖²``.
+  Base → tuned maps are near the identity, so ``ridge`` uses W₀ = I (``prior="identity"``: it
+  regularises the *correction* y − x; λ → ∞ gives the mean shift, and with fewer rows than dimensions
+  the unseen directions stay at the identity instead of collapsing to 0); ``ridge-zero`` is textbook
+  ridge, W₀ = 0 (``prior="zero"``, the class default). Everything below is the W₀ = 0 fit of
+  ``Y − XW₀`` on X (written Y there). With ``cv=K`` (both make_map names use K = 5) λ is chosen by
+  prompt-grouped K-fold cross-validation (``groups``: a prompt's rows stay in one fold; the grid is
+  relative to all rows' mean eigenvalue, and each fold uses the decomposition below); without it
+  on one held-out fold. λ is on the scale of ``XᵀX`` (the same α as sklearn's ``Ridge``), and is
   chosen from a grid (default: 20 values, ``logspace(-6, 3)`` times the mean eigenvalue
   ``‖X_c‖²_F / d_in`` of the training fold's ``X_cᵀX_c``) by the squared error on a held-out fold.
   One spectral decomposition of the training fold ``X_cᵀX_c = V diag(e) Vᵀ`` serves every λ:
@@ -37,7 +45,9 @@ Maps (``make_map`` name → class)
   ``X_valX_cᵀ U diag(f_λ) UᵀY_c``, the same formula with ``A = X_valX_cᵀU``, ``B = UᵀY_c``), and a
   final solve with n < d uses ``W = X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c``. Both equal the primal solution for
   λ > 0; λ = 0 gives the minimum-norm least-squares solution (eigenvalues below
-  ``eps·max(e)·max(n, d)`` are dropped).
+  ``eps·max(e)·max(n, d)`` are dropped). ``dof_``, the effective degrees of freedom per output
+  column ``tr(X_c(X_cᵀX_c + λI)⁻¹X_cᵀ) = m − λ‖L⁻¹‖²_F`` (L the Cholesky factor of the final m × m
+  system), comes with the final solve at the cost of one triangular inverse.
 * ``procrustes`` (:class:`ProcrustesMap`): ``W = U Vᵀ`` from the SVD ``X_cᵀY_c = U Σ Vᵀ``, the
   orthogonal (semi-orthogonal when d_in ≠ d_out) W minimising ``‖X_cW − Y_c‖_F`` (the same R as
   ``scipy.linalg.orthogonal_procrustes(X_c, Y_c)``). ``procrustes-scaled`` (``scale=True``) uses
@@ -71,6 +81,12 @@ Maps (``make_map`` name → class)
   between ``X_cV_k`` and ``Y_cV_k``, and ``U_k = V_k(R − I)`` (the logit-subspace construction with
   the PCA basis of D). ``rank="full"`` means no truncation. :func:`fit_lowrank_path` fits many
   ranks from one decomposition.
+
+Every fitted map records ``n_samples_`` (fit rows), ``n_groups_`` (prompts), ``dof_`` (effective
+degrees of freedom per output column: ridge as above; 0 for identity and mean shift; the free
+parameters of the rotation for the Procrustes family, per output column, not counting the
+covariances or bases estimated without the targets) and, where a ridge is inside, ``alpha_`` (λ);
+:func:`fit_summary` collects them and flags ``rows < d_in`` as underdetermined.
 
 Controls: :func:`fit_shuffled` fits a fresh copy of an estimator on ``(X, Y[π])`` where π pairs no
 row with a row of its own prompt (the shuffled-pairs null); :func:`map_diagnostics` gives R²,
@@ -149,6 +165,7 @@ __all__ = [
     "WhitenedProcrustesMap",
     "fit_lowrank_path",
     "fit_shuffled",
+    "fit_summary",
     "load_map",
     "logit_basis",
     "make_map",
@@ -313,9 +330,13 @@ def _filter(e: np.ndarray, lam: float, tol: float) -> np.ndarray:
     return out
 
 
-def _solve_shifted(M: np.ndarray, rhs: np.ndarray, lam: float) -> np.ndarray:
-    """``(M + λI)⁻¹ rhs`` for symmetric PSD M (overwritten): Cholesky, or an ``eigh`` pseudo-inverse
-    when λ = 0 or ``M + λI`` is numerically singular (the minimum-norm solution)."""
+def _solve_shifted(M: np.ndarray, rhs: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
+    """``(M + λI)⁻¹ rhs`` for symmetric PSD M (overwritten) and ``tr(M(M + λI)⁻¹)``: Cholesky, or an
+    ``eigh`` pseudo-inverse when λ = 0 or ``M + λI`` is numerically singular (the minimum-norm solution).
+
+    The trace is the ridge fit's effective degrees of freedom per output column (``M`` = XᵀX or its
+    Gram XXᵀ: both give ``tr(X(XᵀX + λI)⁻¹Xᵀ)``); from the Cholesky factor it is ``m − λ‖L⁻¹‖²_F``.
+    """
     m = M.shape[0]
     M.flat[:: m + 1] += lam
     if lam > 0:
@@ -323,19 +344,24 @@ def _solve_shifted(M: np.ndarray, rhs: np.ndarray, lam: float) -> np.ndarray:
         # Fortran-ordered view goes to LAPACK's potrs without a copy.
         L, info = torch.linalg.cholesky_ex(torch.from_numpy(M))
         if int(info) == 0:
-            return sla.cho_solve((L.numpy().T, False), rhs, check_finite=False)
+            sol = sla.cho_solve((L.numpy().T, False), rhs, check_finite=False)
+            Linv = torch.linalg.solve_triangular(L, torch.eye(m, dtype=L.dtype), upper=False)
+            dof = m - lam * float(torch.sum(Linv.double() ** 2))
+            return sol, float(min(max(dof, 0.0), m))
         # λ below the rounding of M: fall through to the pseudo-inverse
     e, V = sla.eigh(M, driver="evd", overwrite_a=True, check_finite=False)
     e = np.maximum(e, 0.0)
     f = _filter(e.astype(np.float64), 0.0, float(e.max(initial=0.0) * m * np.finfo(M.dtype).eps))
-    return V @ (f[:, None].astype(M.dtype) * (V.T @ rhs))
+    dof = float(np.sum(np.maximum(e.astype(np.float64) - lam, 0.0) * f))  # Σ e₀/(e₀ + λ) over kept directions
+    return V @ (f[:, None].astype(M.dtype) * (V.T @ rhs)), dof
 
 
 def _ridge_direct(
     Xc: np.ndarray, Yc: np.ndarray, lam: float, G: np.ndarray | None = None, C: np.ndarray | None = None
-) -> np.ndarray:
-    """``(X_cᵀX_c + λI)⁻¹ X_cᵀY_c``: primal form if n ≥ d (or G, C given), else the dual form
-    ``X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c``. λ = 0 gives the minimum-norm least-squares solution.
+) -> tuple[np.ndarray, float]:
+    """``(X_cᵀX_c + λI)⁻¹ X_cᵀY_c`` and its degrees of freedom ``tr(X_c(X_cᵀX_c + λI)⁻¹X_cᵀ)``: primal
+    form if n ≥ d (or G, C given), else the dual form ``X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c``. λ = 0 gives the
+    minimum-norm least-squares solution.
 
     ``G = X_cᵀX_c`` and ``C = X_cᵀY_c`` may be passed in (G is overwritten).
     """
@@ -344,7 +370,8 @@ def _ridge_direct(
         G = Xc.T @ Xc if G is None else G
         C = Xc.T @ Yc if C is None else C
         return _solve_shifted(G, C, lam)
-    return Xc.T @ _solve_shifted(Xc @ Xc.T, Yc, lam)
+    sol, dof = _solve_shifted(Xc @ Xc.T, Yc, lam)
+    return Xc.T @ sol, dof
 
 
 def _holdout_split(n: int, groups: np.ndarray | None, holdout: float | int, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -361,6 +388,85 @@ def _holdout_split(n: int, groups: np.ndarray | None, holdout: float | int, seed
             f"the training fold has {train.size} row(s) after holding out {val.size}; lower holdout or add prompts"
         )
     return train, val
+
+
+def _group_folds(n: int, groups: np.ndarray | None, cv: int, seed: int | None) -> tuple[np.ndarray, int]:
+    """Fold index per row for prompt-grouped K-fold CV (a prompt's rows share a fold); K ≤ the number of prompts."""
+    codes, n_groups = (np.arange(n, dtype=np.int64), n) if groups is None else (groups, int(groups.max()) + 1)
+    if n_groups < 2:
+        raise MdiffError("choosing λ by cross-validation needs at least 2 prompts; pass a fixed alphas value or more data")
+    k = min(int(cv), n_groups)
+    fold_of_group = np.empty(n_groups, dtype=np.int64)
+    fold_of_group[np.random.default_rng(seed).permutation(n_groups)] = np.arange(n_groups) % k
+    folds = fold_of_group[codes]
+    for f in range(k):
+        if int((folds != f).sum()) < 2:
+            raise MdiffError(f"a cross-validation training fold has fewer than 2 rows; use fewer folds (cv < {k})")
+    return folds, k
+
+
+def _holdout_errors(
+    x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, grid: np.ndarray | None, dt: np.dtype,
+    keep: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Summed squared hold-out error of ridge (fit on ``train`` rows, predicting ``val`` rows) for every λ.
+
+    One eigendecomposition in ``dt`` serves the whole grid (see the module docstring). ``grid`` None:
+    the default grid relative to the training fold's mean eigenvalue. Returns (errors, absolute grid,
+    state); with ``keep`` the state holds what a refit reuses (training-fold means, centred hold-out
+    rows, and in the primal form the float64 XᵀX, XᵀY of the training fold).
+    """
+    f64 = np.dtype(np.float64)
+    n_tr, d = train.size, x.shape[1]
+    primal = n_tr >= d
+    xt = x[train]
+    scale = float(xt.var(axis=0, dtype=f64).sum()) * n_tr / d  # mean eigenvalue of X_cᵀX_c
+    # Training fold: float64 when its XᵀX, XᵀY are reused by the final solve (primal form), else dt.
+    Xt, mx = _centre(xt, f64 if primal else dt)
+    del xt
+    Yt, my = _centre(y[train], f64 if primal else dt)
+    Xv = x[val] - mx  # float64
+    Yv = y[val] - my
+    Xv_s, Yv_s = Xv.astype(dt), Yv.astype(dt)
+    # λ selection from one eigendecomposition in dt. Predictions on the hold-out fold are
+    # A diag(1/(e + λ)) B: primal A = X_vV, B = VᵀX_tᵀY_t (XᵀX = V diag(e) Vᵀ); dual (n < d)
+    # A = X_vX_tᵀU, B = UᵀY_t (X_tX_tᵀ = U diag(e) Uᵀ), the kernel form of the same predictions.
+    G = C = None
+    if primal:
+        G = Xt.T @ Xt
+        C = Xt.T @ Yt
+        e, V = sla.eigh(G.astype(dt, copy=False), driver="evd", check_finite=False)
+        A = Xv_s @ V
+        B = V.T @ C.astype(dt, copy=False)
+        del V
+    else:
+        K = Xt @ Xt.T
+        e, U = sla.eigh(K, driver="evd", overwrite_a=True, check_finite=False)
+        A = (Xv_s @ Xt.T) @ U
+        B = U.T @ Yt
+        del K, U
+    del Xt, Yt
+    if scale <= 0.0:
+        raise MdiffError("X is constant on the training fold, so ridge has nothing to fit; check the activations")
+    alphas = DEFAULT_RELATIVE_ALPHAS * scale if grid is None else grid
+    e = np.maximum(e.astype(f64), 0.0)
+    tol = float(e.max(initial=0.0) * max(n_tr, d) * np.finfo(dt).eps)
+    P = (A.T @ A).astype(f64) * (B @ B.T).astype(f64)
+    r = np.einsum("ij,ij->i", A.T @ Yv_s, B, dtype=f64)
+    del A, B, Xv_s, Yv_s
+    yv2 = float(np.vdot(Yv, Yv))
+    errs = np.empty(alphas.size)
+    for j, lam in enumerate(alphas):
+        f = _filter(e, float(lam), tol)
+        errs[j] = max(yv2 - 2.0 * float(f @ r) + float(f @ P @ f), 0.0)
+    state = {"primal": primal, "G": G, "C": C, "mx": mx, "my": my, "Xv": Xv, "Yv": Yv} if keep else {}
+    return errs, np.asarray(alphas, dtype=f64), state
+
+
+def _stiefel_dof(d_in: int, d_out: int) -> float:
+    """Free parameters of a (semi-)orthogonal d_in × d_out matrix, per output column."""
+    lo, hi = min(d_in, d_out), max(d_in, d_out)
+    return (lo * hi - lo * (lo + 1) / 2) / d_out
 
 
 def _ledoit_wolf(Xc: np.ndarray, G: np.ndarray) -> float:
@@ -537,6 +643,9 @@ class LinearMap:
         self._reset()
         self.n_features_in_ = int(x.shape[1])
         self.n_features_out_ = int(y.shape[1])
+        self.n_samples_ = int(x.shape[0])
+        self.n_groups_ = int(x.shape[0]) if codes is None else int(codes.max()) + 1
+        self.dof_ = None
         self.x_mean_ = self.x_scale_ = self.y_mean_ = self.y_scale_ = None
         if self.standardize in ("x", "both"):
             x, self.x_mean_, self.x_scale_ = _zscore(x)
@@ -642,6 +751,8 @@ class LinearMap:
         out["fitted"] = fitted
         if fitted:
             attrs = {"n_features_in_": self.n_features_in_, "n_features_out_": self.n_features_out_}
+            for key in ("n_samples_", "n_groups_", "dof_"):
+                attrs[key] = _jsonable(getattr(self, key, None), key)
             for key in self._scalar_attrs:
                 attrs[key] = _jsonable(getattr(self, key, None), key)
             out["attributes"] = attrs
@@ -695,6 +806,7 @@ class IdentityMap(LinearMap):
 
     def _fit(self, x, y, groups, dt):
         d = x.shape[1]
+        self.dof_ = 0.0
         return np.eye(d), np.zeros(d)
 
 
@@ -709,39 +821,56 @@ class MeanShiftMap(LinearMap):
 
     def _fit(self, x, y, groups, dt):
         shift = y.mean(axis=0, dtype=np.float64) - x.mean(axis=0, dtype=np.float64)
+        self.dof_ = 0.0
         return np.eye(x.shape[1]), shift
 
 
 class RidgeMap(LinearMap):
-    """Ridge regression ``W = (X_cᵀX_c + λI)⁻¹X_cᵀY_c`` with λ chosen on a held-out fold.
+    """Ridge regression toward a prior ``W₀``, with λ chosen on held-out prompts.
+
+    ``W = W₀ + (X_cᵀX_c + λI)⁻¹X_cᵀ(Y_c − X_cW₀)``: the minimiser of ``‖Y_c − X_cW‖² + λ‖W − W₀‖²``.
 
     Args:
-        alphas: None (default: 20 λ, ``DEFAULT_RELATIVE_ALPHAS`` × the training fold's mean eigenvalue
-            ``‖X_c‖²_F/d_in``), a list of absolute λ values (chosen by hold-out error), or one number
-            (fixed λ, fitted on all rows, no hold-out). λ = 0 gives minimum-norm least squares.
+        alphas: None (default: 20 λ, ``DEFAULT_RELATIVE_ALPHAS`` × the mean eigenvalue ``‖X_c‖²_F/d_in``
+            of the training fold, or of all rows with ``cv``), a list of absolute λ values (chosen by
+            hold-out error), or one number (fixed λ, fitted on all rows, no hold-out). λ = 0 gives
+            minimum-norm least squares.
+        prior: ``"zero"`` (W₀ = 0: textbook ridge, the ``ridge-zero`` solver), ``"identity"`` (W₀ = I:
+            the penalty is on the correction ``W − I``, so a large λ gives the mean shift ``x + mean(y − x)``
+            and λ → 0 least squares; the ``ridge`` solver; needs d_in == d_out), or a d_in × d_out matrix
+            W₀ (e.g. a head's own W_O, so a large λ gives the raw head patch).
+        cv: None: λ chosen on one hold-out fold (``holdout``); an integer K ≥ 2: by prompt-grouped K-fold
+            cross-validation (every prompt's rows in one fold; errors summed over folds; K is capped at
+            the number of prompts), then refit on all rows.
         holdout: fraction of prompts (float in (0, 1)) or number of prompts (int) held out to choose λ
-            (rows when no ``groups`` are passed to fit).
-        refit: refit the chosen λ on all rows (one Cholesky solve); False keeps the training-fold fit.
-        random_state: seed of the hold-out split.
+            when ``cv`` is None (rows when no ``groups`` are passed to fit).
+        refit: refit the chosen λ on all rows (one Cholesky solve); False keeps the training-fold fit
+            (single hold-out only).
+        random_state: seed of the hold-out split / fold assignment.
         standardize, dtype: see the module docstring. ``dtype`` sets the precision of the λ-selection
-            decomposition only; every returned ``W_`` is a float64 Cholesky (or dual) solve.
+            decomposition only; every returned ``W_`` is a float64 Cholesky (or dual) solve. With a
+            prior and ``standardize``, W₀ applies in the standardised space.
 
     Learned attributes: ``alpha_`` (chosen λ), ``alphas_`` (the absolute grid), ``holdout_mse_`` and
-    ``holdout_r2_`` (per λ, mean squared error per output entry and R² on the hold-out fold; None
-    for a fixed λ), ``holdout_rows_`` (indices of the held-out rows).
+    ``holdout_r2_`` (per λ, mean squared error per output entry and R² of y on the hold-out rows,
+    pooled over folds with ``cv``; None for a fixed λ), ``holdout_rows_`` (indices of the held-out rows;
+    None with ``cv``), ``cv_folds_`` (fold of each row; None without ``cv``), ``dof_`` (effective degrees
+    of freedom per output column of the final fit, ``tr(X_c(X_cᵀX_c + λI)⁻¹X_cᵀ)`` ≤ min(n − 1, d_in)).
 
     With n < d (training fold) the decomposition is the ``eigh`` of the n × n Gram of the centred
     training rows and the final solve uses the dual form (see the module docstring).
     """
 
     name = "ridge"
-    _array_attrs = ("alphas_", "holdout_mse_", "holdout_r2_", "holdout_rows_")
+    _array_attrs = ("alphas_", "holdout_mse_", "holdout_r2_", "holdout_rows_", "cv_folds_", "prior_")
     _scalar_attrs = ("alpha_",)
 
     def __init__(
         self,
         alphas: Alphas = None,
         *,
+        prior: Literal["zero", "identity"] | np.ndarray = "zero",
+        cv: int | None = None,
         holdout: float | int = 0.2,
         refit: bool = True,
         random_state: int | None = 0,
@@ -750,9 +879,16 @@ class RidgeMap(LinearMap):
     ) -> None:
         super().__init__(standardize=standardize, dtype=dtype)
         self.alphas = alphas
+        self.prior = prior
+        self.cv = cv
         self.holdout = holdout
         self.refit = refit
         self.random_state = random_state
+
+    def _json_params(self) -> dict[str, Any]:
+        if isinstance(self.prior, str):
+            return super()._json_params()
+        return {**{k: _jsonable(v, k) for k, v in self.get_params().items() if k != "prior"}, "prior": "matrix"}
 
     def _check_params(self, x, y):
         super()._check_params(x, y)
@@ -760,90 +896,120 @@ class RidgeMap(LinearMap):
         _check_holdout(self.holdout)
         if not isinstance(self.refit, (bool, np.bool_)):
             raise MdiffError(f"refit must be True or False, got {self.refit!r}")
+        if self.cv is not None:
+            _check_int(self.cv, "cv", low=2)
+        self._prior_matrix(x.shape[1], y.shape[1])
+
+    def _prior_matrix(self, d_in: int, d_out: int) -> np.ndarray | str | None:
+        """None (zero prior), "identity", or the float64 prior matrix (validated)."""
+        p = self.prior
+        if isinstance(p, str):
+            if p == "matrix":
+                raise MdiffError("this ridge map was loaded with a matrix prior, which is not saved; "
+                                 "set_params(prior=W0) before refitting")
+            _check_choice(p, "prior", ("zero", "identity"))
+            if p == "identity" and d_in != d_out:
+                raise MdiffError(f"prior='identity' needs d_in == d_out but X has {d_in} and Y {d_out} features; "
+                                 "use prior='zero' or pass a prior matrix")
+            return None if p == "zero" else "identity"
+        W0 = _to_numpy(p, "prior").astype(np.float64, copy=False)
+        if W0.shape != (d_in, d_out):
+            raise MdiffError(f"the prior matrix must have shape (d_in={d_in}, d_out={d_out}) but has {W0.shape}")
+        return W0
 
     def _fit(self, x, y, groups, dt):
+        W0 = self._prior_matrix(x.shape[1], y.shape[1])
+        if W0 is None:
+            target = y
+        elif isinstance(W0, str):  # identity: regress the correction y − x (in the inputs' precision)
+            target = y - x if x.dtype == y.dtype else y.astype(np.float64) - x.astype(np.float64)
+        else:
+            target = y.astype(np.float64) - x.astype(np.float64) @ W0
+            if y.dtype == np.float32 and x.dtype == np.float32:
+                target = target.astype(np.float32)
+        W, b = self._fit_correction(x, target, y, groups, dt)
+        if isinstance(W0, str):
+            W.flat[:: W.shape[0] + 1] += 1.0
+        elif W0 is not None:
+            W = W + W0
+        self.prior_ = None if W0 is None or isinstance(W0, str) else W0
+        return W, b
+
+    def _fit_correction(self, x, y, y_orig, groups, dt):
+        """Zero-prior ridge of ``y`` on x; ``y_orig`` (the unshifted target) only enters the hold-out R²."""
         f64 = np.dtype(np.float64)
         grid = _check_alphas(self.alphas)
+        self.holdout_rows_ = self.cv_folds_ = None
         if grid is not None and grid.size == 1 and not isinstance(self.alphas, (list, tuple, np.ndarray)):
             lam = float(grid[0])
             Xc, mx = _centre(x, f64)
             Yc, my = _centre(y, f64)
-            W = _ridge_direct(Xc, Yc, lam)
+            W, self.dof_ = _ridge_direct(Xc, Yc, lam)
             self.alpha_, self.alphas_ = lam, grid
-            self.holdout_mse_ = self.holdout_r2_ = self.holdout_rows_ = None
+            self.holdout_mse_ = self.holdout_r2_ = None
             return W, my - mx @ W
+        if self.cv is not None:
+            return self._fit_cv(x, y, y_orig, groups, grid, dt)
         train, val = _holdout_split(x.shape[0], groups, _check_holdout(self.holdout), self.random_state)
-        n_tr, d = train.size, x.shape[1]
-        primal = n_tr >= d
-        xt = x[train]
-        scale = float(xt.var(axis=0, dtype=f64).sum()) * n_tr / d  # mean eigenvalue of X_cᵀX_c
-        # Training fold: float64 when its XᵀX, XᵀY are reused by the final solve (primal form), else dt.
-        Xt, mx = _centre(xt, f64 if primal else dt)
-        del xt
-        Yt, my = _centre(y[train], f64 if primal else dt)
-        Xv = x[val] - mx  # float64
-        Yv = y[val] - my
-        Xv_s, Yv_s = Xv.astype(dt), Yv.astype(dt)
-        # λ selection from one eigendecomposition in dt. Predictions on the hold-out fold are
-        # A diag(1/(e + λ)) B: primal A = X_vV, B = VᵀX_tᵀY_t (XᵀX = V diag(e) Vᵀ); dual (n < d)
-        # A = X_vX_tᵀU, B = UᵀY_t (X_tX_tᵀ = U diag(e) Uᵀ), the kernel form of the same predictions.
-        G = C = None
-        if primal:
-            G = Xt.T @ Xt
-            C = Xt.T @ Yt
-            e, V = sla.eigh(G.astype(dt, copy=False), driver="evd", check_finite=False)
-            A = Xv_s @ V
-            B = V.T @ C.astype(dt, copy=False)
-            del V
-        else:
-            K = Xt @ Xt.T
-            e, U = sla.eigh(K, driver="evd", overwrite_a=True, check_finite=False)
-            A = (Xv_s @ Xt.T) @ U
-            B = U.T @ Yt
-            del K, U, Xt, Yt
-        if scale <= 0.0:
-            raise MdiffError("X is constant on the training fold, so ridge has nothing to fit; check the activations")
-        alphas = DEFAULT_RELATIVE_ALPHAS * scale if grid is None else grid
-        e = np.maximum(e.astype(f64), 0.0)
-        tol = float(e.max(initial=0.0) * max(n_tr, d) * np.finfo(dt).eps)
-        P = (A.T @ A).astype(f64) * (B @ B.T).astype(f64)
-        r = np.einsum("ij,ij->i", A.T @ Yv_s, B, dtype=f64)
-        del A, B, Xv_s, Yv_s
-        yv2 = float(np.vdot(Yv, Yv))
-        errs = np.empty(alphas.size)
-        for j, lam in enumerate(alphas):
-            f = _filter(e, float(lam), tol)
-            errs[j] = max(yv2 - 2.0 * float(f @ r) + float(f @ P @ f), 0.0)
-        del P
-        ss_val = float(np.square(Yv - Yv.mean(axis=0)).sum())
+        errs, alphas, st = _holdout_errors(x, y, train, val, grid, dt, keep=True)
+        yo = y_orig[val].astype(f64, copy=False)
+        ss_val = float(np.square(yo - yo.mean(axis=0)).sum())
         best = int(np.flatnonzero(errs <= errs.min())[-1])  # ties → the larger λ
         lam = float(alphas[best])
-        self.alphas_ = np.asarray(alphas, dtype=f64)
+        self.alphas_ = alphas
         self.alpha_ = lam
-        self.holdout_mse_ = errs / Yv.size
+        self.holdout_mse_ = errs / (val.size * y.shape[1])
         self.holdout_r2_ = 1.0 - errs / ss_val if ss_val > 0 else np.full(alphas.size, np.nan)
         self.holdout_rows_ = val.astype(np.int64)
+        primal, G, C, mx, my, Xv, Yv = (st[k] for k in ("primal", "G", "C", "mx", "my", "Xv", "Yv"))
         # Final solve in float64 at the chosen λ.
         if not self.refit:
-            if not primal:
-                Xt, _ = _centre(x[train], f64)
-                Yt, _ = _centre(y[train], f64)
-            W = _ridge_direct(Xt, Yt, lam, G=G, C=C)
+            Xt, _ = _centre(x[train], f64)
+            Yt, _ = _centre(y[train], f64)
+            W, self.dof_ = _ridge_direct(Xt, Yt, lam, G=G, C=C)
             return W, my - mx @ W
         if primal:  # update the training fold's XᵀX, XᵀY to all rows, centred at the all-row mean
-            n_all = n_tr + val.size
+            n_all = train.size + val.size
             dx = Xv.sum(axis=0) / n_all  # all-row mean minus training-fold mean
             dy = Yv.sum(axis=0) / n_all
             G += Xv.T @ Xv
             G -= n_all * np.outer(dx, dx)
             C += Xv.T @ Yv
             C -= n_all * np.outer(dx, dy)
-            W = _ridge_direct(Xt, Yt, lam, G=G, C=C)
+            W, self.dof_ = _ridge_direct(x[:0], y[:0], lam, G=G, C=C)
             return W, (my + dy) - (mx + dx) @ W
         del Xv, Yv
         Xa, mxa = _centre(x, f64)
         Ya, mya = _centre(y, f64)
-        W = _ridge_direct(Xa, Ya, lam)
+        W, self.dof_ = _ridge_direct(Xa, Ya, lam)
+        return W, mya - mxa @ W
+
+    def _fit_cv(self, x, y, y_orig, groups, grid, dt):
+        f64 = np.dtype(np.float64)
+        n, d = x.shape
+        folds, k = _group_folds(n, groups, int(self.cv), self.random_state)
+        if grid is None:
+            scale = float(x.var(axis=0, dtype=f64).sum()) * n / d  # mean eigenvalue of X_cᵀX_c, all rows
+            if scale <= 0.0:
+                raise MdiffError("X is constant, so ridge has nothing to fit; check the activations")
+            grid = DEFAULT_RELATIVE_ALPHAS * scale
+        errs = np.zeros(grid.size)
+        ss_val = 0.0
+        for f in range(k):
+            train, val = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+            errs += _holdout_errors(x, y, train, val, grid, dt)[0]
+            yo = y_orig[val].astype(f64, copy=False)
+            ss_val += float(np.square(yo - yo.mean(axis=0)).sum())
+        best = int(np.flatnonzero(errs <= errs.min())[-1])  # ties → the larger λ
+        lam = float(grid[best])
+        self.alphas_ = np.asarray(grid, dtype=f64)
+        self.alpha_ = lam
+        self.holdout_mse_ = errs / (n * y.shape[1])
+        self.holdout_r2_ = 1.0 - errs / ss_val if ss_val > 0 else np.full(grid.size, np.nan)
+        self.cv_folds_ = folds
+        Xa, mxa = _centre(x, f64)
+        Ya, mya = _centre(y, f64)
+        W, self.dof_ = _ridge_direct(Xa, Ya, lam)
         return W, mya - mxa @ W
 
 
@@ -879,6 +1045,7 @@ class ProcrustesMap(LinearMap):
                 raise MdiffError("X is constant, so the Procrustes scale is undefined; check the activations")
             self.scale_ = float(s.sum(dtype=np.float64)) / xx
         W = R.astype(np.float64) * self.scale_
+        self.dof_ = _stiefel_dof(x.shape[1], y.shape[1]) + (1.0 / y.shape[1] if self.scale else 0.0)
         return W, my - mx @ W
 
 
@@ -951,6 +1118,7 @@ class WhitenedProcrustesMap(LinearMap):
         W = (Qx @ R @ Qy.T).astype(np.float64)
         self.shrinkage_x_, self.shrinkage_y_ = float(ax), float(ay)
         self.singular_values_ = s.astype(np.float64) / x.shape[0]
+        self.dof_ = _stiefel_dof(x.shape[1], y.shape[1])
         return W, my - mx @ W
 
 
@@ -990,6 +1158,7 @@ class PCAProcrustesMap(LinearMap):
         self.components_y_ = Py.astype(np.float64)
         self.rotation_ = R.astype(np.float64)
         W = self.components_x_ @ self.rotation_ @ self.components_y_.T
+        self.dof_ = q * (q - 1) / 2 / y.shape[1]
         return W, my - mx @ W
 
 
@@ -1030,6 +1199,8 @@ class LogitSubspaceMap(LinearMap):
         solver: Literal["ridge", "procrustes"] = "ridge",
         center_unembed: bool = True,
         alphas: Alphas = None,
+        prior: Literal["zero", "identity"] = "zero",
+        cv: int | None = None,
         holdout: float | int = 0.2,
         random_state: int | None = 0,
         basis: Float[np.ndarray, "d_model q"] | Float[torch.Tensor, "d_model q"] | None = None,
@@ -1043,6 +1214,8 @@ class LogitSubspaceMap(LinearMap):
         self.solver = solver
         self.center_unembed = center_unembed
         self.alphas = alphas
+        self.prior = prior
+        self.cv = cv
         self.holdout = holdout
         self.random_state = random_state
 
@@ -1058,6 +1231,9 @@ class LogitSubspaceMap(LinearMap):
         if self.solver == "ridge":
             _check_alphas(self.alphas)
             _check_holdout(self.holdout)
+            _check_choice(self.prior, "prior", ("zero", "identity"))
+            if self.cv is not None:
+                _check_int(self.cv, "cv", low=2)
 
     def _fit(self, x, y, groups, dt):
         q = int(self.q)
@@ -1067,12 +1243,14 @@ class LogitSubspaceMap(LinearMap):
             Q, sv = _logit_basis(self.W_U, q, bool(self.center_unembed), dt)
         zx, zy = x @ Q, y @ Q
         if self.solver == "ridge":
-            inner: LinearMap = RidgeMap(self.alphas, holdout=self.holdout, random_state=self.random_state, dtype="float64")
+            inner: LinearMap = RidgeMap(self.alphas, prior=self.prior, cv=self.cv, holdout=self.holdout,
+                                        random_state=self.random_state, dtype="float64")
         else:
             inner = ProcrustesMap(dtype="float64")
         R, c = inner._fit(zx, zy, groups, np.dtype(np.float64))
         R = np.asarray(R, dtype=np.float64)
         self.alpha_ = getattr(inner, "alpha_", None)
+        self.dof_ = float(inner.dof_) * q / x.shape[1]  # q of the d outputs are fitted
         self.basis_, self.basis_singular_values_ = Q, sv
         self.subspace_map_, self.subspace_offset_ = R, np.asarray(c, dtype=np.float64)
         W, b, _ = _subspace_affine(R, self.subspace_offset_, Q)
@@ -1107,6 +1285,7 @@ class LowRankCorrectionMap(LinearMap):
         *,
         method: Literal["rrr", "pca-procrustes"] = "rrr",
         alphas: Alphas = None,
+        cv: int | None = None,
         holdout: float | int = 0.2,
         random_state: int | None = 0,
         standardize: Standardize = "none",
@@ -1116,6 +1295,7 @@ class LowRankCorrectionMap(LinearMap):
         self.rank = rank
         self.method = method
         self.alphas = alphas
+        self.cv = cv
         self.holdout = holdout
         self.random_state = random_state
 
@@ -1126,6 +1306,8 @@ class LowRankCorrectionMap(LinearMap):
         _check_choice(self.method, "method", ("rrr", "pca-procrustes"))
         _check_alphas(self.alphas)
         _check_holdout(self.holdout)
+        if self.cv is not None:
+            _check_int(self.cv, "cv", low=2)
 
     def _components(
         self, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, dt: np.dtype, need_basis: bool = True
@@ -1142,12 +1324,12 @@ class LowRankCorrectionMap(LinearMap):
             else:
                 e, V = _eigh_desc(D.T @ D)
             return {"Xc": Xc, "Yc": Yc, "mx": mx, "my": my, "V": V, "values": np.sqrt(np.maximum(e, 0.0) / n),
-                    "alpha": None}
+                    "alpha": None, "dof": None}
         del D
-        ridge = RidgeMap(self.alphas, holdout=self.holdout, random_state=self.random_state)
+        ridge = RidgeMap(self.alphas, cv=self.cv, holdout=self.holdout, random_state=self.random_state)
         Bhat, _ = ridge._fit(x, y.astype(np.float64) - x, groups, dt)  # float64 solve
         comp = {"Bhat": np.asarray(Bhat, dtype=np.float64), "mx": mx, "my": my, "V": None, "values": None,
-                "alpha": ridge.alpha_}
+                "alpha": ridge.alpha_, "dof": ridge.dof_}
         if need_basis:  # right singular vectors of the fitted correction F = X_c B̂
             F = Xc @ Bhat.astype(dt, copy=False)
             del Xc, Yc
@@ -1172,6 +1354,8 @@ class LowRankCorrectionMap(LinearMap):
         self.component_values_ = None if values is None else values.astype(np.float64)
         self.alpha_ = comp["alpha"]
         self.rank_ = int(k)
+        # rrr: the ridge fit B̂ that the rank-k map truncates; pca-procrustes: the k × k rotation's parameters
+        self.dof_ = comp["dof"] if self.method == "rrr" else k * (k - 1) / 2 / d
         if self.method == "pca-procrustes":
             Vk = V[:, :k]
             R, _ = _polar((comp["Xc"] @ Vk).T @ (comp["Yc"] @ Vk))
@@ -1212,13 +1396,14 @@ _CLASSES: dict[str, type[LinearMap]] = {
 _FACTORY: dict[str, tuple[type[LinearMap], dict[str, Any]]] = {
     "identity": (IdentityMap, {}),
     "mean-shift": (MeanShiftMap, {}),
-    "ridge": (RidgeMap, {}),
+    "ridge": (RidgeMap, {"prior": "identity", "cv": 5}),
+    "ridge-zero": (RidgeMap, {"prior": "zero", "cv": 5}),
     "procrustes": (ProcrustesMap, {}),
     "procrustes-scaled": (ProcrustesMap, {"scale": True}),
-    "whiten-procrustes": (WhitenedProcrustesMap, {}),
+    "whiten-procrustes": (WhitenedProcrustesMap, {"shrinkage": "ledoit-wolf"}),
     "pca-procrustes": (PCAProcrustesMap, {}),
-    "logit-subspace": (LogitSubspaceMap, {}),
-    "lowrank": (LowRankCorrectionMap, {}),
+    "logit-subspace": (LogitSubspaceMap, {"prior": "identity", "cv": 5}),
+    "lowrank": (LowRankCorrectionMap, {"cv": 5}),
 }
 
 MAP_NAMES: tuple[str, ...] = tuple(_FACTORY)
@@ -1228,7 +1413,11 @@ MAP_NAMES: tuple[str, ...] = tuple(_FACTORY)
 def make_map(name: str, **kw: Any) -> LinearMap:
     """Build an unfitted estimator by name (``MAP_NAMES``); keyword arguments go to its constructor.
 
-    ``"procrustes-scaled"`` is ``ProcrustesMap(scale=True)``.
+    ``"ridge"`` is ``RidgeMap(prior="identity", cv=5)`` (shrinks toward the identity, λ by 5-fold
+    prompt-grouped CV: pass ``groups`` to fit), ``"ridge-zero"`` the same with ``prior="zero"`` (shrinks
+    toward 0), ``"procrustes-scaled"`` is ``ProcrustesMap(scale=True)``, ``"whiten-procrustes"`` uses the
+    Ledoit–Wolf shrinkage, ``"logit-subspace"`` an identity-prior inner ridge with 5-fold CV and
+    ``"lowrank"`` 5-fold CV for its ridge.
     """
     if name not in _FACTORY:
         raise MdiffError(f"unknown map {name!r}; choose one of {', '.join(MAP_NAMES)}")
@@ -1265,6 +1454,22 @@ def shuffled_pairs_permutation(
     perm = np.empty(n, dtype=np.int64)
     perm[rows] = rows[(np.arange(n) + s) % n]
     return perm
+
+
+def fit_summary(linear_map: LinearMap) -> dict[str, Any]:
+    """How much data a fitted map saw and how many coefficients it used: ``rows`` (fit rows), ``prompts``
+    (distinct groups; rows when none were passed), ``d_in``, ``d_out``, ``dof`` (effective degrees of
+    freedom per output column, ``dof_``), ``lambda`` (the ridge λ chosen, None for unregularised maps)
+    and ``underdetermined`` (rows < d_in: a full linear map cannot be pinned down by the data).
+    """
+    linear_map._check_fitted()
+    rows = getattr(linear_map, "n_samples_", None)
+    dof = getattr(linear_map, "dof_", None)
+    lam = getattr(linear_map, "alpha_", None)
+    return {"rows": rows, "prompts": getattr(linear_map, "n_groups_", None), "d_in": int(linear_map.n_features_in_),
+            "d_out": int(linear_map.n_features_out_), "dof": None if dof is None else float(dof),
+            "lambda": None if lam is None else float(lam),
+            "underdetermined": None if rows is None else bool(rows < linear_map.n_features_in_)}
 
 
 def fit_shuffled(
@@ -1317,6 +1522,7 @@ def fit_lowrank_path(
         m.n_features_in_, m.n_features_out_ = template.n_features_in_, template.n_features_out_
         m.x_mean_, m.x_scale_ = template.x_mean_, template.x_scale_
         m.y_mean_, m.y_scale_ = template.y_mean_, template.y_scale_
+        m.n_samples_, m.n_groups_ = template.n_samples_, template.n_groups_
         W, b = m._apply(comp, r)
         m._finish(W, b)
         out[r] = m

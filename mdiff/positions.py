@@ -6,6 +6,11 @@
 * ``k=K``: K positions per prompt, drawn without replacement (seeded by the prompt id, so a prompt gets
   the same positions in every run) among *content* tokens only: never BOS, never special tokens, never
   chat-template or system-prompt tokens, and not the last ``m`` tokens (``exclude_last``, default 1: the decision token; chat template tokens at the end are excluded anyway).
+* ``upto=K``: the same draw of K content positions (all of them when a prompt has fewer: never an
+  error), **plus the decision position** (``last``): the default rows that transport maps are fit on
+  (``DEFAULT_FIT_POSITIONS``). Content rows pin the map down (at d = 4096 one row per prompt leaves it
+  underdetermined), and the decision position is where the maps are applied, so its distribution is
+  in the fit too (train prompts only; patching and reporting use the val/select prompts).
 
 Positions are indices into a prompt's unpadded token list.
 """
@@ -18,38 +23,43 @@ import numpy as np
 
 from mdiff.errors import MdiffError
 
-_K = re.compile(r"^k\s*=\s*(\d+)$")
+_K = re.compile(r"^(k|upto)\s*=\s*(\d+)$")
+
+DEFAULT_FIT_POSITIONS = "upto=16"
+"""Rows the transport maps (RQ2, RQ3, RQ4's per-head maps) are fit on by default: up to 16 chat-aware
+content positions per train prompt (the seeds' protocol; never BOS, template or system tokens) plus the
+prompt's decision position."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PositionSpec:
-    kind: str  # "last" | "k"
+    kind: str  # "last" | "k" | "upto"
     k: int = 1
     exclude_last: int = 1
     seed: int = 0
 
     @property
     def tag(self) -> str:
-        return "last" if self.kind == "last" else f"k{self.k}"
+        return "last" if self.kind == "last" else f"{self.kind}{self.k}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def parse_positions(text: str, seed: int = 0, exclude_last: int = 1) -> PositionSpec:
-    """``last`` or ``k=K`` (K ≥ 1)."""
+    """``last``, ``k=K`` or ``upto=K`` (K ≥ 1)."""
     t = text.strip().lower()
     if t == "last":
         return PositionSpec("last", 1, exclude_last, seed)
     m = _K.match(t)
     if not m:
-        raise MdiffError(f"--positions {text!r} not understood: use 'last' or 'k=K' (e.g. k=16)")
-    k = int(m.group(1))
+        raise MdiffError(f"--positions {text!r} not understood: use 'last', 'k=K' (e.g. k=16) or 'upto=K'")
+    k = int(m.group(2))
     if k < 1:
         raise MdiffError(f"--positions k=K needs K ≥ 1, got {k}")
     if exclude_last < 0:
         raise MdiffError(f"exclude_last must be ≥ 0, got {exclude_last}")
-    return PositionSpec("k", k, exclude_last, seed)
+    return PositionSpec(m.group(1), k, exclude_last, seed)
 
 
 def content_mask(text: str, ids: list[int], offsets: list[tuple[int, int]], special_ids: set[int],
@@ -89,7 +99,12 @@ def select_positions(spec: PositionSpec, prompt_id: str, ids: list[int], mask: n
     usable = np.flatnonzero(mask)
     if spec.exclude_last:
         usable = usable[usable < len(ids) - spec.exclude_last]
-    if len(usable) < spec.k:
+    if spec.kind == "upto":
+        last = last_position(ids, trailing_ids)
+        if len(usable) > spec.k:
+            usable = _rng_for(spec.seed, prompt_id).choice(usable, size=spec.k, replace=False)
+        return sorted({*(int(x) for x in usable), last})
+    elif len(usable) < spec.k:
         raise MdiffError(
             f"prompt {prompt_id!r} has {len(usable)} usable content positions, fewer than k={spec.k} "
             f"(excluding BOS, template tokens and the last {spec.exclude_last}); use a smaller K or longer prompts")

@@ -108,7 +108,8 @@ def findings(res: dict[str, dict]) -> list[Finding]:
         else:
             ms, sh = site.get("mean_shift_drop"), site.get("shuffled_drop")
             t = (f"A {site['solver']} map removes {_pct(site['drop'])} {_ci(*site['ci'])} of the patch KL at "
-                 f"L{site['layer']} {site['hook']} (α={site['alpha']:g}, {s['alpha_mode']} mode, val prompts); it "
+                 f"L{site['layer']} {site['hook']} (α={site['alpha']:g}, {s['alpha_mode']} mode, val prompts; map, "
+                 f"fit rows and α chosen on the select split); it "
                  f"{'beats' if site['beats_mean_shift'] else 'does not clearly beat'} the mean-shift baseline")
             if ms:
                 t += f" ({_pct(ms['value'])} {_ci(*ms['ci'])})"
@@ -120,13 +121,15 @@ def findings(res: dict[str, dict]) -> list[Finding]:
                 t += f"; in the reverse direction (tuned → base) the same solver removes {_pct(rev['value'])}"
             out.append(Finding("rq2", t + ".", {"layer": site["layer"], "hook": site["hook"], "solver": site["solver"],
                                                 "alpha": site["alpha"], "drop": site["drop"], "ci": site["ci"]}))
+        for w in s.get("warnings", []):
+            out.append(Finding("rq2", f"Warning: {w}.", {"warning": w}))
         for x in s["sites"]:
             if x.get("control_site"):
                 out.append(Finding("rq2", f"Control site L{x['layer']} {x['hook']}: {x['verdict']}.",
                                    {"layer": x["layer"], "nothing_to_drop": x["nothing_to_drop"]}))
     if "rq3" in res:
         s = res["rq3"]["summary"]
-        for f in s["findings"]:
+        for f in [*s["findings"], *(f"Warning: {w}" for w in s.get("warnings", []))]:
             out.append(Finding("rq3", f + ".", {"smallest_k": s.get("smallest_k")}))
     if "rq4" in res:
         s = res["rq4"]["summary"]

@@ -1,8 +1,11 @@
 """RQ2 "transport": cross-model linear transport maps base → tuned, mapped patching, and its controls.
 
 Definitions: METHODS.md, section RQ2 (call it cross-model linear transport, not CLT). For each site
-(layer, hook) and solver, a map W is fit on the **train** split (base activations → tuned activations,
-at the fit positions); everything reported is on **val**:
+(layer, hook) and solver, a map W is fit on the **train** split (base activations → tuned activations),
+on two row sets: the fit positions (default ``upto=16``: up to 16 chat-aware content positions per prompt
+plus its decision position, :data:`mdiff.positions.DEFAULT_FIT_POSITIONS`) and, as ``<solver>@decision``,
+each train prompt's decision position alone. The solver, row set and α of each site (and the best site)
+are chosen on the **select** split by the largest drop; everything reported is on **val**:
 
 * diagnostics: R² on train and val, R² of the same solver fit on shuffled pairs (the null), CKA(mapped,
   tuned) and the mean cosine between mapped and tuned activations;
@@ -11,10 +14,13 @@ at the fit positions); everything reported is on **val**:
   prompt-bootstrap CI. With α: ``blend`` mode patches ``(1−α)·h_tuned + α·source`` and ``scale`` mode
   ``α·source``; drop(α) is always against the raw patch **at the same α** (a blend toward the tuned
   model's own activation lowers KL for any source, so comparing with the α = 1 raw patch is an artefact).
-* controls, always run: identity (drop 0 by construction), mean-shift, a map fit on shuffled pairs, an
-  early-layer control site, and the reverse direction (tuned → base) for the best solver.
+* controls, always run: identity (drop 0 by construction), mean-shift (fit on the same rows as the
+  chosen map), a map fit on shuffled pairs, an early-layer control site, and the reverse direction
+  (tuned → base) for the best solver.
+* the fit record of every map (rows, prompts, d, effective degrees of freedom, λ), and a warning when a
+  site's maps had fewer rows than dimensions.
 
-Where ``KL_raw`` is ≈ 0 (nothing differs at that site) the drop is reported as undefined (NaN) with
+Where ``KL_raw`` is within the run's measured noise tolerance (:mod:`mdiff.noise`; nothing differs at that site) the drop is reported as undefined (NaN) with
 ``nothing_to_drop = true``, never as a division blow-up.
 
 One model is in memory at a time: base (activations) → tuned (activations, fits, patches) → base
@@ -34,16 +40,19 @@ from mdiff import activations as A
 from mdiff import cka, maps, models, patching, stats
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
+from mdiff.noise import NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
-from mdiff.positions import PositionSpec, parse_positions
+from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
 
 RQ2_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-SOLVERS = ("identity", "mean-shift", "ridge", "procrustes", "procrustes-scaled", "whiten-procrustes",
+SOLVERS = ("identity", "mean-shift", "ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes",
            "pca-procrustes", "logit-subspace")
-DEFAULT_SOLVERS = ("ridge", "procrustes", "procrustes-scaled", "whiten-procrustes")
+DEFAULT_SOLVERS = ("ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes")
 CONTROL_SOLVERS = ("identity", "mean-shift")
-KL_FLOOR = 1e-6  # mean KL_raw below this: nothing to drop
+ROW_SEP = "@"  # "ridge@decision": ridge fit on each train prompt's decision row only
+FIT_METRICS = {"rows": "fit_rows", "prompts": "fit_prompts", "dof": "fit_dof", "lambda": "fit_lambda"}
+"""maps.fit_summary key → metric name of the per-map fit record (on train)."""
 
 
 @dataclasses.dataclass
@@ -53,18 +62,20 @@ class RQ2Config:
     solvers: list[str]
     alphas: list[float]
     alpha_mode: str = "blend"
-    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions("last"))
+    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions(DEFAULT_FIT_POSITIONS))
     control_layer: int | None = None
     n: int | None = None
     n_boot: int = 1000
     seed: int = 0
     batch_size: int = 16
     device: str | None = None
+    engine: str = "fast"
 
     def settings(self) -> dict[str, Any]:
         return {"layers": self.layers, "hooks": self.hooks, "solvers": self.solvers, "alphas": self.alphas,
                 "alpha_mode": self.alpha_mode, "fit_positions": self.fit_positions.to_dict(),
-                "control_layer": self.control_layer, "n": self.n, "bootstrap": self.n_boot, "seed": self.seed}
+                "control_layer": self.control_layer, "n": self.n, "bootstrap": self.n_boot, "seed": self.seed,
+                "engine": self.engine}
 
 
 def check_config(cfg: RQ2Config, n_layers: int) -> None:
@@ -79,6 +90,8 @@ def check_config(cfg: RQ2Config, n_layers: int) -> None:
         raise MdiffError(f"--alpha-mode must be blend or scale, got {cfg.alpha_mode!r}")
     if not cfg.alphas:
         raise MdiffError("--alphas is empty")
+    if cfg.engine not in patching.ENGINES:
+        raise MdiffError(f"--engine must be one of {', '.join(patching.ENGINES)}, got {cfg.engine!r}")
     for a in cfg.alphas:
         if not (0 < a <= (1 if cfg.alpha_mode == "blend" else 10)):
             raise MdiffError(f"alpha {a} out of range: blend needs 0 < α ≤ 1, scale 0 < α ≤ 10")
@@ -110,6 +123,7 @@ def _run(spec, cfg, info, out, writer, say):
     prep_tr, pad_b, pad_t, sv = A.prepare_pair_prompts(spec, info, fitpos, "train", cfg.seed, cfg.n)
     prep_va = A.prepare_pair_prompts(spec, info, fitpos, "val", cfg.seed, cfg.n)[0]
     prep_dec = prep_va if fitpos.kind == "last" else A.prepare_pair_prompts(spec, info, dec, "val", cfg.seed, cfg.n)[0]
+    prep_sel = A.prepare_pair_prompts(spec, info, dec, "select", cfg.seed, cfg.n)[0]
     layers = sorted(set(cfg.layers) | {cfg.control_layer})
     hooks = cfg.hooks
     sites = [(L, h) for L in layers for h in hooks]
@@ -121,6 +135,8 @@ def _run(spec, cfg, info, out, writer, say):
         jobs = [(prep_tr, fitpos, "train"), (prep_va, fitpos, "val")]
         if prep_dec is not prep_va:
             jobs.append((prep_dec, dec, "val"))
+        if side == "base":  # the select split only needs the patch sources
+            jobs.append((prep_sel, dec, "select"))
         for prep, pos, split in jobs:
             A.collect(model, prep, side, hooks, layers, sdir(side, split, pos),
                       A.store_meta(spec, info, side, prep, pos, split, cfg.seed, pad_b if side == "base" else pad_t),
@@ -128,7 +144,9 @@ def _run(spec, cfg, info, out, writer, say):
 
     rows: list[dict] = []
     fitted: dict[tuple, Any] = {}
+    fit_info: dict[tuple, dict] = {}
     kl_store: dict[tuple, np.ndarray] = {}
+    kl_sel: dict[tuple, np.ndarray] = {}
 
     def load(side, split, pos, L, h):
         return A.ActivationSet(sdir(side, split, pos)).load(h, L).float().numpy()  # maps pick fp32 fast paths on big inputs
@@ -143,67 +161,115 @@ def _run(spec, cfg, info, out, writer, say):
         W_U = m.W_U.detach().double().cpu().numpy() if "logit-subspace" in cfg.solvers else None
         say("collecting tuned activations", 0.2)
         collect_all(m, "tuned")
-        groups_tr = A.ActivationSet(sdir("base", "train", fitpos)).rows()[0].numpy()
+        row_prompt, row_pos = (t.numpy() for t in A.ActivationSet(sdir("base", "train", fitpos)).rows())
+        row_sets = fit_row_sets(row_prompt, row_pos, fitpos.kind)
+        groups_tr = row_prompt
+        val_sets = fit_row_sets(*(t.numpy() for t in A.ActivationSet(sdir("base", "val", fitpos)).rows()), fitpos.kind)
         solvers = list(dict.fromkeys([*CONTROL_SOLVERS, *cfg.solvers]))
+        tags = [(rs, solver, solver + suffix) for rs, (suffix, _) in row_sets.items() for solver in solvers
+                if not (suffix and solver == "identity")]
         ids_t, pos_t = prep_dec.tuned_ids, prep_dec.tuned_positions
         conds: list[patching.SitePatch] = []
         keys: list[tuple] = []
+        conds_sel: list[patching.SitePatch] = []
+        keys_sel: list[tuple] = []
         for si, (L, h) in enumerate(sites):
             say(f"fitting maps L{L} {h}", 0.25 + 0.4 * si / len(sites))
             Xtr, Ytr = load("base", "train", fitpos, L, h), load("tuned", "train", fitpos, L, h)
             Xva, Yva = load("base", "val", fitpos, L, h), load("tuned", "val", fitpos, L, h)
             Xdec = Xva if prep_dec is prep_va else load("base", "val", dec, L, h)
+            Xsel = load("base", "select", dec, L, h)
             raw_src = torch.from_numpy(Xdec).float()
             for a in cfg.alphas:
                 conds.append(patching.SitePatch(L, h, raw_src, a, cfg.alpha_mode))
                 keys.append((L, h, "raw", a))
-            for solver in solvers:
+                conds_sel.append(patching.SitePatch(L, h, torch.from_numpy(Xsel).float(), a, cfg.alpha_mode))
+                keys_sel.append((L, h, "raw", a))
+            for rs, solver, name in tags:
                 kw = {"W_U": W_U} if solver == "logit-subspace" else {}
-                est = maps.make_map(solver, **kw).fit(Xtr, Ytr)
-                fitted[(L, h, solver)] = est
-                shuf = maps.fit_shuffled(lambda s=solver, k=kw: maps.make_map(s, **k), Xtr, Ytr, groups=groups_tr,
-                                         random_state=cfg.seed)
-                fitted[(L, h, f"shuffled:{solver}")] = shuf
-                pred = est.transform(Xva)
-                diag = {"r2_train": est.score(Xtr, Ytr), "r2_val": est.score(Xva, Yva),
-                        "r2_val_shuffled": shuf.score(Xva, Yva),
-                        "cka_mapped_tuned": cka.linear_cka(pred, Yva) if len(Yva) > 2 else float("nan"),
-                        "mean_cosine": _cosine(pred, Yva)}
+                rows_fit = row_sets[rs][1]
+                est = maps.make_map(solver, **kw).fit(Xtr[rows_fit], Ytr[rows_fit], groups_tr[rows_fit])
+                fitted[(L, h, name)] = est
+                fit_info[(L, h, name)] = maps.fit_summary(est)
+                shuf = maps.fit_shuffled(lambda s=solver, k=kw: maps.make_map(s, **k), Xtr[rows_fit], Ytr[rows_fit],
+                                         groups=groups_tr[rows_fit], random_state=cfg.seed)
+                fitted[(L, h, f"shuffled:{name}")] = shuf
+                vr = val_sets[rs][1]  # diagnostics on the val rows of the same kind as the fit rows
+                pred = est.transform(Xva[vr])
+                diag = {"r2_train": est.score(Xtr[rows_fit], Ytr[rows_fit]), "r2_val": est.score(Xva[vr], Yva[vr]),
+                        "r2_val_shuffled": shuf.score(Xva[vr], Yva[vr]),
+                        "cka_mapped_tuned": cka.linear_cka(pred, Yva[vr]) if len(vr) > 2 else float("nan"),
+                        "mean_cosine": _cosine(pred, Yva[vr])}
                 for k, v in diag.items():
-                    rows.append({"layer": L, "hook": h, "condition": solver, "metric": k, "value": float(v),
-                                 "n": len(Yva)})
-                for tag, mp in ((solver, est), (f"shuffled:{solver}", shuf)):
+                    rows.append({"layer": L, "hook": h, "condition": name, "metric": k, "value": float(v),
+                                 "n": len(vr)})
+                for k, v in fit_info[(L, h, name)].items():
+                    if k in FIT_METRICS and v is not None:
+                        rows.append({"layer": L, "hook": h, "condition": name, "metric": FIT_METRICS[k],
+                                     "value": float(v), "n": fit_info[(L, h, name)]["rows"], "split": "train"})
+                for tag, mp in ((name, est), (f"shuffled:{name}", shuf)):
                     if tag.startswith("shuffled:") and solver in CONTROL_SOLVERS:
                         continue
                     src = torch.from_numpy(np.asarray(mp.transform(Xdec))).float()
                     for a in cfg.alphas:
                         conds.append(patching.SitePatch(L, h, src, a, cfg.alpha_mode))
                         keys.append((L, h, tag, a))
-        say(f"patching the tuned model ({len(conds)} conditions)", 0.65)
-        kls = patching.Patcher(m, ids_t, pos_t, pad_t, batch_size=cfg.batch_size).kl(conds, sv.tuned_ids)
+                if solver in cfg.solvers and solver not in CONTROL_SOLVERS:  # candidates, chosen on select
+                    src = torch.from_numpy(np.asarray(est.transform(Xsel))).float()
+                    for a in cfg.alphas:
+                        conds_sel.append(patching.SitePatch(L, h, src, a, cfg.alpha_mode))
+                        keys_sel.append((L, h, name, a))
+        say(f"patching the tuned model on select ({len(conds_sel)} conditions)", 0.6)
+        kls = patching.Patcher(m, prep_sel.tuned_ids, prep_sel.tuned_positions, pad_t,
+                               batch_size=cfg.batch_size, engine=cfg.engine).kl(conds_sel, sv.tuned_ids)
+        kl_sel.update(zip(keys_sel, kls, strict=True))
+        say(f"patching the tuned model on val ({len(conds)} conditions)", 0.65)
+        p_val = patching.Patcher(m, ids_t, pos_t, pad_t, batch_size=cfg.batch_size, engine=cfg.engine)
+        kls = p_val.kl(conds, sv.tuned_ids)
         kl_store.update(zip(keys, kls, strict=True))
+        say("noise floor (one rounding error at each site)", 0.7)
+        sites = sorted({(h, L) for (L, h, _, _) in keys})
+        noise = NoiseFloor.measure(spec.dtype, p_val.engine_used, [p_val.noise_floor(sv.tuned_ids, sites, cfg.seed)])
+        engine = {"tuned": {"requested": cfg.engine, "used": p_val.engine_used,
+                            "fallback_reason": p_val.fallback_reason}}
+    tol = noise.tolerance
 
-    # drops with paired bootstrap CIs
+    # selection on the select split: point drop of every candidate (solver, α)
+    sel_rows = []
+    for (L, h, tag, a), kl in kl_sel.items():
+        if tag == "raw":
+            continue
+        raw = kl_sel[(L, h, "raw", a)]
+        nothing = is_noise(float(raw.mean()), tol)
+        d = float("nan") if nothing else float((raw.mean() - kl.mean()) / raw.mean())
+        r = {"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}", "metric": "drop_select",
+             "value": d, "n": len(kl), "split": "select", "solver": tag, "alpha": a, "nothing_to_drop": nothing}
+        rows.append(r)
+        sel_rows.append(r)
+
+    # drops with paired bootstrap CIs on val
     idx = stats.resample_indices(len(prep_dec), cfg.n_boot, cfg.seed + 1)
     drop_rows = []
     for (L, h, tag, a), kl in kl_store.items():
         rows.append({"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}",
                      "metric": "kl_raw" if tag == "raw" else "kl_mapped",
                      **dict(zip(("value", "ci_low", "ci_high"), stats.bootstrap_mean(kl, idx=idx), strict=True)),
-                     "n": len(kl)})
+                     "n": len(kl), "split": "val"})
         if tag == "raw":
             continue
         raw = kl_store[(L, h, "raw", a)]
-        nothing = float(raw.mean()) < KL_FLOOR
+        nothing = is_noise(float(raw.mean()), tol)
         d, lo, hi = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, kl, idx=idx)
         r = {"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}", "metric": "drop",
              "value": d, "ci_low": lo, "ci_high": hi, "n": len(kl), "solver": tag, "alpha": a,
-             "nothing_to_drop": nothing}
+             "nothing_to_drop": nothing, "split": "val"}
         rows.append(r)
         drop_rows.append(r)
 
     drops = pd.DataFrame(drop_rows)
-    best = _best_per_site(drops, cfg)
+    best = _best_per_site(drops, pd.DataFrame(sel_rows), cfg)
+    for (L, h), b in best.items():
+        b["fits"] = {name: fit_info[(L, h, name)] for _, _, name in tags if (L, h, name) in fit_info}
 
     # reverse direction (tuned → base) for each site's best solver, base as the target
     say("loading base (reverse direction)", 0.8)
@@ -217,36 +283,45 @@ def _run(spec, cfg, info, out, writer, say):
                 continue
             Ttr, Btr = load("tuned", "train", fitpos, L, h), load("base", "train", fitpos, L, h)
             Tdec = load("tuned", "val", dec if prep_dec is not prep_va else fitpos, L, h)
-            kw = {"W_U": m.W_U.detach().double().cpu().numpy()} if solver == "logit-subspace" else {}
-            rev = maps.make_map(solver, **kw).fit(Ttr, Btr)
+            base_solver, rows_fit = solver.split(ROW_SEP)[0], row_sets[_row_set_of(solver)][1]
+            kw = {"W_U": m.W_U.detach().double().cpu().numpy()} if base_solver == "logit-subspace" else {}
+            rev = maps.make_map(base_solver, **kw).fit(Ttr[rows_fit], Btr[rows_fit], groups_tr[rows_fit])
             fitted[(L, h, f"reverse:{solver}")] = rev
             a = b["alpha"]
             rev_conds.append(patching.SitePatch(L, h, torch.from_numpy(Tdec).float(), a, cfg.alpha_mode))
             rev_conds.append(patching.SitePatch(L, h, torch.from_numpy(np.asarray(rev.transform(Tdec))).float(), a,
                                                 cfg.alpha_mode))
             rev_sites.append((L, h, b))
-        rev_kls = patching.Patcher(m, ids_b, pos_b, pad_b, batch_size=cfg.batch_size).kl(rev_conds, sv.base_ids) \
-            if rev_conds else np.empty((0, len(prep_dec)))
+        p_rev = patching.Patcher(m, ids_b, pos_b, pad_b, batch_size=cfg.batch_size, engine=cfg.engine)
+        rev_kls = p_rev.kl(rev_conds, sv.base_ids) if rev_conds else np.empty((0, len(prep_dec)))
+        rev_tol = tol
+        if rev_conds:
+            rev_noise = NoiseFloor.measure(spec.dtype, p_rev.engine_used, [p_rev.noise_floor(
+                sv.base_ids, sorted({(h, L) for L, h, _ in rev_sites}), cfg.seed)])
+            rev_tol = rev_noise.tolerance
+            engine["base"] = {"requested": cfg.engine, "used": p_rev.engine_used,
+                              "fallback_reason": p_rev.fallback_reason}
         for i, (L, h, b) in enumerate(rev_sites):
             solver, a = b["solver"], b["alpha"]
             raw, mapped = rev_kls[2 * i], rev_kls[2 * i + 1]
-            nothing = float(raw.mean()) < KL_FLOOR
+            nothing = is_noise(float(raw.mean()), rev_tol)
             d, lo, hi = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, mapped, idx=idx)
             rows.append({"layer": L, "hook": h, "condition": f"reverse:{solver}|alpha={a}|{cfg.alpha_mode}",
                          "metric": "drop", "value": d, "ci_low": lo, "ci_high": hi, "n": len(raw),
-                         "solver": f"reverse:{solver}", "alpha": a, "nothing_to_drop": nothing})
+                         "solver": f"reverse:{solver}", "alpha": a, "nothing_to_drop": nothing, "split": "val"})
             b["reverse_drop"] = {"value": d, "ci": [lo, hi], "nothing_to_drop": nothing}
 
     metrics = tidy([{"pair": spec.name, "rq": "rq2", **r} for r in rows])
-    summary = _summary(spec, cfg, best, metrics)
+    summary = _summary(spec, cfg, best, metrics, {"train": len(prep_tr), "select": len(prep_sel), "val": len(prep_dec)})
+    summary["noise"] = noise.to_dict()
     for (L, h, tag), est in fitted.items():
         prefix = writer.file(f"maps/L{L}_{h}/{tag.replace(':', '_')}")
         maps.save_map(est, prefix)
     writer.csv("metrics.csv", metrics)
     writer.json("summary.json", summary)
     writer.json("config.json", run_config(writer, spec, info, sv.size, prep_tr.tokenized_with, cfg.seed,
-                                          {"train": prep_tr, "val": prep_va}, target="tuned",
-                                          alpha_mode=cfg.alpha_mode))
+                                          {"train": prep_tr, "select": prep_sel, "val": prep_va}, target="tuned",
+                                          alpha_mode=cfg.alpha_mode, engine=engine))
     from mdiff import figures
 
     writer.figure("drop.html", figures.drop_figure(metrics, spec.name, cfg.alpha_mode))
@@ -257,48 +332,111 @@ def _run(spec, cfg, info, out, writer, say):
     return summary
 
 
-def _best_per_site(drops: pd.DataFrame, cfg: RQ2Config) -> dict[tuple, dict]:
-    """The solver and α with the largest drop at each site (learned maps only, not the controls)."""
+def _best_per_site(drops: pd.DataFrame, sel: pd.DataFrame, cfg: RQ2Config) -> dict[tuple, dict]:
+    """Per site, the learned solver and α with the largest drop on **select**, reported with its **val** drop."""
     best = {}
     for (L, h), g in drops.groupby(["layer", "hook"]):
-        cand = g[g.solver.isin(cfg.solvers) & ~g.solver.isin(CONTROL_SOLVERS) & g.value.notna()]
-        ms = g[(g.solver == "mean-shift")]
+        s = sel[(sel.layer == L) & (sel.hook == h)] if len(sel) else sel
+        base = s.solver.str.split(ROW_SEP).str[0] if len(s) else None
+        cand = s[base.isin(cfg.solvers) & ~base.isin(CONTROL_SOLVERS) & s.value.notna()] if len(s) else s
         if len(cand) == 0:
             best[(int(L), h)] = {"solver": None, "alpha": None, "drop": float("nan"), "ci": [float("nan")] * 2,
-                                 "nothing_to_drop": bool(g.nothing_to_drop.all())}
+                                 "nothing_to_drop": bool(g.nothing_to_drop.all()), "chosen_on": "select"}
             continue
-        r = cand.loc[cand.value.idxmax()]
+        c = cand.loc[cand.value.idxmax()]
+        rv = g[(g.solver == c.solver) & (g.alpha == c.alpha)]
+        r = rv.iloc[0]
+        suffix = c.solver[len(c.solver.split(ROW_SEP)[0]):]
+        ms = g[(g.solver == "mean-shift" + suffix)]  # the baseline fit on the same rows
         msr = ms[ms.alpha == r.alpha].iloc[0] if len(ms) else None
         sh = g[g.solver == f"shuffled:{r.solver}"]
         shr = sh[sh.alpha == r.alpha].iloc[0] if len(sh) else None
+        finite = bool(np.isfinite(r.value))
         best[(int(L), h)] = {
             "solver": r.solver, "alpha": float(r.alpha), "drop": float(r.value), "ci": [float(r.ci_low), float(r.ci_high)],
+            "chosen_on": "select", "select_drop": float(c.value), "fit_rows": _row_set_of(r.solver),
             "mean_shift_drop": None if msr is None else {"value": float(msr.value), "ci": [float(msr.ci_low), float(msr.ci_high)]},
             "shuffled_drop": None if shr is None else {"value": float(shr.value), "ci": [float(shr.ci_low), float(shr.ci_high)]},
-            "beats_mean_shift": bool(msr is not None and r.ci_low > msr.ci_high),
-            "beats_shuffled": bool(shr is not None and r.ci_low > shr.ci_high),
-            "nothing_to_drop": False,
+            "beats_mean_shift": bool(finite and msr is not None and stats.beats((r.ci_low, r.ci_high),
+                                                                                 (msr.ci_low, msr.ci_high))),
+            "beats_shuffled": bool(finite and shr is not None and stats.beats((r.ci_low, r.ci_high),
+                                                                              (shr.ci_low, shr.ci_high))),
+            "nothing_to_drop": bool(r.nothing_to_drop),
         }
     return best
 
 
-def _summary(spec, cfg, best, metrics) -> dict[str, Any]:
+def fit_row_sets(row_prompt: np.ndarray, row_pos: np.ndarray, kind: str) -> dict[str, tuple[str, np.ndarray]]:
+    """The train rows the maps are fit on: name → (solver-name suffix, row indices).
+
+    ``fit``: every collected row (the fit positions). With ``upto=K`` positions (which always include the
+    decision position) also ``decision``: each prompt's decision row alone (its largest position), so that
+    RQ2 can choose on select between a map fit on many positions and one fit where it is applied.
+    """
+    sets = {"fit": ("", np.arange(len(row_prompt)))}
+    if kind == "upto":
+        order = np.lexsort((row_pos, row_prompt))
+        last_of_prompt = np.r_[row_prompt[order][1:] != row_prompt[order][:-1], True]
+        sets["decision"] = (ROW_SEP + "decision", np.sort(order[last_of_prompt]))
+    return sets
+
+
+def _row_set_of(tag: str) -> str:
+    return "decision" if tag.endswith(ROW_SEP + "decision") else "fit"
+
+
+def _fit_warning(fits: dict[str, dict], chosen: str | None = None) -> str | None:
+    """One line when the maps at a site had fewer fit rows than dimensions (what would help)."""
+    f = fits.get(chosen) if chosen else None
+    f = f or next((v for v in fits.values() if v), None)
+    if f is None or f["rows"] >= f["d_in"]:
+        return None
+    return (f"the maps were fit on {f['rows']} rows ({f['prompts']} train prompts) for d = {f['d_in']} dimensions, "
+            f"so a full linear map is underdetermined; only the regularised solvers (ridge toward the identity, "
+            f"λ by prompt-grouped CV) are trustworthy here. More rows help: more train prompts, or more fit "
+            f"positions per prompt (--fit-positions upto=K with a larger K, or longer prompts)")
+
+
+def _positions_text(p) -> str:
+    return "last" if p.kind == "last" else f"{p.kind}={p.k}"
+
+
+def _summary(spec, cfg, best, metrics, n_prompts) -> dict[str, Any]:
     sites = []
+    warnings = []
     for (L, h), b in sorted(best.items()):
+        warn = _fit_warning(b.get("fits", {}), b["solver"])
         if b["solver"] is None:
             verdict = ("nothing to drop: patching base activations here does not change the tuned model "
                        "(KL_raw ≈ 0)") if b["nothing_to_drop"] else "no learned map could be evaluated"
+        elif not np.isfinite(b["drop"]):
+            verdict = (f"{b['solver']} was chosen on select, but on val patching base activations here does not "
+                       f"change the tuned model (KL_raw ≈ 0): nothing to drop")
         else:
             pct = f"{100 * b['drop']:.0f}% [{100 * b['ci'][0]:.0f}, {100 * b['ci'][1]:.0f}]"
-            verdict = (f"{b['solver']} removes {pct} of the raw patch KL at α={b['alpha']:g} ({cfg.alpha_mode}); "
-                       f"{'beats' if b['beats_mean_shift'] else 'does NOT beat'} the mean-shift baseline and "
-                       f"{'beats' if b['beats_shuffled'] else 'does NOT beat'} the shuffled-pairs null "
-                       f"(95% CIs {'not ' if b['beats_mean_shift'] and b['beats_shuffled'] else ''}overlapping)")
+            fit = b["fits"].get(b["solver"], {})
+            lam = "" if fit.get("lambda") is None else f", λ = {fit['lambda']:.3g}"
+            verdict = (f"{b['solver']} (chosen on select) removes {pct} of the raw patch KL on val at α={b['alpha']:g} "
+                       f"({cfg.alpha_mode}); {'beats' if b['beats_mean_shift'] else 'does NOT beat'} the mean-shift "
+                       f"baseline and {'beats' if b['beats_shuffled'] else 'does NOT beat'} the shuffled-pairs null "
+                       f"(95% CIs {'not ' if b['beats_mean_shift'] and b['beats_shuffled'] else ''}overlapping); "
+                       f"fit on {fit.get('rows')} rows, d = {fit.get('d_in')}, {fit.get('dof') or 0:.3g} effective "
+                       f"degrees of freedom per output{lam}")
+        if warn:
+            warnings.append(f"L{L} {h}: {warn}")
         sites.append({"layer": L, "hook": h, **b, "control_site": L == cfg.control_layer and L not in cfg.layers,
-                      "verdict": verdict})
-    real = [s for s in sites if s["solver"] is not None and not s["control_site"]]
-    winner = max(real, key=lambda s: s["drop"]) if real else None
+                      "verdict": verdict, "fit_warning": warn})
+    real = [s for s in sites if s["solver"] is not None and not s["control_site"] and np.isfinite(s["drop"])]
+    winner = max(real, key=lambda s: s["select_drop"]) if real else None  # the best site, also chosen on select
     out = {"pair": spec.name, "alpha_mode": cfg.alpha_mode, "sites": sites,
+           "selection": (f"maps fit on train ({n_prompts['train']} prompts) at the fit positions "
+                         f"({_positions_text(cfg.fit_positions)})"
+                         + (f" and, as '{ROW_SEP}decision', at each prompt's decision position alone"
+                            if cfg.fit_positions.kind == "upto" else "")
+                         + f"; solver, fit rows and α chosen per site on the select split ({n_prompts['select']} "
+                         f"prompts) by the largest drop; every reported drop and CI is on val ({n_prompts['val']} "
+                         f"prompts), against the mean shift fit on the same rows"),
+           "n_prompts": n_prompts, "fit_positions": cfg.fit_positions.to_dict(), "warnings": warnings,
            "best_site": None if winner is None else {k: winner[k] for k in ("layer", "hook", "solver", "alpha", "drop", "ci")}}
     if spec.truth is not None:
         out["truth"] = spec.truth
@@ -326,7 +464,7 @@ def freeze_winners(out: str | Path, pair: str) -> Path:
         winners[key] = {"layer": site["layer"], "hook": site["hook"], "solver": site["solver"], "alpha": site["alpha"],
                         "alpha_mode": s["alpha_mode"], "drop": site["drop"], "ci": site["ci"],
                         "map": str(prefix.relative_to(d)), "beats_mean_shift": site["beats_mean_shift"],
-                        "beats_shuffled": site["beats_shuffled"]}
+                        "beats_shuffled": site["beats_shuffled"], "fit_rows": site.get("fit_rows")}
     manifest = {"pair": pair, "settings": cfg["settings"], "git_commit": cfg["provenance"]["git_commit"],
                 "winners": winners}
     path = d / "winners.json"

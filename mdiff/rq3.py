@@ -27,14 +27,15 @@ from mdiff import hooks as H
 from mdiff import maps, models, stats
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
+from mdiff.noise import NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher, SitePatch
-from mdiff.positions import PositionSpec, parse_positions
+from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
 
 RQ3_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 METHODS = ("rrr", "pca-procrustes")
-KL_FLOOR = 1e-6
+CV_FOLDS = 5  # rrr's ridge λ: prompt-grouped K-fold cross-validation on train
 
 
 def default_ks(d_model: int) -> list[int | str]:
@@ -73,7 +74,7 @@ class RQ3Config:
     alpha: float = 1.0
     alpha_mode: str = "blend"
     n_null: int = 5
-    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions("last"))
+    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions(DEFAULT_FIT_POSITIONS))
     n: int | None = None
     n_boot: int = 1000
     seed: int = 0
@@ -85,7 +86,7 @@ class RQ3Config:
         return {"layer": self.layer, "hook": self.hook, "ks": self.ks, "methods": self.methods, "target": self.target,
                 "target_frac": self.target_frac, "alpha": self.alpha, "alpha_mode": self.alpha_mode,
                 "n_null": self.n_null, "fit_positions": self.fit_positions.to_dict(), "n": self.n,
-                "bootstrap": self.n_boot, "seed": self.seed}
+                "bootstrap": self.n_boot, "seed": self.seed, "engine": self.engine}
 
 
 def check_config(cfg: RQ3Config, n_layers: int, d_model: int) -> None:
@@ -204,8 +205,14 @@ def _run(spec, cfg, info, writer, say):
         for mi, method in enumerate(cfg.methods):
             say(f"fitting the rank-k path ({method})", 0.25 + 0.2 * mi / len(cfg.methods))
             ranks = list(dict.fromkeys([*cfg.ks, "full"]))
-            path = maps.fit_lowrank_path(X_tr, Y_tr, ranks, groups=groups, method=method)
+            path = maps.fit_lowrank_path(X_tr, Y_tr, ranks, groups=groups, method=method, cv=CV_FOLDS)
             fits[method] = path
+            fit = maps.fit_summary(path["full"])
+            for key, metric in (("rows", "fit_rows"), ("prompts", "fit_prompts"), ("dof", "fit_dof"),
+                                ("lambda", "fit_lambda")):
+                if fit[key] is not None:
+                    rows.append({"condition": f"{method}|k=full", "metric": metric, "value": float(fit[key]),
+                                 "n": fit["rows"], "method": method, "k": "full", "split": "train"})
             for k in ranks:
                 mp = path[k]
                 tags.append(f"{method}|k={k}")
@@ -220,11 +227,14 @@ def _run(spec, cfg, info, writer, say):
                     conds.append(cond(null(X_dec)))
         say("patching", 0.5)
         kl = patcher.kl(conds, sv.tuned_ids)
+        noise = NoiseFloor.measure(spec.dtype, patcher.engine_used,
+                                   [patcher.noise_floor(sv.tuned_ids, [(hook, L)], cfg.seed)])
+        engine = {"requested": cfg.engine, "used": patcher.engine_used, "fallback_reason": patcher.fallback_reason}
 
     by_tag = dict(zip(tags, kl, strict=True))
     raw = by_tag["raw"]
     idx = stats.resample_indices(len(raw), cfg.n_boot, cfg.seed + 1)
-    nothing = float(raw.mean()) < KL_FLOOR
+    nothing = is_noise(float(raw.mean()), noise.tolerance)
     v, lo, hi = stats.bootstrap_mean(raw, idx=idx)
     rows.append({"condition": "raw", "metric": "kl_raw", "value": v, "ci_low": lo, "ci_high": hi, "n": len(raw)})
     per_method = {}
@@ -265,15 +275,17 @@ def _run(spec, cfg, info, writer, say):
             "drop": {str(k): {"value": drops[k][0], "ci": [drops[k][1], drops[k][2]]} for k in ranks},
             "null": {str(k): v for k, v in nulls.items()},
             "smallest_k": sk, "full_rank_drop": full, "correction_spectrum": spec_vals,
-            "beats_null": {str(k): bool(np.isfinite(drops[k][1]) and k in nulls and drops[k][1] > nulls[k]["max"])
+            "fit": maps.fit_summary(fits[method]["full"]),
+            "beats_null": {str(k): bool(k in nulls and stats.beats(drops[k][1:], nulls[k]["max"]))
                            for k in ranks if k != "full"}}
     metrics = tidy([{"pair": spec.name, "rq": "rq3", "layer": L, "hook": hook, **r} for r in rows])
     summary = _summary(spec, cfg, per_method, nothing, float(raw.mean()))
+    summary["noise"] = noise.to_dict()
     writer.csv("metrics.csv", metrics)
     writer.json("summary.json", summary)
     writer.json("config.json", run_config(writer, spec, info, sv.size, prep_tr.tokenized_with, cfg.seed,
                                           {"train": prep_tr, "val": prep_va}, target="tuned",
-                                          alpha_mode=cfg.alpha_mode, engine=cfg.engine))
+                                          alpha_mode=cfg.alpha_mode, engine=engine))
     from mdiff import figures
 
     writer.figure("drop_vs_k.html", figures.rank_figure(metrics, spec.name))
@@ -285,7 +297,14 @@ def _run(spec, cfg, info, writer, say):
 
 def _summary(spec, cfg, per_method, nothing, kl_raw) -> dict[str, Any]:
     findings = []
+    warnings = []
     site = f"L{cfg.layer} {cfg.hook}"
+    fit = next(iter(per_method.values()))["fit"] if per_method else None
+    if fit is not None and fit["underdetermined"]:
+        warnings.append(f"{site}: the rank-k maps were fit on {fit['rows']} rows ({fit['prompts']} train prompts) for "
+                        f"d = {fit['d_in']} dimensions, so the full-rank correction is underdetermined and its drop "
+                        f"(the target's reference) is shrunk toward the mean shift; more rows help: more train "
+                        f"prompts or more fit positions per prompt (--fit-positions upto=K with a larger K)")
     if nothing:
         findings.append(f"{site}: nothing to drop: patching base activations here does not change the tuned model "
                         f"(KL_raw = {kl_raw:.2g} nats)")
@@ -308,8 +327,13 @@ def _summary(spec, cfg, per_method, nothing, kl_raw) -> dict[str, Any]:
                                               else " — NOT clearly above that null")
                 findings.append(f"{site}, {method}: rank k={sk['k']} reaches {what}: drop "
                                 f"{100 * d['value']:.0f}% [{100 * d['ci'][0]:.0f}, {100 * d['ci'][1]:.0f}]{ci}{nt}{bt}")
+    if fit is not None:
+        lam = "" if fit["lambda"] is None else f", λ = {fit['lambda']:.3g} (rrr, {CV_FOLDS}-fold prompt-grouped CV)"
+        findings.append(f"{site}: maps fit on {fit['rows']} rows from {fit['prompts']} train prompts, d = {fit['d_in']}"
+                        f"{lam}; drops measured on val at the decision position")
     out = {"pair": spec.name, "layer": cfg.layer, "hook": cfg.hook, "alpha": cfg.alpha, "alpha_mode": cfg.alpha_mode,
            "kl_raw": kl_raw, "nothing_to_drop": nothing, "methods": per_method, "findings": findings,
+           "warnings": warnings, "fit_positions": cfg.fit_positions.to_dict(),
            "definitions": {"drop": "(KL_raw − KL_k)/KL_raw on val at the decision position, raw patch at the same α",
                            "null": "full-rank correction restricted to a random k-dim subspace, rescaled to the "
                                    "rank-k correction's train variance"}}

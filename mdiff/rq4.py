@@ -31,7 +31,7 @@ from mdiff.noise import NoiseFloor
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher
-from mdiff.positions import PositionSpec, parse_positions
+from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
 
 TOPK_FREQ = "topk_frequency"
 """Metric: share of select-split resamples whose top-k (column ``k``) contains the head."""
@@ -46,7 +46,7 @@ class RQ4Config:
     random_sets: int = 20
     control_layer: int | None = None
     map_solver: str = "ridge"
-    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions("last"))
+    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions(DEFAULT_FIT_POSITIONS))
     n: int | None = None
     n_boot: int = 1000
     seed: int = 0
@@ -132,6 +132,7 @@ def _run(spec, cfg, info, writer, say):
     summary_layers: list[dict] = []
     site_check: dict[int, dict] = {}
     fitted_r2: dict[tuple, list[float]] = {}
+    head_fits: dict[tuple, list[dict]] = {}
     say("loading tuned", 0.15)
     with models.loaded(spec, "tuned", cfg.device) as m:
         WOt = {L: HD.W_O_of(m, L) for L in layers}
@@ -156,8 +157,10 @@ def _run(spec, cfg, info, writer, say):
                                               HD.site_values(zb_val[L], WOb[L], site))
             else:
                 target = HD.site_values(zt_tr[L], WOt[L], site)
-                hm = HD.HeadMaps(cfg.map_solver, cfg.seed).fit(zb_tr[L], target, groups)
+                prior = WOb[L] if site == "result" else None  # ridge shrinks toward the raw patch
+                hm = HD.HeadMaps(cfg.map_solver, cfg.seed).fit(zb_tr[L], target, groups, prior=prior)
                 fitted_r2[(L, site)] = [float(x) for x in hm.score(zb_tr[L], target)]
+                head_fits[(L, site)] = hm.fit_summaries()
                 sources[(L, site, source)] = (hm.transform(zb_sel[L]), hm.transform(zb_val[L]))
         # the engine runs the clean pass once per call: one call per split, every condition in it
         say("single-head scan (select split)", 0.35)
@@ -189,7 +192,8 @@ def _run(spec, cfg, info, writer, say):
             summary_layers.append({"layer": L, "site": site, "source": source,
                                    "control_layer": L == cfg.control_layer and L not in cfg.layers,
                                    **res["summary"],
-                                   **({"map_r2_train": fitted_r2[(L, site)]} if source == "mapped" else {})})
+                                   **({"map_r2_train": fitted_r2[(L, site)], "map_fits": head_fits[(L, site)]}
+                                      if source == "mapped" else {})})
 
     metrics = tidy([{"pair": spec.name, "rq": "rq4", **r} for r in rows])
     summary = _summary(spec, cfg, summary_layers, site_check, tol)

@@ -45,3 +45,14 @@ def bootstrap_ratio_drop(raw, mapped, n_boot: int = 1000, seed: int = 0, ci: flo
     drops = (rb[ok] - mb[ok]) / rb[ok]
     lo, hi = np.quantile(drops, [(1 - ci) / 2, (1 + ci) / 2])
     return float((r.mean() - m.mean()) / r.mean()), float(lo), float(hi)
+
+
+def beats(ci_a, ci_b) -> bool:
+    """The "beats" rule of every RQ: A beats B when A's CI lies wholly above B's (``low_A > high_B``).
+
+    Touching or overlapping intervals do not beat; a NaN end (undefined drop) never beats. ``ci_b`` may
+    also be a single number (e.g. the maximum of a null), compared with A's lower end.
+    """
+    lo_a = float(ci_a[0])
+    hi_b = float(ci_b[1]) if np.ndim(ci_b) else float(ci_b)
+    return bool(np.isfinite(lo_a) and np.isfinite(hi_b) and lo_a > hi_b)

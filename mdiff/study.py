@@ -6,7 +6,7 @@ Plan (every choice is written into ``OUT/<pair>/study.json``):
 2. **RQ2** on RQ1's probe layers (the two largest base→tuned patch KLs at resid_post) at resid_post and
    attn_out, plus ``mlp_out`` when RQ1 names the MLP as the component carrying a probe layer's change, with
    RQ1's control layer as the control site; the winners are pinned (``rq2/winners.json``).
-3. **RQ3** on RQ2's best site, at the winner's α.
+3. **RQ3** on RQ2's best site, at the winner's α and on the winner's fit rows.
 4. **RQ4** on the *best attention layer*: the layer whose ``attn_out`` cross-patch KL (base→tuned, RQ1)
    is largest, with RQ1's control layer as the control; raw and mapped sources at the ``result`` site
    (both sites' all-heads effects are always measured).
@@ -29,7 +29,7 @@ from mdiff import models
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
 from mdiff.pairs import PairSpec
-from mdiff.positions import parse_positions
+from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
 
 STEPS = ("rq1", "rq2", "rq3", "rq4")
 
@@ -100,6 +100,13 @@ def _quietest_attention_layer(out: Path, pair: str, exclude: int) -> int:
     return int(a.loc[a.value.idxmin(), "layer"]) if len(a) else exclude
 
 
+def _rq3_fit_positions(rq2_solver: str, fitpos, seed: int):
+    """RQ3 fits on the rows RQ2's winner was fit on: the decision position alone for a ``…@decision`` winner."""
+    from mdiff.rq2 import ROW_SEP
+
+    return parse_positions("last", seed=seed) if rq2_solver.endswith(ROW_SEP + "decision") else fitpos
+
+
 def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
     """Each step's name, config (or None with the reason it cannot be resolved yet) and settings."""
     from mdiff.rq1 import RQ1Config
@@ -124,13 +131,15 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
     # MLP → mlp_out); attn_out when RQ1 names none (an older RQ1, or no component above noise)
     comps = [h for h in s1.get("probe_components", []) if h not in scfg.rq2_hooks]
     hooks2 = [*scfg.rq2_hooks, *comps]
+    fitpos = parse_positions(DEFAULT_FIT_POSITIONS, seed=scfg.seed)  # the same fit rows as the RQ commands
     c2 = RQ2Config(layers=list(probe), hooks=hooks2, solvers=list(DEFAULT_SOLVERS),
-                   alphas=list(scfg.alphas), control_layer=control, n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
-                   batch_size=scfg.batch_size, device=scfg.device)
+                   alphas=list(scfg.alphas), fit_positions=fitpos, control_layer=control, n=scfg.n,
+                   n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
+                   engine=scfg.engine)
     named = {L: c["component"] for L, c in s1.get("components", {}).items() if int(L) in probe}
     steps.append({"step": "rq2", "cfg": c2, "why": f"RQ1 probe layers {probe} (largest base→tuned patch KL), "
                                                   f"control layer {control}, hooks {', '.join(hooks2)}"
-                                                  + (f" (RQ1 components at the probe layers: "
+                                                  + (" (RQ1 components at the probe layers: "
                                                      + ", ".join(f"L{L} {c}" for L, c in sorted(named.items())) + ")"
                                                      if named else "")})
     attn = best_attention_layer(out, spec.name)
@@ -140,8 +149,9 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
         ctrl = control if control != attn else _quietest_attention_layer(out, spec.name, exclude=attn)
         ks = [2 ** i for i in range(d.n_heads.bit_length()) if 2 ** i <= d.n_heads]
         c4 = RQ4Config(layers=[attn], ks=ks, sites=["result"], sources=list(scfg.rq4_sources),
-                       random_sets=scfg.random_sets, control_layer=ctrl, n=scfg.n, n_boot=scfg.n_boot,
-                       seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
+                       random_sets=scfg.random_sets, control_layer=ctrl, fit_positions=fitpos, n=scfg.n,
+                       n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
+                       engine=scfg.engine)
         why4 = f"best attention layer L{attn} (largest attn_out patch KL in RQ1), control layer {ctrl}"
     rq2_ok = _done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()})
     if not rq2_ok:
@@ -153,7 +163,8 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
                           "why": "RQ2 found no site with a learned map to restrict (nothing to drop anywhere)"})
         else:
             c3 = RQ3Config(layer=int(best["layer"]), hook=best["hook"], ks=default_ks(d.d_model),
-                           target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode, n=scfg.n,
+                           target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode,
+                           fit_positions=_rq3_fit_positions(best["solver"], fitpos, scfg.seed), n=scfg.n,
                            n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
                            engine=scfg.engine)
             steps.append({"step": "rq3", "cfg": c3, "why": f"RQ2's best site L{best['layer']} {best['hook']} "

@@ -71,10 +71,29 @@ def test_head_maps_recover_planted_per_head_linear_maps():
     M = rng.standard_normal((heads, dh, dm))
     b = rng.standard_normal((heads, dm))
     y = torch.from_numpy(np.einsum("nhd,hde->nhe", z.numpy(), M) + b)
-    hm = HD.HeadMaps("ridge").fit(z, y)
-    pred = hm.transform(z).double()
-    assert torch.allclose(pred, y, atol=1e-3)
-    assert (hm.score(z, y) > 0.999).all()
+    prior = torch.from_numpy(M + 0.3 * rng.standard_normal(M.shape))  # e.g. the base W_O: near the truth
+    for hm in (HD.HeadMaps("ridge").fit(z, y, prior=prior), HD.HeadMaps("ridge-zero").fit(z, y)):
+        pred = hm.transform(z).double()
+        assert torch.allclose(pred, y, atol=1e-3)
+        assert (hm.score(z, y) > 0.999).all()
+        assert [f["rows"] for f in hm.fit_summaries()] == [n] * heads
+    with pytest.raises(MdiffError, match="pass the base W_O as prior"):
+        HD.HeadMaps("ridge").fit(z, y)
+
+
+def test_head_maps_shrink_toward_the_raw_patch_with_few_rows():
+    """3 train rows for d_head = 5: the ridge head map (prior = the source's W_O, i.e. the raw patch) stays at
+    the raw patch where the data say nothing; the zero-prior map shrinks those directions to 0."""
+    rng = np.random.default_rng(1)
+    heads, dh, dm = 2, 5, 7
+    M = rng.standard_normal((heads, dh, dm))  # tuned head output = z · M: the raw patch is exact
+    z_tr, z_te = (torch.from_numpy(rng.standard_normal((n, heads, dh))) for n in (3, 200))
+    y_tr, y_te = (torch.from_numpy(np.einsum("nhd,hde->nhe", z.numpy(), M)) for z in (z_tr, z_te))
+    groups = np.arange(3)
+    ident = HD.HeadMaps("ridge").fit(z_tr, y_tr, groups, prior=torch.from_numpy(M))
+    zero = HD.HeadMaps("ridge-zero").fit(z_tr, y_tr, groups)
+    assert (ident.score(z_te, y_te) > 0.999).all()
+    assert (zero.score(z_te, y_te) < 0.9).all()
 
 
 # --------------------------------------------------------------------------- on a toy model

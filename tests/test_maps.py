@@ -25,6 +25,7 @@ from mdiff.maps import (
     WhitenedProcrustesMap,
     fit_lowrank_path,
     fit_shuffled,
+    fit_summary,
     load_map,
     logit_basis,
     make_map,
@@ -247,6 +248,154 @@ def test_ridge_explicit_grid_and_groups(rng):
     held = np.unique(groups[m.holdout_rows_])
     assert held.size == 5 and np.isin(groups, held).sum() == m.holdout_rows_.size  # whole prompts
     assert m.alpha_ in (0.1, 1.0, 10.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# identity prior, prompt-grouped cross-validation, degrees of freedom
+
+
+@pytest.mark.parametrize("n,d", [(200, 10), (30, 80)])  # primal and dual (n < d)
+def test_ridge_identity_prior_equals_ridge_of_the_correction(rng, n, d):
+    X = activations(n, d, rng)
+    Y = X + X @ (0.1 * rng.standard_normal((d, d))) + 0.3 * rng.standard_normal((n, d)) + 2.0
+    lam = 3.7
+    m = RidgeMap(alphas=lam, prior="identity").fit(X, Y)
+    Xc, Dc = centred(X), centred(Y - X)  # independent reference: ‖Y_c − X_cW‖² + λ‖W − I‖²
+    B = np.linalg.solve(Xc.T @ Xc + lam * np.eye(d), Xc.T @ Dc)
+    np.testing.assert_allclose(m.W_, np.eye(d) + B, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(m.b_, Y.mean(0) - X.mean(0) @ (np.eye(d) + B), rtol=1e-8, atol=1e-7)
+    sk = Ridge(alpha=lam, solver="svd").fit(X, Y - X)
+    np.testing.assert_allclose(m.W_ - np.eye(d), sk.coef_.T, atol=1e-6)
+    # the objective is minimised: a small move of W in any direction increases it
+    def obj(W):
+        return ((Xc @ W - centred(Y)) ** 2).sum() + lam * ((W - np.eye(d)) ** 2).sum()
+    E = rng.standard_normal((d, d)) * 1e-4
+    assert obj(m.W_) < obj(m.W_ + E) and obj(m.W_) < obj(m.W_ - E)
+
+
+def test_ridge_identity_prior_large_lambda_is_the_mean_shift_and_zero_prior_is_not(rng):
+    X = activations(50, 8, rng)
+    Y = X @ rotation(8, rng) + 1.5
+    ident = RidgeMap(alphas=1e12, prior="identity").fit(X, Y)
+    ms = MeanShiftMap().fit(X, Y)
+    np.testing.assert_allclose(ident.W_, ms.W_, atol=1e-8)
+    np.testing.assert_allclose(ident.b_, ms.b_, atol=1e-6)
+    zero = RidgeMap(alphas=1e12, prior="zero").fit(X, Y)
+    np.testing.assert_allclose(zero.W_, 0.0, atol=1e-8)  # shrinks to the constant ȳ instead
+    np.testing.assert_allclose(zero.transform(X), np.broadcast_to(Y.mean(0), Y.shape), atol=1e-6)
+
+
+def test_ridge_matrix_prior_and_its_errors(rng):
+    X = activations(40, 6, rng)
+    W0 = rng.standard_normal((6, 9))
+    Y = X @ W0 + 0.01 * rng.standard_normal((40, 9))
+    m = RidgeMap(alphas=1e12, prior=W0).fit(X, Y)  # λ → ∞: the prior itself, with the best intercept
+    np.testing.assert_allclose(m.W_, W0, atol=1e-8)
+    lam = 0.5
+    m = RidgeMap(alphas=lam, prior=W0).fit(X, Y)
+    Xc = centred(X)
+    B = np.linalg.solve(Xc.T @ Xc + lam * np.eye(6), Xc.T @ centred(Y - X @ W0))
+    np.testing.assert_allclose(m.W_, W0 + B, atol=1e-9)
+    with _bad("needs d_in == d_out"):
+        RidgeMap(prior="identity").fit(X, Y)
+    with _bad("prior matrix must have shape"):
+        RidgeMap(prior=W0.T).fit(X, Y)
+    with _bad("prior must be one of"):
+        RidgeMap(prior="ones").fit(X, X)
+
+
+@pytest.mark.parametrize("n,d", [(240, 10), (60, 100)])
+def test_ridge_prompt_grouped_cv_matches_brute_force(rng, n, d):
+    X = activations(n, d, rng)
+    Y = X + X @ (0.05 * rng.standard_normal((d, d))) + rng.standard_normal((n, d))
+    groups = np.repeat(np.arange(n // 4), 4)  # 4 rows (positions) per prompt
+    m = RidgeMap(prior="identity", cv=5, random_state=7).fit(X, Y, groups)
+    folds = m.cv_folds_
+    assert m.holdout_rows_ is None and sorted(np.unique(folds)) == [0, 1, 2, 3, 4]
+    for g in np.unique(groups):  # the rows of one prompt are never split across folds
+        assert np.unique(folds[groups == g]).size == 1
+    brute = np.zeros(m.alphas_.size)
+    for f in range(5):
+        tr, va = folds != f, folds == f
+        for j, lam in enumerate(m.alphas_):
+            W, b = ref_ridge(X[tr], (Y - X)[tr], lam)
+            brute[j] += ((Y[va] - X[va] - X[va] @ W - b) ** 2).sum()
+    np.testing.assert_allclose(m.holdout_mse_, brute / Y.size, rtol=1e-6)
+    assert m.alpha_ == m.alphas_[np.argmin(brute)]
+    W, b = ref_ridge(X, Y - X, m.alpha_)  # refit on all rows
+    np.testing.assert_allclose(m.W_, np.eye(d) + W, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(m.b_, b, rtol=1e-7, atol=1e-7)
+    ss = sum(((Y[folds == f] - Y[folds == f].mean(0)) ** 2).sum() for f in range(5))
+    np.testing.assert_allclose(m.holdout_r2_, 1 - brute / ss, rtol=1e-6)  # R² of y, not of y − x
+
+
+def test_ridge_cv_needs_two_prompts_and_caps_folds(rng):
+    X = activations(12, 4, rng)
+    with _bad("at least 2 prompts"):
+        RidgeMap(cv=5).fit(X, X, groups=np.zeros(12))
+    m = RidgeMap(cv=5).fit(X, X + 1.0, groups=np.repeat([0, 1, 2], 4))  # 3 prompts: 3 folds
+    assert sorted(np.unique(m.cv_folds_)) == [0, 1, 2]
+    with _bad("cv must be an integer"):
+        RidgeMap(cv=1).fit(X, X)
+
+
+@pytest.mark.parametrize("n,d,lam", [(200, 10, 3.0), (30, 80, 3.0), (30, 80, 0.0), (200, 10, 0.0)])
+def test_ridge_dof_is_the_trace_of_the_hat_matrix(rng, n, d, lam):
+    X = activations(n, d, rng)
+    Y = X @ rng.standard_normal((d, 3)) + rng.standard_normal((n, 3))
+    m = RidgeMap(alphas=lam).fit(X, Y)
+    Xc = centred(X)
+    H = Xc @ np.linalg.pinv(Xc.T @ Xc + lam * np.eye(d)) @ Xc.T
+    assert m.dof_ == pytest.approx(np.trace(H), rel=1e-6)
+    if lam == 0.0:
+        assert m.dof_ == pytest.approx(min(n - 1, d), abs=1e-6)  # least squares: the rank of X_c
+    s = fit_summary(m)
+    assert s == {"rows": n, "prompts": n, "d_in": d, "d_out": 3, "dof": m.dof_, "lambda": lam,
+                 "underdetermined": n < d}
+    cv = RidgeMap(cv=3).fit(X, Y, groups=np.arange(n) // 2)
+    Hcv = Xc @ np.linalg.pinv(Xc.T @ Xc + cv.alpha_ * np.eye(d)) @ Xc.T
+    assert cv.dof_ == pytest.approx(np.trace(Hcv), rel=1e-6) and fit_summary(cv)["prompts"] == n // 2
+
+
+@pytest.mark.parametrize("amp", [0.3, 1.0])
+def test_identity_prior_beats_zero_prior_with_fewer_rows_than_dimensions(rng, amp):
+    """The F9 regime: 40 rows < d = 64 and a near-identity truth (identity + a rank-2 correction along the
+    data's main axes). A zero-prior ridge ends up worse than the identity on held-out data; shrinking the
+    correction toward the identity never does, and beats the mean shift when the correction is large."""
+    d, n, n_test = 64, 40, 2000
+    A = rng.standard_normal((d, d)) / np.sqrt(d)
+    cov = A @ A.T + 0.05 * np.eye(d)
+    L = np.linalg.cholesky(cov)
+    V = np.linalg.eigh(cov)[1][:, ::-1]
+    W_true = np.eye(d) + amp * V[:, :2] @ rotation(d, rng)[:2]
+    b_true = 0.1 * rng.standard_normal(d)
+
+    def draw(m):
+        X = rng.standard_normal((m, d)) @ L.T + 3.0
+        return X, X @ W_true + b_true + 0.1 * rng.standard_normal((m, d))
+
+    X, Y = draw(n)
+    Xt, Yt = draw(n_test)
+    groups = np.arange(n)
+    r = {name: make_map(name).fit(X, Y, groups).score(Xt, Yt) for name in ("ridge", "ridge-zero", "identity",
+                                                                           "mean-shift")}
+    assert r["ridge-zero"] < r["identity"] - 0.05 if amp < 1 else r["ridge-zero"] < r["mean-shift"] - 0.05
+    assert r["ridge"] > max(r["identity"], r["ridge-zero"]) + 0.05
+    assert r["ridge"] >= r["mean-shift"] - 1e-3  # the mean shift is its λ → ∞ limit, inside the CV grid
+    if amp == 1.0:
+        assert r["ridge"] > r["mean-shift"] + 0.05
+    m = make_map("ridge").fit(X, Y, groups)
+    assert fit_summary(m)["underdetermined"] and m.dof_ < n
+
+
+def test_every_map_records_rows_dof_and_lambda(rng):
+    n, d = 120, 12
+    for name, m in fitted_examples(rng).items():
+        s = fit_summary(m)
+        assert s["rows"] == n and s["d_in"] == d and s["dof"] is not None and s["dof"] >= 0, name
+        assert (s["lambda"] is not None) == (name in ("ridge", "ridge-zero", "logit-subspace", "lowrank")), name
+        assert s["prompts"] == (30 if name not in ("lowrank-pca", "logit-procrustes") else n), name
+    assert fit_summary(make_map("procrustes").fit(activations(50, 6, rng), activations(50, 6, rng)))["dof"] == 2.5
 
 
 def test_ridge_recovers_planted_map_to_noise_ceiling(rng):
@@ -563,7 +712,8 @@ def test_loaded_logit_subspace_needs_W_U_to_refit(rng, tmp_path):
 def test_api_conventions(rng):
     X = rng.standard_normal((40, 5)).astype(np.float32)
     m = RidgeMap(alphas=[0.1, 1.0], holdout=0.25, random_state=2)
-    assert m.get_params() == {"alphas": [0.1, 1.0], "holdout": 0.25, "refit": True, "random_state": 2,
+    assert m.get_params() == {"alphas": [0.1, 1.0], "prior": "zero", "cv": None, "holdout": 0.25, "refit": True,
+                              "random_state": 2,
                               "standardize": "none", "dtype": "auto"}
     assert not hasattr(m, "W_")
     assert m.fit(X, X) is m and m.n_features_in_ == 5 and m.n_features_out_ == 5
@@ -634,3 +784,15 @@ def test_input_errors(rng):
         LowRankCorrectionMap(rank=0).fit(X, Y)
     with _bad("method must be"):
         LowRankCorrectionMap(method="svd").fit(X, Y)
+
+
+def test_matrix_prior_saves_as_a_marker_and_must_be_given_to_refit(rng, tmp_path):
+    X = activations(30, 4, rng)
+    W0 = rng.standard_normal((4, 6))
+    m = RidgeMap(alphas=1.0, prior=W0).fit(X, X @ W0)
+    save_map(m, tmp_path / "m")
+    loaded = load_map(tmp_path / "m")
+    assert loaded.prior == "matrix" and np.allclose(loaded.prior_, W0) and np.allclose(loaded.W_, m.W_)
+    with _bad("loaded with a matrix prior"):
+        loaded.fit(X, X @ W0)
+    assert np.allclose(loaded.set_params(prior=loaded.prior_).fit(X, X @ W0).W_, m.W_)

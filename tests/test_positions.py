@@ -206,3 +206,21 @@ def test_content_mask_by_hand():
     a2 = text2.index(content)
     m2 = content_mask(text2, [0, 12, 14, 13, 15, 1], offs2, {0, 1}, [(a2, a2 + len(content))])
     assert m2.tolist() == [False, False, True, True, True, False]
+
+
+def test_upto_takes_k_content_positions_plus_the_decision_position(tok):
+    """``upto=K`` (the default fit rows of the transport maps): the k=K draw when a prompt has enough content
+    tokens, all of them when it has fewer (never an error), and always the decision position."""
+    assert parse_positions("upto=16").tag == "upto16" and parse_positions("UPTO = 3").kind == "upto"
+    short = chat_prompt("tiny-1", user="what comes after monday ?", system=None)
+    long = chat_prompt("long-1")
+    ids_s, last_s = positions_of([short], tok, parse_positions("last"))["tiny-1"]
+    ids_l, last_l = positions_of([long], tok, parse_positions("last"))["long-1"]
+    content_s = sorted(structural_span(tok, ids_s, "<|user|>"))
+    _, up = positions_of([short], tok, parse_positions("upto=100"))["tiny-1"]
+    assert up == sorted({*content_s, *last_s}) and last_s[0] not in content_s  # every content token + decision
+    _, k3 = positions_of([long], tok, parse_positions("k=3", seed=4))["long-1"]
+    _, u3 = positions_of([long], tok, parse_positions("upto=3", seed=4))["long-1"]
+    assert u3 == sorted({*k3, *last_l}) and len(u3) == 4  # the same draw as k=3, plus the decision position
+    mask = np.zeros(10, dtype=bool)  # no content token at all: the decision position alone
+    assert select_positions(PositionSpec("upto", 4, 1, 0), "x", list(range(10)), mask, set()) == [9]

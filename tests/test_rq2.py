@@ -119,3 +119,148 @@ def test_bad_input(toys, tmp_path, args, needle):
 def test_freeze_without_results(tmp_path):
     r = runner.invoke(app, ["freeze", "--pair", "toy-lowrank", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "run `mdiff rq2" in r.output
+
+
+# --------------------------------------------------------------------------- F9: fewer train prompts than dimensions
+@pytest.fixture(scope="module")
+def linear(tmp_path_factory):
+    from planted import linear_pair
+
+    return linear_pair(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rq2_linear(linear, tmp_path_factory):
+    """Default `mdiff rq2` (solvers, fit positions, selection) on 40 train prompts for d_model = 64."""
+    toml, truth = linear
+    out = tmp_path_factory.mktemp("rq2-linear")
+    r = runner.invoke(app, ["rq2", "--pair", str(toml), "--layers", str(truth["layer"]), "--hooks", "attn_out",
+                            "--n", "40", "--bootstrap", "300", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out / "toy-linear" / "rq2"
+
+
+def test_default_rq2_recovers_a_planted_linear_transport_with_fewer_prompts_than_dimensions(rq2_linear, linear):
+    _, truth = linear
+    s = json.loads((rq2_linear / "summary.json").read_text())
+    site = next(x for x in s["sites"] if (x["layer"], x["hook"]) == (truth["layer"], "attn_out"))
+    fit = site["fits"][site["solver"]]
+    assert s["n_prompts"]["train"] == 40 == fit["prompts"] < fit["d_in"] == 64  # the regime
+    assert site["drop"] >= 0.9 and site["ci"][0] >= 0.9  # removes ≥ 90% of the patch KL
+    assert site["beats_mean_shift"] and site["ci"][0] > site["mean_shift_drop"]["ci"][1]  # CIs do not overlap
+    assert site["beats_shuffled"] and site["chosen_on"] == "select"
+    assert s["best_site"]["layer"] == truth["layer"] and s["best_site"]["hook"] == "attn_out"
+    m = pd.read_csv(rq2_linear / "metrics.csv")
+    r2 = m[(m.layer == truth["layer"]) & (m.metric == "r2_val") & (m.condition == site["solver"])].value.iloc[0]
+    assert r2 > 0.999  # the map is the planted M on held-out rows, not only a KL match
+    assert "chosen on select" in site["verdict"] and "rows, d = 64" in site["verdict"]
+
+
+def test_rq2_selects_on_select_and_reports_on_val(rq2_linear, linear):
+    """The chosen (solver, rows, α) is the argmax of the select-split drops; the reported drop is that
+    condition's val drop (whatever val alone would have preferred)."""
+    _, truth = linear
+    s = json.loads((rq2_linear / "summary.json").read_text())
+    m = pd.read_csv(rq2_linear / "metrics.csv")
+    for site in (x for x in s["sites"] if x["solver"] is not None):
+        g = m[(m.layer == site["layer"]) & (m.hook == site["hook"])]
+        sel = g[g.metric == "drop_select"]
+        assert (sel.split == "select").all() and len(sel) > 0
+        top = sel.loc[sel.value.idxmax()]
+        assert (top.solver, top.alpha) == (site["solver"], site["alpha"])
+        val = g[(g.metric == "drop") & (g.condition == top.condition)]
+        assert (val.split == "val").all() and val.value.iloc[0] == pytest.approx(site["drop"])
+    assert "select split" in s["selection"] and "on val" in s["selection"]
+    fits = m[m.metric.isin(["fit_rows", "fit_prompts", "fit_dof", "fit_lambda"])]
+    assert set(fits.metric) == {"fit_rows", "fit_prompts", "fit_dof", "fit_lambda"} and (fits.split == "train").all()
+    lam = fits[(fits.metric == "fit_lambda") & (fits.condition == "ridge")]
+    assert len(lam) == 2 and (lam.value > 0).all()  # λ recorded per site
+
+
+def test_rq2_warns_when_rows_are_fewer_than_dimensions(linear, tmp_path):
+    toml, truth = linear
+    r = runner.invoke(app, ["rq2", "--pair", str(toml), "--layers", str(truth["layer"]), "--hooks", "attn_out",
+                            "--n", "40", "--bootstrap", "50", "--fit-positions", "last", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "toy-linear" / "rq2" / "summary.json").read_text())
+    site = next(x for x in s["sites"] if x["layer"] == truth["layer"])
+    assert site["fit_warning"] and "40 rows" in site["fit_warning"] and "d = 64" in site["fit_warning"]
+    assert "--fit-positions" in site["fit_warning"] and any(w.startswith("L4 attn_out") for w in s["warnings"])
+    assert all(f["rows"] == 40 for f in site["fits"].values())
+    assert "warning: L4 attn_out: the maps were fit on 40 rows" in " ".join(r.output.split())  # printed too
+
+
+def test_study_defaults_are_the_rq_defaults():
+    from mdiff import cli, study
+    from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
+    from mdiff.rq2 import DEFAULT_SOLVERS, RQ2Config
+    from mdiff.rq3 import RQ3Config
+    from mdiff.rq4 import RQ4Config
+
+    assert DEFAULT_FIT_POSITIONS == "upto=16" and "ridge" in DEFAULT_SOLVERS and "ridge-zero" in DEFAULT_SOLVERS
+    for c in (RQ2Config([4], ["attn_out"], ["ridge"], [1.0]), RQ3Config(4), RQ4Config([4], [1])):
+        assert c.fit_positions == parse_positions(DEFAULT_FIT_POSITIONS)
+    import inspect
+    for cmd in (cli.rq2_cmd, cli.rq3_cmd, cli.rq4_cmd):
+        assert inspect.signature(cmd).parameters["fit_positions"].default == DEFAULT_FIT_POSITIONS
+    up = parse_positions(DEFAULT_FIT_POSITIONS, seed=3)
+    assert study._rq3_fit_positions("ridge", up, 3) == up
+    assert study._rq3_fit_positions("ridge@decision", up, 3) == parse_positions("last", seed=3)
+
+
+def test_default_study_recovers_the_planted_transport_and_rank(linear, tmp_path):
+    toml, truth = linear
+    r = runner.invoke(app, ["study", "--pair", str(toml), "--n", "40", "--bootstrap", "200", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    d = tmp_path / "toy-linear"
+    s2 = json.loads((d / "rq2" / "summary.json").read_text())
+    best = s2["best_site"]
+    assert (best["layer"], best["hook"]) == (truth["layer"], "attn_out") and best["drop"] >= 0.9
+    site = next(x for x in s2["sites"] if (x["layer"], x["hook"]) == (truth["layer"], "attn_out"))
+    assert site["beats_mean_shift"]
+    s3 = json.loads((d / "rq3" / "summary.json").read_text())
+    assert (s3["layer"], s3["hook"]) == (truth["layer"], "attn_out")
+    assert s3["methods"]["rrr"]["smallest_k"]["k"] == truth["rank"]
+
+
+def test_best_map_is_chosen_on_select_and_reported_on_val():
+    """Unit check of the rule: select prefers procrustes at α=0.5, val alone would prefer ridge at α=1;
+    the winner is procrustes α=0.5 with its *val* numbers, compared with the mean shift on the same rows."""
+    from mdiff.rq2 import RQ2Config, _best_per_site
+
+    def drop(solver, alpha, v, lo, hi):
+        return {"layer": 4, "hook": "attn_out", "solver": solver, "alpha": alpha, "value": v, "ci_low": lo,
+                "ci_high": hi, "nothing_to_drop": False}
+
+    val = pd.DataFrame([drop("ridge", 1.0, 0.95, 0.9, 0.99), drop("ridge", 0.5, 0.5, 0.4, 0.6),
+                        drop("procrustes", 0.5, 0.7, 0.6, 0.8), drop("procrustes", 1.0, 0.2, 0.1, 0.3),
+                        drop("mean-shift", 0.5, 0.3, 0.2, 0.4), drop("mean-shift", 1.0, 0.3, 0.2, 0.4),
+                        drop("mean-shift@decision", 0.5, 0.65, 0.62, 0.75),
+                        drop("ridge@decision", 0.5, 0.99, 0.98, 1.0),
+                        drop("shuffled:procrustes", 0.5, 0.0, -0.1, 0.1)])
+    sel = pd.DataFrame([drop("ridge", 1.0, 0.6, None, None), drop("ridge", 0.5, 0.4, None, None),
+                        drop("procrustes", 0.5, 0.9, None, None), drop("procrustes", 1.0, 0.1, None, None),
+                        drop("ridge@decision", 0.5, 0.8, None, None)])
+    cfg = RQ2Config([4], ["attn_out"], ["ridge", "procrustes"], [0.5, 1.0])
+    b = _best_per_site(val, sel, cfg)[(4, "attn_out")]
+    assert (b["solver"], b["alpha"], b["drop"], b["ci"]) == ("procrustes", 0.5, 0.7, [0.6, 0.8])
+    assert b["select_drop"] == 0.9 and b["chosen_on"] == "select" and b["fit_rows"] == "fit"
+    assert b["beats_mean_shift"] and b["mean_shift_drop"]["value"] == 0.3 and b["beats_shuffled"]
+    sel.loc[sel.solver == "ridge@decision", "value"] = 0.95  # now the decision-row ridge wins on select
+    b = _best_per_site(val, sel, cfg)[(4, "attn_out")]
+    assert (b["solver"], b["fit_rows"], b["drop"]) == ("ridge@decision", "decision", 0.99)
+    assert b["mean_shift_drop"]["value"] == 0.65 and b["beats_mean_shift"]  # the same-rows mean shift
+    cfg.solvers = ["procrustes"]  # a solver not asked for is never chosen
+    assert _best_per_site(val, sel, cfg)[(4, "attn_out")]["solver"] == "procrustes"
+
+
+def test_fit_row_sets_pick_each_prompts_decision_row():
+    from mdiff.rq2 import fit_row_sets
+
+    prompt = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pos = np.array([2, 5, 9, 1, 7, 3, 4, 11, 6])  # prompt 2's decision position (11) is not its last row
+    sets = fit_row_sets(prompt, pos, "upto")
+    np.testing.assert_array_equal(sets["fit"][1], np.arange(9))
+    assert sets["decision"][0] == "@decision"
+    np.testing.assert_array_equal(sets["decision"][1], [2, 4, 7])
+    assert set(fit_row_sets(prompt, pos, "k")) == {"fit"} and set(fit_row_sets(prompt, pos, "last")) == {"fit"}

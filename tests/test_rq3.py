@@ -58,8 +58,12 @@ def test_cli_bad_input(toys, tmp_path, args, needle):
 @pytest.mark.slow
 def test_rq3_finds_the_planted_rank_on_toy_lowrank(toys, tmp_path):
     truth = toys["toy-lowrank"].truth
+    # resid_post (after the MLP) is not linear in the base activation, and its transport differs between
+    # content tokens and the decision position: fit where the map is applied (as `mdiff study` does when
+    # RQ2's winner is a '@decision' map). The exactly linear case with default settings is tested below.
     r = runner.invoke(app, ["rq3", "--pair", "toy-lowrank", "--layer", str(truth["layer"]), "--hook", "resid_post",
-                            "--methods", "rrr", "--bootstrap", "300", "--out", str(tmp_path)])
+                            "--methods", "rrr", "--bootstrap", "300", "--fit-positions", "last",
+                            "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     d = tmp_path / "toy-lowrank" / "rq3"
     s = json.loads((d / "summary.json").read_text())
@@ -77,3 +81,24 @@ def test_rq3_finds_the_planted_rank_on_toy_lowrank(toys, tmp_path):
     m = pd.read_csv(d / "metrics.csv")
     assert set(m[m.metric == "drop"].k.astype(str)) == {"1", "2", "4", "8", "16", "32", "full"}
     assert not re.search(r"<script[^>]+src=", (d / "drop_vs_k.html").read_text())  # plotly.js inlined
+
+
+@pytest.mark.slow
+def test_default_rq3_finds_the_planted_rank_exactly_with_fewer_prompts_than_dimensions(tmp_path_factory, tmp_path):
+    from planted import linear_pair
+
+    toml, truth = linear_pair(tmp_path_factory)
+    r = runner.invoke(app, ["rq3", "--pair", str(toml), "--layer", str(truth["layer"]), "--hook", "attn_out",
+                            "--n", "40", "--bootstrap", "300", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "toy-linear" / "rq3" / "summary.json").read_text())
+    rrr = s["methods"]["rrr"]
+    fit = rrr["fit"]
+    assert fit["prompts"] == 40 < fit["d_in"] == 64 < fit["rows"]  # 40 prompts, up to 17 rows each
+    assert fit["lambda"] is not None and 0 < fit["dof"] <= 64 and not s["warnings"]
+    assert rrr["smallest_k"]["k"] == truth["rank"] and rrr["smallest_k"]["k_ci"] == truth["rank"]
+    assert rrr["drop"]["full"]["value"] > 0.99
+    below = rrr["drop"][str(truth["rank"] // 2)]["value"]  # one component short of the truth
+    assert below < 0.9 * rrr["drop"]["full"]["value"]
+    spectrum = rrr["correction_spectrum"]  # rank 2: two axes, then nothing
+    assert spectrum[1] > 1e3 * spectrum[2]

@@ -70,6 +70,9 @@ def test_mapped_source_and_control_layer(rq4_lowrank, toys):
     mapped = _entry(s, L, "result", "mapped")
     assert mapped["nothing_to_cover"] and "transport" in mapped["verdict"]  # W_O-only change is linear in z
     assert min(mapped["map_r2_train"]) > 0.99
+    fits = mapped["map_fits"]  # default fit rows: up to 16 content positions + the decision, per train prompt
+    assert len(fits) == 4 and all(f["prompts"] < f["rows"] <= 17 * f["prompts"] and f["lambda"] is not None
+                                  for f in fits)
     control = _entry(s, 0, "result", "raw")
     assert control["control_layer"] and control["nothing_to_cover"]
 

@@ -90,8 +90,10 @@ def test_findings_quote_the_metrics(studies, toys):
     row = m2[(m2.metric == "drop") & (m2.layer == v["layer"]) & (m2.hook == v["hook"])
              & (m2.condition == f"{v['solver']}|alpha={v['alpha']}|blend")].iloc[0]
     assert f"removes {100 * row.value:.0f}% [{100 * row.ci_low:.0f}, {100 * row.ci_high:.0f}]" in rq2.text
-    assert row.value == max(m2[(m2.metric == "drop") & ~m2.condition.str.contains("shuffled|identity|mean-shift|reverse")
-                               ].value.dropna())
+    ctl = {x["layer"] for x in res["rq2"]["summary"]["sites"] if x["control_site"]}
+    sel = m2[(m2.metric == "drop_select") & ~m2.layer.isin(ctl)]  # map, rows, α and site: chosen on select
+    top2 = sel.loc[sel.value.idxmax()]
+    assert (top2.layer, top2.hook, top2.condition) == (v["layer"], v["hook"], row.condition)
     rq4 = next(f for f in fs if f.rq == "rq4" and "top-2" in f.text and "raw source" in f.text)
     m4 = res["rq4"]["metrics"]
     c = m4[(m4.metric == "coverage") & (m4.set == "top") & (m4.k == 2) & (m4.source == "raw")
