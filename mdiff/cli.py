@@ -31,7 +31,7 @@ NOpt = Annotated[int | None, typer.Option(help="Use at most N prompts per split.
 BootstrapOpt = Annotated[int, typer.Option(help="Bootstrap resamples over prompts for the CIs (≥ 1).")]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings "
-                                                 "(the old folder is kept as <name>.prev).")]
+                                                 "(the old folder is kept as <name>.prev-N).")]
 AlphaModeOpt = Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")]
 FitPositionsOpt = Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")]
 
