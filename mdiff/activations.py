@@ -94,6 +94,9 @@ def collection_dir(out: str | Path, pair: str, side: str, split: str | None, pos
                    hooks: list[str] | None = None, layers: list[int] | None = None) -> Path:
     """Where one side's collection lives. With ``hooks``/``layers`` the folder name carries a short digest of
     them, so runs that read other sites (RQ1 on every layer, RQ2 at two probe layers ...) never collide."""
+    from mdiff.pairs import check_pair_name
+
+    check_pair_name(pair)  # OUT/<pair>/ stays inside OUT
     name = f"{side}-{split or 'all'}-{positions_tag}"
     if hooks is not None or layers is not None:
         name += "-" + _sha({"hooks": list(hooks or []), "layers": sorted(layers or [])})[:10]

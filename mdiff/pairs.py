@@ -17,6 +17,7 @@ their spec carries ``truth``, what was planted.
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,23 @@ else:  # pragma: no cover
 DTYPES = ("float32", "bfloat16", "float16")
 _TOML_KEYS = {"name", "base", "tuned", "revision", "dtype", "prompts", "chat_template", "description",
               "min_shared_ratio", "behaviour"}
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RESERVED_NAMES = ("compare",)
+"""Folder names of ``--out`` that are not pairs (``mdiff compare`` writes ``OUT/compare/``)."""
+
+
+def check_pair_name(name: Any, where: str = "pair") -> str:
+    """A pair name becomes the folder ``OUT/<name>/``: a plain name (letters, digits, ``.``, ``_``, ``-``).
+
+    Anything else (``../x``, ``/abs/path``, ``a/b``, ``..``) could write outside ``--out``, so it is refused.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".") or ".." in name \
+            or name.lower() in RESERVED_NAMES:
+        raise MdiffError(f"{where}: pair name {name!r} must be a plain folder name (letters, digits, '.', '_', '-'; "
+                         f"at most 100; not {', '.join(RESERVED_NAMES)}): it becomes OUT/<name>/")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +76,9 @@ class PairSpec:
     min_shared_ratio: float = 0.0
     behaviour: dict | None = None
     """Optional behaviour-diagnostic settings (refusal/neutral continuations, style markers)."""
+
+    def __post_init__(self):
+        check_pair_name(self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,6 +216,7 @@ def load_pair_file(path: str | Path) -> PairSpec:
         raise MdiffError(f"{where}: key 'behaviour' must be a table")
     name = data.get("name", path.stem)
     _check_str("name", name, where)
+    check_pair_name(name, f"{where}: key 'name'" if "name" in data else f"{where}: the file name (no 'name' key)")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise MdiffError(f"{where}: key 'description' must be a string")
