@@ -143,6 +143,8 @@ def collect_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the splits and of k=K position sampling.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 16,
     n: Annotated[int | None, typer.Option(help="Use only the first N prompts of the split.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Collect anew where the folder holds a collection with other "
+                                                 "settings or of other weights.")] = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -167,7 +169,7 @@ def collect_cmd(
             prog.count(s, f"collect {s} shards", done, total)
 
         res = collect_pair(spec, layer_list, hook_list, pos, split, out_dir, sides, seed, batch_size,
-                           device=device, n=n, on_progress=on_progress)
+                           device=device, n=n, on_progress=on_progress, replace=overwrite)
     for s, r in res.items():
         out.print(f"{s}: {r.n_rows} rows in {r.n_shards} shards ({r.skipped_shards} already done) -> {r.path}")
 

@@ -218,6 +218,8 @@ class ResultWriter:
                 break
         check_destination(self.path, settings, overwrite)
         self.settings = settings
+        self.overwrite = overwrite
+        """The user asked to replace earlier work (caches such as activation stores are collected anew)."""
         self._made = [p for p in reversed(self.path.parents) if not p.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,46 @@ def test_chat_template_string_overrides(toys):
     spec = replace(toys["toy-lowrank"], chat_template="{{ bos_token }}X{{ messages[0]['content'] }}")
     m = models.load_model(spec, "base", device="cpu")
     assert m.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>Xhi"
+
+
+def test_weights_fingerprint_sees_in_place_changes_and_is_fast(tmp_path):
+    import os
+    import time
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "tokenizer.json").write_text("{}")  # not a weight file: ignored
+    small = d / "model.safetensors"
+    small.write_bytes(b"x" * 1000)
+    fp0 = models.weights_fingerprint(str(d), "main")
+    assert sorted(fp0["files"]) == ["config.json", "model.safetensors"] and fp0["revision"] == "main"
+    st = small.stat()
+    small.write_bytes(b"x" * 500 + b"y" + b"x" * 499)  # same size, one byte, time restored
+    os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns))
+    fp1 = models.weights_fingerprint(str(d), "main")
+    assert fp1 != fp0 and models.describe_weights_change(fp0, fp1) == "model.safetensors (bytes)"
+    os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert models.describe_weights_change(fp1, models.weights_fingerprint(str(d), "main")) == \
+        "model.safetensors (modified time)"
+    assert models.describe_weights_change(fp1, models.weights_fingerprint(str(d), "v2")) == "revision 'main' -> 'v2'"
+    # a 16 GB shard (sparse): header + sampled chunks only, fast; a change in a sampled chunk is seen
+    big = d / "model-00001-of-00002.safetensors"
+    header = b'{"w":{"dtype":"F32","shape":[4000000000],"data_offsets":[0,16000000000]}}'
+    with open(big, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 16_000_000_000)
+    t = time.perf_counter()
+    fp2 = models.weights_fingerprint(str(d))
+    assert time.perf_counter() - t < 2.0
+    st = big.stat()
+    with open(big, "r+b") as f:
+        f.seek(st.st_size - 10)
+        f.write(b"z")
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert models.describe_weights_change(fp2, models.weights_fingerprint(str(d))) == \
+        "model-00001-of-00002.safetensors (bytes)"
+
+
+def test_weights_fingerprint_of_a_hub_id_not_cached():
+    assert models.weights_fingerprint("nobody/not-a-model") == {"revision": None, "files": None}
