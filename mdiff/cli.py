@@ -4,6 +4,7 @@ Errors in the user's input (:class:`~mdiff.errors.MdiffError`) are printed as on
 traceback, and exit with status 2.
 """
 
+import errno
 import functools
 import json
 import os
@@ -36,8 +37,13 @@ AlphaModeOpt = Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·
 FitPositionsOpt = Annotated[str, typer.Option(help="Positions the maps are fit on: last or k=K.")]
 
 
+_ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.ENAMETOOLONG}
+
+
 def cli_errors(fn):
-    """Turn MdiffError into a one-line message and exit status 2."""
+    """Turn MdiffError (and a full disk, a read-only folder...) into a one-line message and exit status 2;
+    Ctrl-C into one line and status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -46,12 +52,54 @@ def cli_errors(fn):
         except MdiffError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno not in _ENV_ERRNOS:
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            console.print(f"[bold red]error:[/] {e.strerror}{where} (check --out and free space, then rerun)",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted; rerun the same command to resume", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 
 
-def _setup(threads: int | None) -> None:
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MdiffError(f"--device {device!r} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise MdiffError(f"--device {device}: {why}; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise MdiffError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MdiffError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif d.type != "cpu":
+        raise MdiffError(f"--device {device}: mdiff runs on cpu, cuda or mps")
+
+
+SEED_MAX = 2**31 - 1
+
+
+def _setup(threads: int | None, seed: int | None = None, batch_size: int | None = None,
+           device: str | None = None) -> None:
+    """Check the options every command shares (each error names its option), then set threads."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise MdiffError(f"--seed must be a whole number in 0..{SEED_MAX}, got {seed}")
+    if batch_size is not None and batch_size < 1:
+        raise MdiffError(f"--batch-size must be ≥ 1 (prompts per forward pass), got {batch_size}")
+    _check_device(device)
     if threads is not None:
         if threads < 1:
             raise MdiffError(f"--threads must be ≥ 1, got {threads}")
@@ -114,7 +162,7 @@ def info_cmd(
     threads: ThreadsOpt = None,
 ):
     """Describe a pair: shapes, tokenizer relation and hashes; with --load, next-token KL between the models."""
-    _setup(threads)
+    _setup(threads, device=device)
     from mdiff.models import inspect_pair
     from mdiff.pairs import resolve_pair
 
@@ -149,7 +197,7 @@ def collect_cmd(
     threads: ThreadsOpt = None,
 ):
     """Collect activations of both models, one at a time, into safetensors shards + a JSON manifest (resumable)."""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device)
     from mdiff.activations import COLLECT_HOOKS, collect_pair
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
@@ -232,7 +280,7 @@ def rq1_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ1 where: CKA and debiased CKA per layer (prompt-bootstrap CIs) and cross-model layer patch KL, both ways."""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
     from mdiff.pairs import resolve_pair
@@ -296,7 +344,7 @@ def rq2_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ2 transport: fit linear maps base → tuned per site; how much of the raw cross-patch KL does the map remove?"""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
     from mdiff.pairs import resolve_pair
@@ -308,6 +356,7 @@ def rq2_cmd(
     spec = resolve_pair(pair, progress=True)
     info = inspect_pair(spec)
     nl = info.base.n_layers
+    parse_int_list(str(control_layer), "--control-layer", 0, nl - 1, what="layer")
     cfg = RQ2Config(layers=parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer"),
                     hooks=parse_str_list(hooks, "--hooks", RQ2_HOOKS),
                     solvers=parse_str_list(solvers, "--solvers", SOLVERS), alphas=_parse_floats(alphas, "--alphas"),
@@ -354,7 +403,7 @@ def rq3_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ3 rank: how low-rank is the transport? drop(k) of the rank-k correction W_k = I + U_k V_kᵀ, smallest k."""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_str_list
     from mdiff.pairs import resolve_pair
@@ -365,6 +414,9 @@ def rq3_cmd(
     check_bootstrap(bootstrap)
     spec = resolve_pair(pair, progress=True)
     info = inspect_pair(spec)
+    from mdiff.options import parse_int_list
+
+    parse_int_list(str(layer), "--layer", 0, info.base.n_layers - 1, what="layer")
     cfg = RQ3Config(layer=layer, hook=hook, ks=parse_ks(ks, info.base.d_model),
                     methods=parse_str_list(methods, "--methods", METHODS), target=target, target_frac=target_frac,
                     alpha=alpha, alpha_mode=alpha_mode, n_null=null_draws,
@@ -404,7 +456,7 @@ def rq4_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ4 heads: which attention heads carry the difference? Per-head patching, top-k vs random-k, coverage, heatmaps."""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device)
     from mdiff import heads as HD
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
@@ -419,6 +471,7 @@ def rq4_cmd(
     spec = resolve_pair(pair, progress=True)
     info = inspect_pair(spec)
     nl, nh = info.base.n_layers, info.base.n_heads
+    parse_int_list(str(control_layer), "--control-layer", 0, nl - 1, what="layer")
     if layers is not None:
         layer_list = parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer")
     elif layer is not None:
@@ -458,7 +511,7 @@ def study_cmd(
 
     Resumable: steps already done with the same settings are kept, not redone.
     """
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device)
     from mdiff.pairs import resolve_pair
     from mdiff.stats import check_bootstrap
     from mdiff.study import StudyConfig, run_study
@@ -535,7 +588,7 @@ def bench_cmd(
     threads: ThreadsOpt = None,
 ):
     """Benchmark the patching engine against the naive loop (RQ4 head grid + RQ2 α sweep both ways)."""
-    _setup(threads)
+    _setup(threads, batch_size=batch_size, device=device)
     from mdiff.bench import format_table, run_bench
     from mdiff.pairs import resolve_pair
 

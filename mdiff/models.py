@@ -90,6 +90,22 @@ def _hub_error(ref: str, side: str, err: Exception) -> MdiffError:
         f"its local directory in a pair .toml file)")
 
 
+def _weights_error(ref: str, side: str, err: Exception) -> Exception:
+    """A one-line error for weights that cannot be read (corrupt, truncated, pickled), else ``err`` itself."""
+    name = type(err).__name__
+    first = (str(err).strip().splitlines() or [name])[0][:200]
+    if name == "UnpicklingError" or "weights_only" in str(err) or "Weights only load failed" in str(err):
+        return MdiffError(f"{side} model {ref}: its weights are a pickled file that the weights-only loader refuses "
+                          f"(it holds objects other than tensors); convert it to safetensors from a trusted copy")
+    if name in ("SafetensorError", "HeaderTooLarge") or "safetensors" in name.lower() or \
+            (isinstance(err, RuntimeError) and ("PytorchStreamReader" in str(err) or "corrupt" in str(err).lower())):
+        return MdiffError(f"{side} model {ref}: its weights cannot be read ({name}: {first}); the file is "
+                          f"truncated or corrupt: copy or download it again")
+    if isinstance(err, (OSError, ValueError)):
+        return _hub_error(ref, side, err)
+    return err
+
+
 def read_config(ref: str, revision: str | None = None, side: str = "model"):
     """The Hugging Face config of a model (no weights read)."""
     from transformers import AutoConfig
@@ -216,8 +232,8 @@ def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             model = TransformerBridge.boot_transformers(ref, device=device, dtype=tdtype, revision=revision)
-    except (OSError, ValueError) as e:
-        raise _hub_error(ref, side, e) from None
+    except Exception as e:  # noqa: BLE001 - sorted into one-line messages; anything else is re-raised
+        raise _weights_error(ref, side, e) from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
