@@ -168,3 +168,16 @@ def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", denied)
     with pytest.raises(MdiffError, match=r"cannot write results under .*Permission denied; choose another --out"):
         ResultWriter(tmp_path / "ro" / "pair" / "rq1", {})
+
+
+def test_html_figures_are_byte_reproducible(tmp_path):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[0, 1, 2], y=[0.5, 0.25, 0.125]))
+    pages = []
+    for i in range(2):
+        w = ResultWriter(tmp_path / f"r{i}", {"a": 1})
+        w.figure("cka.html", fig)
+        pages.append(w.commit() / "cka.html")
+    assert pages[0].read_bytes() == pages[1].read_bytes()
+    assert 'id="mdiff-cka"' in pages[0].read_text()
