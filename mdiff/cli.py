@@ -92,11 +92,13 @@ SEED_MAX = 2**31 - 1
 
 
 def _setup(threads: int | None, seed: int | None = None, batch_size: int | None = None,
-           device: str | None = None) -> None:
+           device: str | None = None, n: int | None = None) -> None:
     """Check the options every command shares (each error names its option), then set threads."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise MdiffError(f"--seed must be a whole number in 0..{SEED_MAX}, got {seed}")
+    if n is not None and n < 1:
+        raise MdiffError(f"--n must be ≥ 1, got {n}")
     if batch_size is not None and batch_size < 1:
         raise MdiffError(f"--batch-size must be ≥ 1 (prompts per forward pass), got {batch_size}")
     _check_device(device)
@@ -162,7 +164,7 @@ def info_cmd(
     threads: ThreadsOpt = None,
 ):
     """Describe a pair: shapes, tokenizer relation and hashes; with --load, next-token KL between the models."""
-    _setup(threads, device=device)
+    _setup(threads, device=device, n=n)
     from mdiff.models import inspect_pair
     from mdiff.pairs import resolve_pair
 
@@ -197,7 +199,7 @@ def collect_cmd(
     threads: ThreadsOpt = None,
 ):
     """Collect activations of both models, one at a time, into safetensors shards + a JSON manifest (resumable)."""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.activations import COLLECT_HOOKS, collect_pair
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
@@ -251,8 +253,10 @@ class _LazyProgress:
             self.tasks[key] = self.prog.add_task(desc, total=total)
         self.prog.update(self.tasks[key], description=desc, completed=done, total=total)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.prog is not None:
+            if exc_type is not None:  # a failed run: the one-line error stands alone
+                self.prog.live.transient = True
             self.prog.stop()
         return False
 
@@ -280,7 +284,7 @@ def rq1_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ1 where: CKA and debiased CKA per layer (prompt-bootstrap CIs) and cross-model layer patch KL, both ways."""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
     from mdiff.pairs import resolve_pair
@@ -344,7 +348,7 @@ def rq2_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ2 transport: fit linear maps base → tuned per site; how much of the raw cross-patch KL does the map remove?"""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
     from mdiff.pairs import resolve_pair
@@ -403,7 +407,7 @@ def rq3_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ3 rank: how low-rank is the transport? drop(k) of the rank-k correction W_k = I + U_k V_kᵀ, smallest k."""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_str_list
     from mdiff.pairs import resolve_pair
@@ -456,7 +460,7 @@ def rq4_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ4 heads: which attention heads carry the difference? Per-head patching, top-k vs random-k, coverage, heatmaps."""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff import heads as HD
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
@@ -511,7 +515,7 @@ def study_cmd(
 
     Resumable: steps already done with the same settings are kept, not redone.
     """
-    _setup(threads, seed=seed, batch_size=batch_size, device=device)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.pairs import resolve_pair
     from mdiff.stats import check_bootstrap
     from mdiff.study import StudyConfig, run_study
