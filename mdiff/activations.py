@@ -453,9 +453,45 @@ def prepare_pair_prompts(spec, info, positions, split: str | None, split_seed: i
     sv = align.shared_vocab(btok, ttok, info.base.d_vocab, info.tuned.d_vocab)
     prepared = align.prepare(prompts, btok, ttok, info.tokenizer_relation, spec.chat_template, positions,
                              spec.min_shared_ratio, shared=sv)
+    prepared = check_lengths(prepared, spec)
     from mdiff.data import pad_id_of
 
     return prepared, pad_id_of(btok), pad_id_of(ttok), sv
+
+
+def token_limit(spec) -> tuple[int | None, str]:
+    """The longest prompt allowed, in tokens, and where that limit comes from."""
+    from mdiff import models
+
+    ctx = [c for c in (models.context_length(spec.base, spec.base_revision, "base"),
+                       models.context_length(spec.tuned, spec.tuned_revision, "tuned")) if c]
+    limits = [(min(ctx), f"the models' context of {min(ctx)} positions")] if ctx else []
+    if getattr(spec, "max_tokens", None):
+        limits.append((spec.max_tokens, f"max_tokens = {spec.max_tokens}"))
+    return min(limits) if limits else (None, "no limit")
+
+
+def check_lengths(prepared: Prepared, spec) -> Prepared:
+    """Refuse (``too_long = "error"``, the default) or drop and count (``"drop"``) prompts longer than
+    :func:`token_limit` under either tokenization."""
+    limit, why = token_limit(spec)
+    if limit is None:
+        return prepared
+    lengths = [max(len(b), len(t)) for b, t in zip(prepared.base_ids, prepared.tuned_ids, strict=True)]
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if not over:
+        return prepared
+    worst = max(over, key=lambda i: lengths[i])
+    what = (f"{len(over)} of {len(lengths)} prompts are longer than {why} (the longest, "
+            f"{prepared.prompt_ids[worst]!r}, has {lengths[worst]} tokens)")
+    if getattr(spec, "too_long", "error") != "drop":
+        raise MdiffError(f"{what}: shorten them, or set too_long = \"drop\" in the pair file to skip them")
+    keep = [i for i in range(len(lengths)) if lengths[i] <= limit]
+    if not keep:
+        raise MdiffError(f"{what}: none is left to analyse")
+    out = prepared.subset(keep)
+    out.dropped_too_long = prepared.dropped_too_long + len(over)
+    return out
 
 
 def store_meta(spec, info, side: str, prepared: Prepared, positions, split: str | None, split_seed: int,

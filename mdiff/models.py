@@ -141,6 +141,7 @@ def load_tokenizer(ref: str, revision: str | None = None, side: str = "model"):
     from transformers import AutoTokenizer
 
     _check_ref(ref, side)
+    _quiet_transformers()  # no "sequence length is longer than" warnings: prompt lengths are checked by mdiff
     try:
         return AutoTokenizer.from_pretrained(ref, revision=revision)
     except (OSError, ValueError) as e:
@@ -182,6 +183,17 @@ def tokenizer_relation(base_tok, tuned_tok) -> tuple[Relation, int]:
         if bm is None or tm is None or tm[: len(bm)] == bm:
             return "extends", shared
     return "different", shared
+
+
+def context_length(ref: str, revision: str | None = None, side: str = "model") -> int | None:
+    """The positions a model can attend over (``max_position_embeddings`` or its aliases), from its config."""
+    cfg = read_config(ref, revision, side)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        v = getattr(text, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def inspect_pair(spec: PairSpec) -> PairInfo:

@@ -77,6 +77,9 @@ def test_minimal_toml_defaults(tmp_path):
     ('base = "a/b"\ntuned = "c/d"\nrevision = 5\n', "key 'revision'"),
     ('base = "a/b"\ntuned = "c/d"\nrevision = {base = "x", other = "y"}\n', "unknown entry 'other'"),
     ('base = "a/b"\ntuned = "c/d"\nmin_shared_ratio = 2\n', "key 'min_shared_ratio'"),
+    ('base = "a/b"\ntuned = "c/d"\nmax_tokens = 0\n', "key 'max_tokens' must be a whole number ≥ 1"),
+    ('base = "a/b"\ntuned = "c/d"\nmax_tokens = "512"\n', "key 'max_tokens'"),
+    ('base = "a/b"\ntuned = "c/d"\ntoo_long = "truncate"\n', "key 'too_long' must be one of error, drop"),
     ('base = "a/b"\ntuned = "c/d"\nbase = "e/f"\n', "malformed TOML"),
     ('base = "a/b\ntuned = "c/d"\n', "malformed TOML"),
 ])

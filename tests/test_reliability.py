@@ -31,9 +31,9 @@ def _snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _toml(path: Path, tuned: str = "tuned", **extra) -> Path:
+def _toml(path: Path, tuned: str = "tuned", prompts: str = "prompts.jsonl", **extra) -> Path:
     lines = [f'name = {json.dumps(extra.pop("name", "mine"))}', 'base = "base"', f'tuned = "{tuned}"',
-             'prompts = "prompts.jsonl"', f'chat_template = {json.dumps(extra.pop("chat_template", True))}']
+             f'prompts = "{prompts}"', f'chat_template = {json.dumps(extra.pop("chat_template", True))}']
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -116,6 +116,19 @@ def _tuned(folder):
     return setup
 
 
+def _with_long_prompt(pd: Path) -> Path:
+    """The pair's prompts with a 20k-character prompt (~3,600 tokens; the toy models have 128 positions) first."""
+    rows = [json.loads(ln) for ln in (pd / "prompts.jsonl").read_text().splitlines() if ln.strip()]
+    long = {"id": "long-0", "messages": [{"role": "user", "content": " ".join(["astana is the capital"] * 900)}]}
+    (pd / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [long, *rows]))
+    return pd / "long.jsonl"
+
+
+def _long(out, pd, tmp):
+    _with_long_prompt(pd)
+    return ["--pair", _toml(pd / "long.toml", prompts="long.jsonl")]
+
+
 def _template(out, pd, tmp):
     return ["--pair", _toml(pd / "tmpl.toml", chat_template="{{ messages.__class__.__mro__ }}")]
 
@@ -142,6 +155,8 @@ CASES = {
     "rq3 --layer 99": (["rq3", "--layer", "99", "--n", "8"], "--layer: layer 99 is out of range", None),
     "truncated weights": (["rq1", *RQ1], "weights cannot be read (SafetensorError", _tuned("tuned_trunc")),
     "pickled weights": (["rq1", *RQ1], "pickled file that the weights-only loader refuses", _tuned("tuned_pickle")),
+    "prompt longer than the context": (["rq1", *RQ1], "1 of 8 prompts are longer than the models' context of 128 "
+                                                      "positions (the longest, 'long-0', has", _long),
     "chat template rejected by the sandbox": (["rq1", *RQ1], "the chat template cannot render prompt",
                                               _template),
 }
@@ -228,3 +243,28 @@ def test_a_model_changed_in_place_is_never_read_from_a_stale_store(toys, tmp_pat
     assert r.exit_code == 0, r.output
     assert (out / "mine" / "rq1.prev-1" / "metrics.csv").read_text() == first
     assert (out / "mine" / "rq1" / "metrics.csv").read_text() != first  # measured on the new weights
+
+
+@pytest.mark.parametrize("max_tokens", [None, 12])
+def test_too_long_prompts_dropped_and_counted(pairdir, max_tokens):
+    import dataclasses
+
+    from mdiff import activations as A
+    from mdiff import data, models
+    from mdiff.pairs import load_pair_file
+    from mdiff.positions import parse_positions
+
+    _with_long_prompt(pairdir)
+    extra = {"max_tokens": max_tokens} if max_tokens else {}
+    spec = load_pair_file(_toml(pairdir / "drop.toml", prompts="long.jsonl", too_long="drop", **extra))
+    assert spec.too_long == "drop" and spec.max_tokens == max_tokens
+    info = models.inspect_pair(spec)
+    prompts = data.load_prompts(spec.prompts)[:20]
+    lengths = [len(x) for x in data.tokenize(prompts, models.load_tokenizer(spec.base), True)]  # the reference
+    limit = min(128, max_tokens or 128)
+    expect = [p.id for p, n in zip(prompts, lengths) if n <= limit]
+    assert 0 < len(expect) < 20
+    prep = A.prepare_pair_prompts(spec, info, parse_positions("last"), None, 0, 20)[0]
+    assert prep.prompt_ids == expect and prep.summary()["dropped_too_long"] == 20 - len(expect)
+    with pytest.raises(Exception, match=f"{20 - len(expect)} of 20 prompts are longer than"):
+        A.prepare_pair_prompts(dataclasses.replace(spec, too_long="error"), info, parse_positions("last"), None, 0, 20)
