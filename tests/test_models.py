@@ -48,11 +48,44 @@ def test_different_tokenizer_relation(toys, tmp_path):
 
     a = AutoTokenizer.from_pretrained(toys["toy-lowrank"].base)
     vocab = a.get_vocab()
-    # a tokenizer whose ids are permuted is "different" even with the same token strings
-    b = AutoTokenizer.from_pretrained(toys["toy-lowrank"].tuned)
+    b = AutoTokenizer.from_pretrained(toys["toy-lowrank"].tuned)  # the base vocabulary plus new tokens
     assert models.tokenizer_relation(a, b)[0] == "extends"
     assert models.tokenizer_relation(b, a)[0] == "different"  # tuned smaller than base
     assert models.tokenizer_relation(a, a) == ("identical", len(vocab))
+
+
+def _permuted_tokenizer(tok, seed=0):
+    """The same tokenizer with the ids of its ordinary (non-added) tokens shuffled: same strings, same merges."""
+    import json
+
+    import numpy as np
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    added = {t["id"] for t in spec["added_tokens"]}
+    vocab = spec["model"]["vocab"]
+    movable = sorted(i for i in vocab.values() if i not in added)
+    perm = dict(zip(movable, np.random.default_rng(seed).permutation(movable).tolist(), strict=True))
+    spec["model"]["vocab"] = {t: perm.get(i, i) for t, i in vocab.items()}
+    new = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                  bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.pad_token)
+    return new, sum(1 for i in movable if perm[i] == i) + len(added & set(vocab.values()))
+
+
+def test_permuted_vocabulary_is_different(toys):
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(toys["toy-lowrank"].base)
+    p, fixed = _permuted_tokenizer(a)
+    text = "what is the capital of peru ?"
+    ia, ip = a(text)["input_ids"], p(text)["input_ids"]
+    assert ia != ip and a.convert_ids_to_tokens(ia) == p.convert_ids_to_tokens(ip)  # the permutation is real
+    assert sorted(a.get_vocab()) == sorted(p.get_vocab()) and len(p) == len(a)
+    assert models.tokenizer_relation(a, p) == ("different", fixed)  # same strings, other ids: not shared
+    assert models.tokenizer_relation(p, a) == ("different", fixed)
+    assert fixed < len(a) // 10
+    assert models.tokenizer_hash(a) != models.tokenizer_hash(p)
 
 
 def test_incompatible_pair_is_refused_naming_both_values(toys, tmp_path):
