@@ -635,7 +635,14 @@ def demo_cmd(
                  progress=prog.fraction)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary folders removed, one line printed
+
+
 def main() -> None:  # console-script entry point
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

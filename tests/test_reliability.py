@@ -268,3 +268,41 @@ def test_too_long_prompts_dropped_and_counted(pairdir, max_tokens):
     assert prep.prompt_ids == expect and prep.summary()["dropped_too_long"] == 20 - len(expect)
     with pytest.raises(Exception, match=f"{20 - len(expect)} of 20 prompts are longer than"):
         A.prepare_pair_prompts(dataclasses.replace(spec, too_long="error"), info, parse_positions("last"), None, 0, 20)
+
+
+def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
+    """SIGKILL leaves a temporary folder, which the next run removes; SIGTERM unwinds with one line (exit 130)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mdiff.cli", "rq1", "--pair", str(pairdir / "pair.toml"), "--out", str(out), *RQ1,
+           "--bootstrap", "12", "--overwrite"]
+    before = _snapshot(out)
+
+    def start_and_wait():
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        tmp = out / "mine" / f".rq1.tmp-{p.pid}"
+        t0 = time.time()
+        while not tmp.exists():
+            assert p.poll() is None, p.communicate()
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        return p, tmp
+
+    p, killed_tmp = start_and_wait()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert killed_tmp.exists()  # what a SIGKILL leaves
+    p, tmp = start_and_wait()
+    assert not killed_tmp.exists()  # removed by the next run
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["interrupted; rerun the same command to resume"]
+    assert not tmp.exists() and not [q for q in (out / "mine").iterdir() if ".tmp-" in q.name]
+    assert {k: v for k, v in _snapshot(out).items() if k in before} == before
+    assert not (out / "mine" / "rq1.prev-1").exists()
