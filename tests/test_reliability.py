@@ -262,7 +262,7 @@ def test_too_long_prompts_dropped_and_counted(pairdir, max_tokens):
     prompts = data.load_prompts(spec.prompts)[:20]
     lengths = [len(x) for x in data.tokenize(prompts, models.load_tokenizer(spec.base), True)]  # the reference
     limit = min(128, max_tokens or 128)
-    expect = [p.id for p, n in zip(prompts, lengths) if n <= limit]
+    expect = [p.id for p, n in zip(prompts, lengths, strict=True) if n <= limit]
     assert 0 < len(expect) < 20
     prep = A.prepare_pair_prompts(spec, info, parse_positions("last"), None, 0, 20)[0]
     assert prep.prompt_ids == expect and prep.summary()["dropped_too_long"] == 20 - len(expect)
