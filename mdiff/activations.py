@@ -98,6 +98,7 @@ def _save_shard(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]
     os.replace(tmp, path)
     h = hashlib.sha256(prefix)
     h.update(data)
+    _remember_sha(path, h.hexdigest())
     return h.hexdigest()
 
 
@@ -126,16 +127,26 @@ def _read_shard_check(path: Path) -> tuple[dict[str, str], bool, str]:
         for block in iter(lambda: f.read(1 << 22), b""):
             fh.update(block)
             dh.update(block)
+    _remember_sha(path, fh.hexdigest())
     return md, md.get("data_sha256") == dh.hexdigest(), fh.hexdigest()
 
 
-_VERIFIED: dict[tuple[str, int, int], str] = {}
+_VERIFIED: dict[tuple, str] = {}
+"""sha256 of shard files this process wrote or read, by (path, inode, size, times): a rewrite changes the key."""
+
+
+def _sha_key(path: Path) -> tuple:
+    st = path.stat()
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _remember_sha(path: Path, sha: str) -> None:
+    _VERIFIED[_sha_key(path)] = sha
 
 
 def _file_sha256(path: Path) -> str:
     """sha256 of a file, remembered while its size and modification time stay the same."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = _sha_key(path)
     if key not in _VERIFIED:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -302,7 +313,7 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
                              f"or remove that folder")
         if old.get("fingerprint") != fingerprint and not replace:
             diff = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
-            if "weights" in diff:
+            if diff == ["weights"]:  # the same collection but the model's files changed
                 from mdiff.models import describe_weights_change
 
                 raise MdiffError(
