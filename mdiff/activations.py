@@ -301,7 +301,12 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
             raise MdiffError(f"prompt {pid!r}: positions {p} are not inside its {len(x)} tokens")
     fingerprint = _sha(settings)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise MdiffError(f"cannot write activations under {parent}: it is a file, not a folder; "
+                                 f"choose another --out")
+            break
     sfile = path / "settings.json"
     if sfile.exists():
         try:
@@ -325,10 +330,15 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
                 f"choose another --out, or --overwrite to collect them again")
         if old.get("fingerprint") != fingerprint:
             _clear_collection(path)
-    if not sfile.exists():
-        atomic_write_text(sfile, json.dumps({"fingerprint": fingerprint, "settings": settings,
-                                             "token_ids": ids, "positions": positions}, indent=1))
-    _remove_stale_temporaries(path)
+
+    def start() -> None:  # the folder appears with the first shard: a run failing before it leaves nothing
+        if not sfile.exists():
+            path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(sfile, json.dumps({"fingerprint": fingerprint, "settings": settings,
+                                                 "token_ids": ids, "positions": positions}, indent=1))
+
+    if path.is_dir():
+        _remove_stale_temporaries(path)
     n = len(prepared)
     blocks = [(s, min(n, s + shard_prompts)) for s in range(0, n, shard_prompts)]
     pad_id = meta.get("pad_id", 0)
@@ -376,11 +386,13 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
                     f"\"bfloat16\" in the pair file")
         tensors["row_prompt"] = torch.tensor(row_prompt, dtype=torch.long)
         tensors["row_pos"] = torch.tensor(row_pos, dtype=torch.long)
+        start()
         sha = _save_shard(tensors, fpath, {"fingerprint": fingerprint, "prompt_start": str(s), "prompt_end": str(e)})
         shards.append({"file": fname, "prompt_start": s, "prompt_end": e, "rows": len(row_prompt), "sha256": sha})
         rows_total += len(row_prompt)
         if on_shard:
             on_shard(i + 1, len(blocks))
+    start()
     manifest = {"fingerprint": fingerprint, "settings": settings, "shards": shards, "n_rows": rows_total,
                 "keys": keys}
     atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=1))

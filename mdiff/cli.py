@@ -38,7 +38,7 @@ FitPositionsOpt = Annotated[str, typer.Option(help="Positions the maps are fit o
 
 
 _ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-               errno.ENAMETOOLONG}
+               errno.ENAMETOOLONG, errno.EEXIST}
 
 
 def cli_errors(fn):
