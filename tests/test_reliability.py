@@ -153,6 +153,12 @@ CASES = {
     "--control-layer 99": (["rq2", "--n", "8", "--control-layer", "99"], "--control-layer: layer 99 is out of range",
                            None),
     "rq3 --layer 99": (["rq3", "--layer", "99", "--n", "8"], "--layer: layer 99 is out of range", None),
+    "rq4 --control-layer 99": (["rq4", "--layer", "2", "--n", "8", "--control-layer", "99"],
+                               "--control-layer: layer 99 is out of range", None),
+    "study --seed -1": (["study", "--n", "8", "--seed", "-1"], "--seed must be a whole number in 0..", None),
+    "collect into a file": (["collect", "--n", "4"], "cannot write activations under", _out_file),
+    "collect --device tpu": (["collect", "--n", "4", "--device", "tpu"], "--device 'tpu' is not a torch device",
+                             None),
     "truncated weights": (["rq1", *RQ1], "weights cannot be read (SafetensorError", _tuned("tuned_trunc")),
     "pickled weights": (["rq1", *RQ1], "pickled file that the weights-only loader refuses", _tuned("tuned_pickle")),
     "prompt longer than the context": (["rq1", *RQ1], "1 of 8 prompts are longer than the models' context of 128 "
