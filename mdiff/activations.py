@@ -10,7 +10,8 @@ both sides reads them from here. A collection lives in
     manifest.json            written last: settings + the list of shards with their sha256 (a complete collection)
 
 * **Memory-bounded**: prompts are processed a block (shard) at a time and only the chosen positions are
-  kept (gathered inside the hook), so all layers of all prompts are never held at once.
+  kept (gathered inside the hook), so all layers of all prompts are never held at once. Within a shard,
+  prompts are batched in order of length, so one long prompt does not pad a whole batch.
 * **Resumable**: every shard is written atomically (temporary file, then rename); a re-run skips the
   shards already on disk and produces a store identical, bit for bit, to an uninterrupted run.
 * **Never mixed**: a folder holding a collection with other settings (model, prompts, token ids, hooks,
@@ -367,14 +368,20 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
             raise KeyboardInterrupt(f"simulated interrupt before shard {i}")
         parts: dict[str, list[Tensor]] = {k: [] for k in keys}
         row_prompt, row_pos = [], []
-        for bs in range(s, e, batch_size):
-            be = min(e, bs + batch_size)
-            got = gather_batch(model, ids[bs:be], positions[bs:be], names, pad_id, stop)
+        by_prompt: dict[int, dict[str, Tensor]] = {}
+        order = sorted(range(s, e), key=lambda j: len(ids[j]))  # batched by length: a long prompt pads only its peers
+        for bs in range(0, len(order), batch_size):
+            batch = order[bs:bs + batch_size]
+            got = gather_batch(model, [ids[j] for j in batch], [positions[j] for j in batch], names, pad_id, stop)
+            at = 0
+            for j in batch:  # rows are prompt-major within the batch
+                by_prompt[j] = {nme: got[nme][at:at + len(positions[j])] for nme in names}
+                at += len(positions[j])
+        for j in range(s, e):  # stored in prompt order
             for k, nme in zip(keys, names, strict=True):
-                parts[k].append(got[nme])
-            for j in range(bs, be):
-                row_prompt += [j] * len(positions[j])
-                row_pos += positions[j]
+                parts[k].append(by_prompt[j][nme])
+            row_prompt += [j] * len(positions[j])
+            row_pos += positions[j]
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         for k, t in tensors.items():
             bad = _nonfinite_rows(t)

@@ -290,16 +290,15 @@ def test_a_model_producing_nan_is_refused_naming_prompts(store, lr, tmp_path, mo
     _, model, _, _, _ = lr
     real = A.gather_batch
 
-    def nan_batch(*a, **k):
-        out = real(*a, **k)
-        out["blocks.4.hook_resid_post"][1] = float("nan")
+    def nan_batch(model_, ids, positions, *a, **k):
+        out = real(model_, ids, positions, *a, **k)
+        if prep.base_ids[3] in ids:  # the second position (2 rows per prompt) of prompt 3
+            out["blocks.4.hook_resid_post"][2 * ids.index(prep.base_ids[3]) + 1] = float("nan")
         return out
 
     monkeypatch.setattr(A, "gather_batch", nan_batch)
-    # row 1 of each batch of 4 prompts (2 rows each) is the second position of the batch's first prompt
-    with pytest.raises(MdiffError, match=r"the base model produced NaN/inf in resid_post.4 for 2 prompt\(s\) "
-                                         rf"\({prep.prompt_ids[0]}, {prep.prompt_ids[4]}\) while collecting "
-                                         r"shard-00000.safetensors"):
+    with pytest.raises(MdiffError, match=r"the base model produced NaN/inf in resid_post.4 for 1 prompt\(s\) "
+                                         rf"\({prep.prompt_ids[3]}\) while collecting shard-00000.safetensors"):
         A.collect(model, prep, "base", path=tmp_path / "c" / "acts", **kw)
     assert not (tmp_path / "c").exists()  # failed before its first shard: no folder left behind
 
@@ -441,3 +440,25 @@ def test_other_weights_are_refused_naming_the_file(store, lr, tmp_path):
                             f"them from the current weights")
     res = A.collect(model, prep, "base", path=d, replace=True, **{**kw, "meta": {**META, "weights": new}})
     assert res.skipped_shards == 0 and A.ActivationSet(d).settings["weights"] == new
+
+
+def test_prompts_are_batched_by_length_and_stored_in_order(lr, tmp_path, monkeypatch):
+    _, model, _, _, prompts = lr
+    prep = _prepare(lr, 0, pick=lambda ps: _varied(ps, 10))
+    lengths = [len(x) for x in prep.base_ids]
+    assert len(set(lengths)) > 3
+    real, widths = A.gather_batch, []
+
+    def recording(model_, ids, *a, **k):
+        widths.append([len(x) for x in ids])
+        return real(model_, ids, *a, **k)
+
+    monkeypatch.setattr(A, "gather_batch", recording)
+    A.collect(model, prep, "base", ["resid_post"], [2], tmp_path / "s", META, shard_prompts=10, batch_size=3)
+    assert [sorted(w) for w in widths] == [sorted(lengths)[i:i + 3] for i in range(0, 10, 3)]  # peers by length
+    aset = A.ActivationSet(tmp_path / "s")
+    assert aset.rows()[0].tolist() == list(range(10))  # stored in prompt order
+    got = aset.load("resid_post", 2)
+    for i in range(10):
+        ref = _single_reference(model, prep.base_ids[i], prep.base_positions[i], ["blocks.2.hook_resid_post"])
+        assert float((got[i] - ref["blocks.2.hook_resid_post"][0]).abs().max()) < 1e-5
