@@ -312,3 +312,14 @@ def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
     assert not tmp.exists() and not [q for q in (out / "mine").iterdir() if ".tmp-" in q.name]
     assert {k: v for k, v in _snapshot(out).items() if k in before} == before
     assert not (out / "mine" / "rq1.prev-1").exists()
+
+
+def test_changing_n_needs_only_overwrite(out, pairdir):
+    """Other prompts for the same store: refused in one line, then --overwrite collects the store anew."""
+    args = ["rq1", "--pair", pairdir / "pair.toml", "--out", out, *RQ1, "--n", "6"]
+    r = _invoke(args)
+    assert r.exit_code == 2 and "other settings (differs in: n)" in r.output
+    r = _invoke([*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "mine" / "rq1" / "config.json").read_text())["prompts"]["n_prompts"] == 6
+    assert json.loads((out / "mine" / "rq1.prev-1" / "config.json").read_text())["prompts"]["n_prompts"] == 8
