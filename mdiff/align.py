@@ -88,6 +88,7 @@ class Prepared:
     shared_ratio_tuned: list[float]
     dropped_unpaired_positions: int = 0
     dropped_by_fairness: int = 0
+    dropped_too_long: int = 0
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -104,6 +105,7 @@ class Prepared:
                 "n_positions": int(sum(len(p) for p in self.base_positions)),
                 "dropped_unpaired_positions": self.dropped_unpaired_positions,
                 "dropped_by_fairness": self.dropped_by_fairness,
+                "dropped_too_long": self.dropped_too_long,
                 "shared_ratio_base_min": float(min(self.shared_ratio_base)) if len(self) else None,
                 "shared_ratio_tuned_min": float(min(self.shared_ratio_tuned)) if len(self) else None}
 

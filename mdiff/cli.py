@@ -4,6 +4,7 @@ Errors in the user's input (:class:`~mdiff.errors.MdiffError`) are printed as on
 traceback, and exit with status 2.
 """
 
+import errno
 import functools
 import json
 import os
@@ -32,7 +33,7 @@ NOpt = Annotated[int | None, typer.Option(help="Use at most N prompts per split.
 BootstrapOpt = Annotated[int, typer.Option(help="Bootstrap resamples over prompts for the CIs (≥ 1).")]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings "
-                                                 "(the old folder is kept as <name>.prev).")]
+                                                 "(the old folder is kept as <name>.prev-N).")]
 AlphaModeOpt = Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")]
 FitPositionsOpt = Annotated[str, typer.Option(
     help="Positions of the train prompts the maps are fit on: last, k=K, or upto=K (K content positions, fewer "
@@ -42,8 +43,13 @@ EngineOpt = Annotated[str, typer.Option(help="Patching engine: fast (recomputes 
                                              "or naive (one full forward per condition). Recorded in config.json.")]
 
 
+_ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.ENAMETOOLONG, errno.EEXIST}
+
+
 def cli_errors(fn):
-    """Turn MdiffError into a one-line message and exit status 2."""
+    """Turn MdiffError (and a full disk, a read-only folder...) into a one-line message and exit status 2;
+    Ctrl-C into one line and status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -52,12 +58,56 @@ def cli_errors(fn):
         except MdiffError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno not in _ENV_ERRNOS:
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            console.print(f"[bold red]error:[/] {e.strerror}{where} (check --out and free space, then rerun)",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted; rerun the same command to resume", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 
 
-def _setup(threads: int | None) -> None:
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MdiffError(f"--device {device!r} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise MdiffError(f"--device {device}: {why}; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise MdiffError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MdiffError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif d.type != "cpu":
+        raise MdiffError(f"--device {device}: mdiff runs on cpu, cuda or mps")
+
+
+SEED_MAX = 2**31 - 1
+
+
+def _setup(threads: int | None, seed: int | None = None, batch_size: int | None = None,
+           device: str | None = None, n: int | None = None) -> None:
+    """Check the options every command shares (each error names its option), then set threads."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise MdiffError(f"--seed must be a whole number in 0..{SEED_MAX}, got {seed}")
+    if n is not None and n < 1:
+        raise MdiffError(f"--n must be ≥ 1, got {n}")
+    if batch_size is not None and batch_size < 1:
+        raise MdiffError(f"--batch-size must be ≥ 1 (prompts per forward pass), got {batch_size}")
+    _check_device(device)
     if threads is not None:
         if threads < 1:
             raise MdiffError(f"--threads must be ≥ 1, got {threads}")
@@ -120,7 +170,7 @@ def info_cmd(
     threads: ThreadsOpt = None,
 ):
     """Describe a pair: shapes, tokenizer relation and hashes; with --load, next-token KL between the models."""
-    _setup(threads)
+    _setup(threads, device=device, n=n)
     from mdiff.models import inspect_pair
     from mdiff.pairs import resolve_pair
 
@@ -149,11 +199,13 @@ def collect_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the splits and of k=K position sampling.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 16,
     n: Annotated[int | None, typer.Option(help="Use only the first N prompts of the split.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Collect anew where the folder holds a collection with other "
+                                                 "settings or of other weights.")] = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
     """Collect activations of both models, one at a time, into safetensors shards + a JSON manifest (resumable)."""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.activations import COLLECT_HOOKS, collect_pair
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
@@ -173,7 +225,7 @@ def collect_cmd(
             prog.count(s, f"collect {s} shards", done, total)
 
         res = collect_pair(spec, layer_list, hook_list, pos, split, out_dir, sides, seed, batch_size,
-                           device=device, n=n, on_progress=on_progress)
+                           device=device, n=n, on_progress=on_progress, replace=overwrite)
     for s, r in res.items():
         out.print(f"{s}: {r.n_rows} rows in {r.n_shards} shards ({r.skipped_shards} already done) -> {r.path}")
 
@@ -207,8 +259,10 @@ class _LazyProgress:
             self.tasks[key] = self.prog.add_task(desc, total=total)
         self.prog.update(self.tasks[key], description=desc, completed=done, total=total)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.prog is not None:
+            if exc_type is not None:  # a failed run: the one-line error stands alone
+                self.prog.live.transient = True
             self.prog.stop()
         return False
 
@@ -237,7 +291,7 @@ def rq1_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ1 where: CKA and debiased CKA per layer (prompt-bootstrap CIs) and cross-model layer patch KL, both ways."""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
     from mdiff.pairs import resolve_pair
@@ -307,7 +361,7 @@ def rq2_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ2 transport: fit linear maps base → tuned per site; how much of the raw cross-patch KL does the map remove?"""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
     from mdiff.pairs import resolve_pair
@@ -319,6 +373,7 @@ def rq2_cmd(
     spec = resolve_pair(pair, progress=True)
     info = inspect_pair(spec)
     nl = info.base.n_layers
+    parse_int_list(str(control_layer), "--control-layer", 0, nl - 1, what="layer")
     cfg = RQ2Config(layers=parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer"),
                     hooks=parse_str_list(hooks, "--hooks", RQ2_HOOKS),
                     solvers=parse_str_list(solvers, "--solvers", SOLVERS), alphas=_parse_floats(alphas, "--alphas"),
@@ -368,7 +423,7 @@ def rq3_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ3 rank: how low-rank is the transport? drop(k) of the rank-k correction W_k = I + U_k V_kᵀ, smallest k."""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.models import inspect_pair
     from mdiff.options import parse_str_list
     from mdiff.pairs import resolve_pair
@@ -379,6 +434,9 @@ def rq3_cmd(
     check_bootstrap(bootstrap)
     spec = resolve_pair(pair, progress=True)
     info = inspect_pair(spec)
+    from mdiff.options import parse_int_list
+
+    parse_int_list(str(layer), "--layer", 0, info.base.n_layers - 1, what="layer")
     cfg = RQ3Config(layer=layer, hook=hook, ks=parse_ks(ks, info.base.d_model),
                     methods=parse_str_list(methods, "--methods", METHODS), target=target, target_frac=target_frac,
                     alpha=alpha, alpha_mode=alpha_mode, n_null=null_draws,
@@ -422,7 +480,7 @@ def rq4_cmd(
     threads: ThreadsOpt = None,
 ):
     """RQ4 heads: which attention heads carry the difference? Per-head patching, top-k vs random-k, coverage, heatmaps."""
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff import heads as HD
     from mdiff.models import inspect_pair
     from mdiff.options import parse_int_list, parse_str_list
@@ -437,6 +495,7 @@ def rq4_cmd(
     spec = resolve_pair(pair, progress=True)
     info = inspect_pair(spec)
     nl, nh = info.base.n_layers, info.base.n_heads
+    parse_int_list(str(control_layer), "--control-layer", 0, nl - 1, what="layer")
     if layers is not None:
         layer_list = parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer")
     elif layer is not None:
@@ -477,7 +536,7 @@ def study_cmd(
 
     Resumable: steps already done with the same settings are kept, not redone.
     """
-    _setup(threads)
+    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.pairs import resolve_pair
     from mdiff.stats import check_bootstrap
     from mdiff.study import StudyConfig, run_study
@@ -554,7 +613,7 @@ def bench_cmd(
     threads: ThreadsOpt = None,
 ):
     """Benchmark the patching engine against the naive loop (RQ4 head grid + RQ2 α sweep both ways)."""
-    _setup(threads)
+    _setup(threads, batch_size=batch_size, device=device)
     from mdiff.bench import format_table, run_bench
     from mdiff.pairs import resolve_pair
 
@@ -597,7 +656,14 @@ def demo_cmd(
                  progress=prog.fraction)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary folders removed, one line printed
+
+
 def main() -> None:  # console-script entry point
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

@@ -183,7 +183,15 @@ def render(p: Prompt, tokenizer, chat_template: bool | str = False) -> tuple[str
         if template is None and not getattr(tokenizer, "chat_template", None):
             raise MdiffError("the tokenizer has no chat template: give one as a string in the pair file "
                              "(chat_template = \"...\")")
-        text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja2's TemplateError family (SecurityError, syntax, undefined)
+            if not any(c.__module__.startswith("jinja2") for c in type(e).__mro__):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise MdiffError(f"the chat template cannot render prompt {p.id!r} ({type(e).__name__}: {first}); "
+                             f"fix chat_template in the pair file (templates run in a sandbox)") from None
         return text, False  # the template writes BOS itself
     return p.prompt, True
 

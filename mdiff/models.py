@@ -90,6 +90,22 @@ def _hub_error(ref: str, side: str, err: Exception) -> MdiffError:
         f"its local directory in a pair .toml file)")
 
 
+def _weights_error(ref: str, side: str, err: Exception) -> Exception:
+    """A one-line error for weights that cannot be read (corrupt, truncated, pickled), else ``err`` itself."""
+    name = type(err).__name__
+    first = (str(err).strip().splitlines() or [name])[0][:200]
+    if name == "UnpicklingError" or "weights_only" in str(err) or "Weights only load failed" in str(err):
+        return MdiffError(f"{side} model {ref}: its weights are a pickled file that the weights-only loader refuses "
+                          f"(it holds objects other than tensors); convert it to safetensors from a trusted copy")
+    if name in ("SafetensorError", "HeaderTooLarge") or "safetensors" in name.lower() or \
+            (isinstance(err, RuntimeError) and ("PytorchStreamReader" in str(err) or "corrupt" in str(err).lower())):
+        return MdiffError(f"{side} model {ref}: its weights cannot be read ({name}: {first}); the file is "
+                          f"truncated or corrupt: copy or download it again")
+    if isinstance(err, (OSError, ValueError)):
+        return _hub_error(ref, side, err)
+    return err
+
+
 def read_config(ref: str, revision: str | None = None, side: str = "model"):
     """The Hugging Face config of a model (no weights read)."""
     from transformers import AutoConfig
@@ -125,6 +141,7 @@ def load_tokenizer(ref: str, revision: str | None = None, side: str = "model"):
     from transformers import AutoTokenizer
 
     _check_ref(ref, side)
+    _quiet_transformers()  # no "sequence length is longer than" warnings: prompt lengths are checked by mdiff
     try:
         return AutoTokenizer.from_pretrained(ref, revision=revision)
     except (OSError, ValueError) as e:
@@ -166,6 +183,17 @@ def tokenizer_relation(base_tok, tuned_tok) -> tuple[Relation, int]:
         if bm is None or tm is None or tm[: len(bm)] == bm:
             return "extends", shared
     return "different", shared
+
+
+def context_length(ref: str, revision: str | None = None, side: str = "model") -> int | None:
+    """The positions a model can attend over (``max_position_embeddings`` or its aliases), from its config."""
+    cfg = read_config(ref, revision, side)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        v = getattr(text, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def inspect_pair(spec: PairSpec) -> PairInfo:
@@ -216,8 +244,8 @@ def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             model = TransformerBridge.boot_transformers(ref, device=device, dtype=tdtype, revision=revision)
-    except (OSError, ValueError) as e:
-        raise _hub_error(ref, side, e) from None
+    except Exception as e:  # noqa: BLE001 - sorted into one-line messages; anything else is re-raised
+        raise _weights_error(ref, side, e) from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -266,3 +294,73 @@ def model_dims(model) -> Dims:
     return Dims(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head,
                 n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, d_vocab=cfg.d_vocab,
                 architecture=str(getattr(cfg, "architecture", "?")))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+_SAMPLES, _CHUNK, _WHOLE = 16, 1 << 16, 4 << 20
+
+
+def model_files_dir(ref: str, revision: str | None = None) -> Path | None:
+    """The local folder holding a model's files: the directory itself, or its snapshot in the hub cache."""
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the local cache: there is nothing to fingerprint (nor to load)
+        return None
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any]:
+    st = path.stat()  # follows the hub cache's symlinks to the blobs
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if st.st_size <= _WHOLE:
+            h.update(f.read())
+        else:
+            if path.suffix == ".safetensors":  # the header: every tensor's name, dtype, shape and offsets
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 100 << 20)))
+            for i in range(_SAMPLES):  # evenly spaced samples of the data, first and last chunk included
+                f.seek((st.st_size - _CHUNK) * i // (_SAMPLES - 1))
+                h.update(f.read(_CHUNK))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_sampled": h.hexdigest()}
+
+
+def weights_fingerprint(ref: str, revision: str | None = None) -> dict[str, Any]:
+    """A cheap fingerprint of a model's weights: per weight/index/config file its size, modification time and
+    a hash of (small files) the whole file or (large ones) the safetensors header plus 16 sampled 64 KiB chunks.
+
+    Reads about 1 MiB per weight file, so it takes milliseconds even for a 16 GB model, yet changes whenever the
+    weights are rewritten in place (size, time or bytes). ``files`` is ``None`` for a hub id not in the local cache.
+    """
+    d = model_files_dir(ref, revision)
+    if d is None:
+        return {"revision": revision, "files": None}
+    files = {}
+    for p in sorted(d.iterdir()):
+        if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json")
+                            or p.name == "config.json"):
+            files[p.name] = _file_fingerprint(p)
+    return {"revision": revision, "files": files}
+
+
+def describe_weights_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """One phrase naming what changed between two :func:`weights_fingerprint` values."""
+    of, nf = (old or {}).get("files") or {}, new.get("files") or {}
+    if (old or {}).get("revision") != new.get("revision"):
+        return f"revision {(old or {}).get('revision')!r} -> {new.get('revision')!r}"
+    changed = []
+    for name in sorted(set(of) | set(nf)):
+        if name not in nf:
+            changed.append(f"{name} removed")
+        elif name not in of:
+            changed.append(f"{name} added")
+        else:
+            what = [label for k, label in (("size", "size"), ("sha256_sampled", "bytes"), ("mtime_ns", "modified time"))
+                    if of[name].get(k) != nf[name].get(k)]
+            if what:
+                changed.append(f"{name} ({', '.join(what)})")
+    return "; ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "") or "fingerprint"

@@ -10,6 +10,8 @@ A pair is given on the command line as ``--pair NAME`` (a built-in) or ``--pair 
     dtype = "bfloat16"               # optional: float32 (default), bfloat16, float16
     prompts = "prompts.jsonl"        # optional JSONL prompt set
     chat_template = true             # optional: true/false, or a Jinja template string
+    max_tokens = 2048                # optional: longest prompt in tokens (the models' context always applies)
+    too_long = "error"               # optional: a longer prompt is an error (default) or "drop"ped, counted
 
 Toy pairs (``toy-lowrank``, ``toy-distributed``) are built offline on first use (see :mod:`mdiff.toy`);
 their spec carries ``truth``, what was planted.
@@ -17,6 +19,7 @@ their spec carries ``truth``, what was planted.
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,25 @@ else:  # pragma: no cover
 
 DTYPES = ("float32", "bfloat16", "float16")
 _TOML_KEYS = {"name", "base", "tuned", "revision", "dtype", "prompts", "chat_template", "description",
-              "min_shared_ratio", "behaviour"}
+              "min_shared_ratio", "behaviour", "max_tokens", "too_long"}
+TOO_LONG = ("error", "drop")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RESERVED_NAMES = ("compare",)
+"""Folder names of ``--out`` that are not pairs (``mdiff compare`` writes ``OUT/compare/``)."""
+
+
+def check_pair_name(name: Any, where: str = "pair") -> str:
+    """A pair name becomes the folder ``OUT/<name>/``: a plain name (letters, digits, ``.``, ``_``, ``-``).
+
+    Anything else (``../x``, ``/abs/path``, ``a/b``, ``..``) could write outside ``--out``, so it is refused.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".") or ".." in name \
+            or name.lower() in RESERVED_NAMES:
+        raise MdiffError(f"{where}: pair name {name!r} must be a plain folder name (letters, digits, '.', '_', '-'; "
+                         f"at most 100; not {', '.join(RESERVED_NAMES)}): it becomes OUT/<name>/")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +79,13 @@ class PairSpec:
     min_shared_ratio: float = 0.0
     behaviour: dict | None = None
     """Optional behaviour-diagnostic settings (refusal/neutral continuations, style markers)."""
+    max_tokens: int | None = None
+    """Longest prompt, in tokens, besides the models' context length (``max_position_embeddings``)."""
+    too_long: str = "error"
+    """A prompt over the limit: ``error`` (refuse, naming how many and the longest) or ``drop`` (skip, counted)."""
+
+    def __post_init__(self):
+        check_pair_name(self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,13 +223,20 @@ def load_pair_file(path: str | Path) -> PairSpec:
         raise MdiffError(f"{where}: key 'behaviour' must be a table")
     name = data.get("name", path.stem)
     _check_str("name", name, where)
+    check_pair_name(name, f"{where}: key 'name'" if "name" in data else f"{where}: the file name (no 'name' key)")
+    max_tokens = data.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise MdiffError(f"{where}: key 'max_tokens' must be a whole number ≥ 1, got {max_tokens!r}")
+    too_long = data.get("too_long", "error")
+    if too_long not in TOO_LONG:
+        raise MdiffError(f"{where}: key 'too_long' must be one of {', '.join(TOO_LONG)}, got {too_long!r}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise MdiffError(f"{where}: key 'description' must be a string")
     return PairSpec(
         name=name, base=base, tuned=tuned, base_revision=base_rev, tuned_revision=tuned_rev, dtype=dtype,
         prompts=prompts, chat_template=chat, description=description, source=str(path.resolve()),
-        min_shared_ratio=float(ratio), behaviour=behaviour,
+        min_shared_ratio=float(ratio), behaviour=behaviour, max_tokens=max_tokens, too_long=too_long,
     )
 
 

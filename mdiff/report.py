@@ -44,9 +44,14 @@ def load_results(out: str | Path, pair: str) -> dict[str, dict]:
     for rq in RQS:
         d = Path(out) / pair / rq
         if (d / "summary.json").is_file():
-            res[rq] = {"summary": json.loads((d / "summary.json").read_text()),
-                       "metrics": pd.read_csv(d / "metrics.csv"),
-                       "config": json.loads((d / "config.json").read_text()), "path": d}
+            try:
+                res[rq] = {"summary": json.loads((d / "summary.json").read_text()),
+                           "metrics": pd.read_csv(d / "metrics.csv"),
+                           "config": json.loads((d / "config.json").read_text()), "path": d}
+            except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+                raise MdiffError(f"{d} cannot be read ({type(e).__name__}: {first}); move that folder away "
+                                 f"and run {rq} again") from None
     return res
 
 
@@ -281,7 +286,7 @@ def build_report(out: str | Path, pair: str) -> Path:
     parts = [f"<h1>mdiff study: {html.escape(pair)}</h1>",
              f"<p class='meta'>base <code>{html.escape(str(pair_info.get('base')))}</code> → tuned "
              f"<code>{html.escape(str(pair_info.get('tuned')))}</code>; mdiff git {html.escape(str(prov.get('git_commit')))}"
-             f"; {html.escape(str(prov.get('time_utc')))}. Definitions: METHODS.md. Reported numbers are on the val "
+             ". Definitions: METHODS.md. Reported numbers are on the val "
              "split with 95% prompt-bootstrap CIs unless stated.</p>"]
     if truth:
         parts.append("<div class='truth'><b>Planted ground truth (toy pair, known by construction — not a finding):"
@@ -290,7 +295,7 @@ def build_report(out: str | Path, pair: str) -> Path:
     parts += [f"<li><b>{f.rq.upper()}</b> {html.escape(f.text)}</li>" for f in fnd]
     parts.append("</ul>")
     md = [f"# mdiff study: {pair}", "", f"base `{pair_info.get('base')}` → tuned `{pair_info.get('tuned')}`; "
-          f"git {prov.get('git_commit')}; {prov.get('time_utc')}", ""]
+          f"git {prov.get('git_commit')} (run times: each rq*/config.json)", ""]
     if truth:
         md += [f"> Planted ground truth (toy pair, not a finding): `{json.dumps(truth)}`", ""]
     md += ["## Findings", ""] + [f"- **{f.rq.upper()}** {f.text}" for f in fnd] + [""]

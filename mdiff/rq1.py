@@ -115,10 +115,12 @@ def _run(spec, cfg, info, out, writer, say):
     def collect(model, side):
         pad = pad_b if side == "base" else pad_t
         A.collect(model, prep_cka, side, hooks, layers, store_dir(side, cfg.positions),
-                  A.store_meta(spec, info, side, prep_cka, cfg.positions, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size)
+                  A.store_meta(spec, info, side, prep_cka, cfg.positions, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size,
+                  replace=writer.overwrite)
         if not same:
             A.collect(model, prep_dec, side, hooks, layers, store_dir(side, dec),
-                      A.store_meta(spec, info, side, prep_dec, dec, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size)
+                      A.store_meta(spec, info, side, prep_dec, dec, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size,
+                      replace=writer.overwrite)
 
     kl_rows: list[dict] = []
     per_prompt: list[pd.DataFrame] = []

@@ -140,7 +140,7 @@ def _run(spec, cfg, info, out, writer, say):
         for prep, pos, split in jobs:
             A.collect(model, prep, side, hooks, layers, sdir(side, split, pos),
                       A.store_meta(spec, info, side, prep, pos, split, cfg.seed, pad_b if side == "base" else pad_t),
-                      batch_size=cfg.batch_size)
+                      batch_size=cfg.batch_size, replace=writer.overwrite)
 
     rows: list[dict] = []
     fitted: dict[tuple, Any] = {}

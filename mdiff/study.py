@@ -64,7 +64,12 @@ def _done(out: Path, pair: str, rq: str, settings: dict) -> bool:
 
 
 def _summary(out: Path, pair: str, rq: str) -> dict:
-    return json.loads((out / pair / rq / "summary.json").read_text())
+    f = out / pair / rq / "summary.json"
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, OSError) as e:
+        raise MdiffError(f"{f} cannot be read ({type(e).__name__}); move {f.parent} away and run the study "
+                         f"again") from None
 
 
 def _rq1_tolerance(out: Path, pair: str) -> float:

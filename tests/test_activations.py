@@ -203,6 +203,7 @@ def test_refuses_to_mix_collections(store, lr, change, needle):
         A.collect(model, prep, change.get("side", "base"), path=root / "full", **kw)
     msg = str(ei.value)
     assert "already holds activations collected with other settings" in msg and needle in msg
+    assert "--overwrite to collect them again" in msg
     assert needle in msg.split("differs in: ")[1].split(")")[0].split(", ")
     assert "\n" not in msg
     assert _snapshot(root / "full") == before
@@ -217,8 +218,89 @@ def test_activation_set_refuses_a_foreign_shard(store, lr, tmp_path):
     for p in (root / "full").iterdir():
         (root / "mixed" / p.name).write_bytes(p.read_bytes())
     (root / "mixed" / "shard-00000.safetensors").write_bytes((other / "shard-00000.safetensors").read_bytes())
+    with pytest.raises(MdiffError, match=r"shard-00000.safetensors is damaged \(its sha256 does not match"):
+        A.ActivationSet(root / "mixed").load("z", 1)
+    # even with the manifest's checksum edited to match, the shard is refused as another collection's
+    mf = json.loads((root / "mixed" / "manifest.json").read_text())
+    mf["shards"][0]["sha256"] = hashlib.sha256((other / "shard-00000.safetensors").read_bytes()).hexdigest()
+    (root / "mixed" / "manifest.json").write_text(json.dumps(mf))
     with pytest.raises(MdiffError, match="shard-00000.safetensors belongs to another collection; refusing to mix"):
         A.ActivationSet(root / "mixed").load("z", 1)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def _flip_tensor_bytes(path: Path) -> None:
+    """Overwrite 16 bytes inside the tensor data of a shard, leaving its header intact."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    at = 8 + n + (len(raw) - 8 - n) // 2
+    raw[at:at + 16] = bytes(16)
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_shard_is_named_on_read_and_collected_again(store, lr, tmp_path):
+    prep, root, kw, _ = store
+    _, model, _, _, _ = lr
+    bad = _copy(root / "full", tmp_path / "bad")
+    _flip_tensor_bytes(bad / "shard-00002.safetensors")
+    aset = A.ActivationSet(bad)
+    with pytest.raises(MdiffError) as e:
+        aset.load("resid_post", 4)
+    msg = str(e.value)
+    assert f"{bad / 'shard-00002.safetensors'} is damaged" in msg and "\n" not in msg
+    res = A.collect(model, prep, "base", path=bad, **kw)
+    assert (res.n_shards, res.skipped_shards) == (4, 3)  # only the damaged shard was collected again
+    assert _snapshot(bad) == _snapshot(root / "full")
+
+
+def test_nonfinite_values_name_the_shard_and_rows(store, tmp_path):
+    from safetensors.torch import load_file
+
+    _, root, _, _ = store
+    bad = _copy(root / "full", tmp_path / "nan")
+    f = bad / "shard-00001.safetensors"
+    t = load_file(str(f))
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        md = {k: v for k, v in h.metadata().items() if k != "data_sha256"}
+    t["z.4"][[3, 5]] = float("nan")
+    t["z.4"][7, 0, 0] = float("inf")
+    sha = A._save_shard(t, f, md)
+    mf = json.loads((bad / "manifest.json").read_text())
+    mf["shards"][1]["sha256"] = sha
+    (bad / "manifest.json").write_text(json.dumps(mf))
+    aset = A.ActivationSet(bad)
+    assert torch.isfinite(aset.load("z", 1)).all()
+    with pytest.raises(MdiffError) as e:
+        aset.load("z", 4)
+    rows_before = mf["shards"][0]["rows"]
+    assert str(e.value).startswith(f"{f} holds NaN/inf in z.4 at 3 row(s) "
+                                   f"{[rows_before + 3, rows_before + 5, rows_before + 7]}")
+
+
+def test_a_model_producing_nan_is_refused_naming_prompts(store, lr, tmp_path, monkeypatch):
+    prep, _, kw, _ = store
+    _, model, _, _, _ = lr
+    real = A.gather_batch
+
+    def nan_batch(model_, ids, positions, *a, **k):
+        out = real(model_, ids, positions, *a, **k)
+        if prep.base_ids[3] in ids:  # the second position (2 rows per prompt) of prompt 3
+            out["blocks.4.hook_resid_post"][2 * ids.index(prep.base_ids[3]) + 1] = float("nan")
+        return out
+
+    monkeypatch.setattr(A, "gather_batch", nan_batch)
+    with pytest.raises(MdiffError, match=r"the base model produced NaN/inf in resid_post.4 for 1 prompt\(s\) "
+                                         rf"\({prep.prompt_ids[3]}\) while collecting shard-00000.safetensors"):
+        A.collect(model, prep, "base", path=tmp_path / "c" / "acts", **kw)
+    assert not (tmp_path / "c").exists()  # failed before its first shard: no folder left behind
 
 
 def test_activation_set_missing_folder(tmp_path):
@@ -324,3 +406,59 @@ def test_collection_dirs_of_different_sites_never_collide(tmp_path):
     c = A.collection_dir(tmp_path, "p", "base", "all", "last", ["resid_post"], [2, 1, 0])
     assert a != b and a == c and a.parent == b.parent
     assert A.collection_dir(tmp_path, "p", "base", "all", "last").name == "base-all-last"  # `mdiff collect`'s folder
+
+
+def test_replace_collects_anew_and_touches_only_collection_files(store, lr, tmp_path):
+    prep, root, kw, _ = store
+    _, model, _, _, _ = lr
+    d = _copy(root / "full", tmp_path / "r")
+    (d / "notes.txt").write_text("mine")
+    sub = prep.subset(list(range(8)))
+    with pytest.raises(MdiffError, match="differs in: .*prompt_ids"):
+        A.collect(model, sub, "base", path=d, **kw)
+    res = A.collect(model, sub, "base", path=d, replace=True, **kw)
+    assert (res.n_shards, res.skipped_shards) == (2, 0)
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "notes.txt", "settings.json",
+                                                   "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert A.ActivationSet(d).prompt_ids == sub.prompt_ids
+    assert torch.equal(A.ActivationSet(d).load("z", 4), A.ActivationSet(root / "full").load("z", 4)[:16])
+
+
+def test_other_weights_are_refused_naming_the_file(store, lr, tmp_path):
+    prep, root, kw, _ = store
+    _, model, _, _, _ = lr
+    old = {"revision": None, "files": {"config.json": {"size": 1, "mtime_ns": 1, "sha256_sampled": "a"},
+                                       "model.safetensors": {"size": 9, "mtime_ns": 1, "sha256_sampled": "b"}}}
+    new = json.loads(json.dumps(old))
+    new["files"]["model.safetensors"].update(mtime_ns=2, sha256_sampled="c")
+    d = tmp_path / "w"
+    A.collect(model, prep, "base", path=d, **{**kw, "meta": {**META, "weights": old}})
+    with pytest.raises(MdiffError) as e:
+        A.collect(model, prep, "base", path=d, **{**kw, "meta": {**META, "weights": new}})
+    assert str(e.value) == (f"{d} holds activations of other weights of the base model (base-dir: model.safetensors "
+                            f"(bytes, modified time) since they were collected); rerun with --overwrite to collect "
+                            f"them from the current weights")
+    res = A.collect(model, prep, "base", path=d, replace=True, **{**kw, "meta": {**META, "weights": new}})
+    assert res.skipped_shards == 0 and A.ActivationSet(d).settings["weights"] == new
+
+
+def test_prompts_are_batched_by_length_and_stored_in_order(lr, tmp_path, monkeypatch):
+    _, model, _, _, prompts = lr
+    prep = _prepare(lr, 0, pick=lambda ps: _varied(ps, 10))
+    lengths = [len(x) for x in prep.base_ids]
+    assert len(set(lengths)) > 3
+    real, widths = A.gather_batch, []
+
+    def recording(model_, ids, *a, **k):
+        widths.append([len(x) for x in ids])
+        return real(model_, ids, *a, **k)
+
+    monkeypatch.setattr(A, "gather_batch", recording)
+    A.collect(model, prep, "base", ["resid_post"], [2], tmp_path / "s", META, shard_prompts=10, batch_size=3)
+    assert [sorted(w) for w in widths] == [sorted(lengths)[i:i + 3] for i in range(0, 10, 3)]  # peers by length
+    aset = A.ActivationSet(tmp_path / "s")
+    assert aset.rows()[0].tolist() == list(range(10))  # stored in prompt order
+    got = aset.load("resid_post", 2)
+    for i in range(10):
+        ref = _single_reference(model, prep.base_ids[i], prep.base_positions[i], ["blocks.2.hook_resid_post"])
+        assert float((got[i] - ref["blocks.2.hook_resid_post"][0]).abs().max()) < 1e-5

@@ -742,6 +742,29 @@ def test_map_diagnostics(rng):
     assert d["n"] == 100
 
 
+def test_map_diagnostics_on_a_real_map_against_numpy(rng):
+    """X ≠ Y: a fitted ridge map's diagnostics equal independent numpy/sklearn computations on x @ W + b."""
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    n, d = 150, 8
+    X = activations(n, d, rng)
+    Y = X @ rotation(d, rng) * 0.7 + 0.5 * rng.standard_normal((n, d)) + 2.0
+    m = make_map("ridge").fit(X[:100], Y[:100])
+    Xv, Yv = X[100:], Y[100:]
+    pred = Xv @ np.asarray(m.W_, dtype=np.float64) + np.asarray(m.b_, dtype=np.float64)
+    d_ = map_diagnostics(m, Xv, Yv)
+    assert d_["n"] == 50
+    assert d_["mse"] == pytest.approx(mean_squared_error(Yv, pred), rel=1e-9)
+    assert d_["r2"] == pytest.approx(r2_score(Yv, pred, multioutput="variance_weighted"), rel=1e-9)
+    pc, yc = centred(pred), centred(Yv)
+    cka_ref = np.linalg.norm(yc.T @ pc) ** 2 / (np.linalg.norm(pc.T @ pc) * np.linalg.norm(yc.T @ yc))
+    assert d_["cka"] == pytest.approx(cka_ref, rel=1e-9)
+    cos = (pred * Yv).sum(1) / (np.linalg.norm(pred, axis=1) * np.linalg.norm(Yv, axis=1))
+    assert d_["mean_cosine"] == pytest.approx(cos.mean(), rel=1e-9)
+    # not a degenerate case: the values are away from their X→X limits
+    assert d_["mse"] > 0.05 and 0.3 < d_["r2"] < 0.99 and d_["cka"] < 0.999
+
+
 def test_input_errors(rng):
     X = rng.standard_normal((30, 4))
     Y = rng.standard_normal((30, 4))

@@ -48,11 +48,44 @@ def test_different_tokenizer_relation(toys, tmp_path):
 
     a = AutoTokenizer.from_pretrained(toys["toy-lowrank"].base)
     vocab = a.get_vocab()
-    # a tokenizer whose ids are permuted is "different" even with the same token strings
-    b = AutoTokenizer.from_pretrained(toys["toy-lowrank"].tuned)
+    b = AutoTokenizer.from_pretrained(toys["toy-lowrank"].tuned)  # the base vocabulary plus new tokens
     assert models.tokenizer_relation(a, b)[0] == "extends"
     assert models.tokenizer_relation(b, a)[0] == "different"  # tuned smaller than base
     assert models.tokenizer_relation(a, a) == ("identical", len(vocab))
+
+
+def _permuted_tokenizer(tok, seed=0):
+    """The same tokenizer with the ids of its ordinary (non-added) tokens shuffled: same strings, same merges."""
+    import json
+
+    import numpy as np
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    added = {t["id"] for t in spec["added_tokens"]}
+    vocab = spec["model"]["vocab"]
+    movable = sorted(i for i in vocab.values() if i not in added)
+    perm = dict(zip(movable, np.random.default_rng(seed).permutation(movable).tolist(), strict=True))
+    spec["model"]["vocab"] = {t: perm.get(i, i) for t, i in vocab.items()}
+    new = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                  bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.pad_token)
+    return new, sum(1 for i in movable if perm[i] == i) + len(added & set(vocab.values()))
+
+
+def test_permuted_vocabulary_is_different(toys):
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(toys["toy-lowrank"].base)
+    p, fixed = _permuted_tokenizer(a)
+    text = "what is the capital of peru ?"
+    ia, ip = a(text)["input_ids"], p(text)["input_ids"]
+    assert ia != ip and a.convert_ids_to_tokens(ia) == p.convert_ids_to_tokens(ip)  # the permutation is real
+    assert sorted(a.get_vocab()) == sorted(p.get_vocab()) and len(p) == len(a)
+    assert models.tokenizer_relation(a, p) == ("different", fixed)  # same strings, other ids: not shared
+    assert models.tokenizer_relation(p, a) == ("different", fixed)
+    assert fixed < len(a) // 10
+    assert models.tokenizer_hash(a) != models.tokenizer_hash(p)
 
 
 def test_incompatible_pair_is_refused_naming_both_values(toys, tmp_path):
@@ -116,3 +149,46 @@ def test_chat_template_string_overrides(toys):
     spec = replace(toys["toy-lowrank"], chat_template="{{ bos_token }}X{{ messages[0]['content'] }}")
     m = models.load_model(spec, "base", device="cpu")
     assert m.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>Xhi"
+
+
+def test_weights_fingerprint_sees_in_place_changes_and_is_fast(tmp_path):
+    import os
+    import time
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "tokenizer.json").write_text("{}")  # not a weight file: ignored
+    small = d / "model.safetensors"
+    small.write_bytes(b"x" * 1000)
+    fp0 = models.weights_fingerprint(str(d), "main")
+    assert sorted(fp0["files"]) == ["config.json", "model.safetensors"] and fp0["revision"] == "main"
+    st = small.stat()
+    small.write_bytes(b"x" * 500 + b"y" + b"x" * 499)  # same size, one byte, time restored
+    os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns))
+    fp1 = models.weights_fingerprint(str(d), "main")
+    assert fp1 != fp0 and models.describe_weights_change(fp0, fp1) == "model.safetensors (bytes)"
+    os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert models.describe_weights_change(fp1, models.weights_fingerprint(str(d), "main")) == \
+        "model.safetensors (modified time)"
+    assert models.describe_weights_change(fp1, models.weights_fingerprint(str(d), "v2")) == "revision 'main' -> 'v2'"
+    # a 16 GB shard (sparse): header + sampled chunks only, fast; a change in a sampled chunk is seen
+    big = d / "model-00001-of-00002.safetensors"
+    header = b'{"w":{"dtype":"F32","shape":[4000000000],"data_offsets":[0,16000000000]}}'
+    with open(big, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 16_000_000_000)
+    t = time.perf_counter()
+    fp2 = models.weights_fingerprint(str(d))
+    assert time.perf_counter() - t < 2.0
+    st = big.stat()
+    with open(big, "r+b") as f:
+        f.seek(st.st_size - 10)
+        f.write(b"z")
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert models.describe_weights_change(fp2, models.weights_fingerprint(str(d))) == \
+        "model-00001-of-00002.safetensors (bytes)"
+
+
+def test_weights_fingerprint_of_a_hub_id_not_cached():
+    assert models.weights_fingerprint("nobody/not-a-model") == {"revision": None, "files": None}

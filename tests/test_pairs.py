@@ -77,6 +77,9 @@ def test_minimal_toml_defaults(tmp_path):
     ('base = "a/b"\ntuned = "c/d"\nrevision = 5\n', "key 'revision'"),
     ('base = "a/b"\ntuned = "c/d"\nrevision = {base = "x", other = "y"}\n', "unknown entry 'other'"),
     ('base = "a/b"\ntuned = "c/d"\nmin_shared_ratio = 2\n', "key 'min_shared_ratio'"),
+    ('base = "a/b"\ntuned = "c/d"\nmax_tokens = 0\n', "key 'max_tokens' must be a whole number ≥ 1"),
+    ('base = "a/b"\ntuned = "c/d"\nmax_tokens = "512"\n', "key 'max_tokens'"),
+    ('base = "a/b"\ntuned = "c/d"\ntoo_long = "truncate"\n', "key 'too_long' must be one of error, drop"),
     ('base = "a/b"\ntuned = "c/d"\nbase = "e/f"\n', "malformed TOML"),
     ('base = "a/b\ntuned = "c/d"\n', "malformed TOML"),
 ])
@@ -86,6 +89,30 @@ def test_bad_toml_names_file_and_key(tmp_path, text, needle):
         load_pair_file(p)
     msg = str(e.value)
     assert needle in msg and str(p) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/path", "a/b", "..", ".", ".hidden", "x..y", "a\\b", "sp ace",
+                                  "compare", "x" * 101, ""])
+def test_pair_names_must_be_plain_folder_names(tmp_path, name):
+    p = write(tmp_path, f'name = {json.dumps(name)}\nbase = "a/b"\ntuned = "c/d"\n')
+    with pytest.raises(MdiffError) as e:
+        load_pair_file(p)
+    msg = str(e.value)
+    assert str(p) in msg and "key 'name'" in msg and "\n" not in msg
+
+
+def test_pair_name_from_the_file_name_is_checked_too(tmp_path):
+    with pytest.raises(MdiffError, match="the file name .*must be a plain folder name"):
+        load_pair_file(write(tmp_path, 'base = "a/b"\ntuned = "c/d"\n', name="my pair.toml"))
+    for ok in ("toy-lowrank", "Llama_3.1-8B", "a"):
+        assert load_pair_file(write(tmp_path, f'name = "{ok}"\nbase = "a/b"\ntuned = "c/d"\n')).name == ok
+
+
+def test_pairspec_refuses_unsafe_names_however_built():
+    import dataclasses
+
+    with pytest.raises(MdiffError, match="plain folder name"):
+        dataclasses.replace(BUILTIN["cultural"], name="../escape")
 
 
 def test_malformed_toml_reports_line(tmp_path):

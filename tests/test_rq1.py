@@ -127,4 +127,4 @@ def test_never_overwrites_other_settings(toys, tmp_path):
     assert (tmp_path / "toy-lowrank" / "rq1" / "metrics.csv").read_text() == first
     r = runner.invoke(app, [*base[:-2], "--bootstrap", "60", "--out", str(tmp_path), "--overwrite"])
     assert r.exit_code == 0
-    assert (tmp_path / "toy-lowrank" / "rq1.prev" / "metrics.csv").read_text() == first
+    assert (tmp_path / "toy-lowrank" / "rq1.prev-1" / "metrics.csv").read_text() == first
