@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
-	$(BIN)/python -m pip install torch==2.13.0 -e '.[dev]'
+	$(BIN)/python -m pip install torch==2.13.0 -e '.[dev,ray,slurm]'
 	touch $(STAMP)
 
 install: $(STAMP)

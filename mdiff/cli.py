@@ -531,10 +531,20 @@ def study_cmd(
     engine: EngineOpt = "fast",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
+    executor: Annotated[str, typer.Option(help="Where units run: local (here, one after another), ray (a Ray "
+                                               "cluster; pip install 'mdiff[ray]'), or slurm (submitit job arrays; "
+                                               "pip install 'mdiff[slurm]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray cluster (default: all).")] = None,
+    slurm_cluster: Annotated[str, typer.Option(help="submitit cluster: slurm, or local (local processes).")]
+    = "slurm",
+    partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
+    timeout_min: Annotated[int, typer.Option(help="SLURM time limit per unit, minutes.")] = 120,
 ):
     """The whole study on one pair: RQ1 → RQ2 (probe sites) → RQ3 (best site) → RQ4 (best attention layer) → report.
 
-    Resumable: steps already done with the same settings are kept, not redone.
+    Resumable: steps already done with the same settings are kept, not redone. The study runs as units of work
+    (`mdiff units` shows them): locally, on Ray, or on SLURM; the result folder is the only state.
     """
     _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.pairs import resolve_pair
@@ -553,14 +563,47 @@ def study_cmd(
                 out.print(f"      {json.dumps({k: v for k, v in st['settings'].items() if k != 'pair'})}",
                           highlight=False, soft_wrap=True)
         return
+    from mdiff.executors import make_executor
+
     with _progress_bar("study") as prog:
+        ex = make_executor(executor, out_dir, prog.fraction, ray_address=ray_address, num_cpus=num_cpus,
+                           slurm_cluster=slurm_cluster, timeout_min=timeout_min, partition=partition)
         rec = run_study(spec, scfg, out_dir, overwrite, say=lambda m: console.print(m, highlight=False),
-                        progress=prog.fraction)
+                        progress=prog.fraction, executor=ex, pair_ref=pair, threads=threads)
     from mdiff.report import findings, load_results
 
     for f in findings(load_results(out_dir, spec.name)):
         out.print(f"[bold]{f.rq.upper()}[/] {f.text}", highlight=False)
     out.print(f"report: {rec['report']} (and summary.md)")
+
+
+@app.command("units")
+@cli_errors
+def units_cmd(
+    pair: PairOpt = "toy-lowrank",
+    out_dir: Annotated[str, typer.Option("--out", help="Output folder of the study.")] = "results",
+    n: NOpt = None,
+    bootstrap: BootstrapOpt = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of splits, nulls and bootstrap.")] = 0,
+    batch_size: BatchOpt = 16,
+    engine: EngineOpt = "fast",
+    device: DeviceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the units as a JSON list.")] = False,
+):
+    """The study's units of work (one per step) with their keys and status: done, ready, blocked or skipped."""
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig
+    from mdiff.units import plan_units
+
+    spec = resolve_pair(pair, progress=True)
+    scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device, engine=engine)
+    units = plan_units(spec, scfg, out_dir)
+    if as_json:
+        print(json.dumps([u.to_dict() for u in units], indent=2, default=str))
+        return
+    out.print(f"[bold]units of {spec.name}[/] (out: {out_dir}/{spec.name}/)")
+    for u in units:
+        out.print(f"  {u.step}  {u.key or '-':16}  {u.status:8}  {u.why}", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("report")

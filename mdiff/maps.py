@@ -869,7 +869,7 @@ class RidgeMap(LinearMap):
         self,
         alphas: Alphas = None,
         *,
-        prior: Literal["zero", "identity"] | np.ndarray = "zero",
+        prior: Literal["zero", "identity", "matrix"] | np.ndarray = "zero",
         cv: int | None = None,
         holdout: float | int = 0.2,
         refit: bool = True,

@@ -639,8 +639,18 @@ class Patcher:
         for ci, c in enumerate(conds):
             groups[_entry(c)].append(ci)
         plans = []
+        # order within a group by content, never by memory address (id(source) differs between processes, and
+        # another order chunks rows differently: results would then differ in the last bits from run to run)
+        first_use: dict[int, int] = {}
+        for ci, c in enumerate(conds):
+            first_use.setdefault(id(c.source), ci)
+
+        def order(i: int) -> tuple:
+            k = _run_key(conds[i])
+            return (k[:3], (first_use[k[3]], *k[4:]) if k[0] == "head" else (), i)
+
         for ent in sorted(groups):
-            cis = sorted(groups[ent], key=lambda i: (_run_key(conds[i])[:3], str(_run_key(conds[i])[3:]), i))
+            cis = sorted(groups[ent], key=order)
             plans.append((ent, cis, _compile_runs([conds[i] for i in cis], cfg.n_heads, dtype, dev)))
         entry_clean = {ent: _entry_clean(ent, cfg.n_layers) for ent in groups}
         needed = sorted({v for c in conds for v in _clean_values(c)} | set(entry_clean.values()),

@@ -18,7 +18,6 @@ again). ``dry_run`` prints the plan, resolving what earlier results already dete
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,12 +47,25 @@ class StudyConfig:
     rq4_sources: tuple[str, ...] = ("raw", "mapped")
     engine: str = "fast"
 
+    def to_dict(self) -> dict[str, Any]:
+        return _norm(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                kw[f.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
 
 def _norm(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def _done(out: Path, pair: str, rq: str, settings: dict) -> bool:
+def step_done(out: Path, pair: str, rq: str, settings: dict) -> bool:
+    """True when ``OUT/<pair>/<rq>/`` holds a finished run with exactly these settings."""
     cfg = out / pair / rq / "config.json"
     if not cfg.is_file():
         return False
@@ -112,7 +124,7 @@ def _rq3_fit_positions(rq2_solver: str, fitpos, seed: int):
     return parse_positions("last", seed=seed) if rq2_solver.endswith(ROW_SEP + "decision") else fitpos
 
 
-def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
+def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path) -> list[dict]:
     """Each step's name, config (or None with the reason it cannot be resolved yet) and settings."""
     from mdiff.rq1 import RQ1Config
     from mdiff.rq2 import DEFAULT_SOLVERS, RQ2Config
@@ -125,7 +137,7 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
                    positions=parse_positions("last", seed=scfg.seed), n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
                    batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
     steps.append({"step": "rq1", "cfg": c1, "why": "every layer"})
-    rq1_ok = _done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()})
+    rq1_ok = step_done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()})
     if not rq1_ok:
         for s in ("rq2", "rq3", "rq4"):
             steps.append({"step": s, "cfg": None, "why": "sites chosen from RQ1's results"})
@@ -158,7 +170,7 @@ def _configs(spec: PairSpec, info, scfg: StudyConfig, out: Path) -> list[dict]:
                        n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
                        engine=scfg.engine)
         why4 = f"best attention layer L{attn} (largest attn_out patch KL in RQ1), control layer {ctrl}"
-    rq2_ok = _done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()})
+    rq2_ok = step_done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()})
     if not rq2_ok:
         steps.append({"step": "rq3", "cfg": None, "why": "RQ2's best site"})
     else:
@@ -182,51 +194,86 @@ def _settings(spec, step) -> dict | None:
     return None if step["cfg"] is None else {"pair": spec.name, **step["cfg"].settings()}
 
 
-def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: bool = False, dry_run: bool = False,
-              say: Callable[[str], None] | None = None,
-              progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
-    """Run (or with ``dry_run`` only plan) the study; returns the plan with each step's status."""
-    from mdiff.report import build_report
+def run_step(spec: PairSpec, step: str, cfg, out: str | Path, overwrite: bool = False,
+             progress: Callable[[str, float], None] | None = None) -> None:
+    """Run one planned step (and pin RQ2's winners right after it)."""
     from mdiff.rq1 import run_rq1
     from mdiff.rq2 import freeze_winners, run_rq2
     from mdiff.rq3 import run_rq3
     from mdiff.rq4 import run_rq4
 
+    runners = {"rq1": run_rq1, "rq2": run_rq2, "rq3": run_rq3, "rq4": run_rq4}
+    runners[step](spec, cfg, out, overwrite, progress=progress)
+    if step == "rq2":
+        freeze_winners(Path(out), spec.name)
+
+
+def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: bool = False, dry_run: bool = False,
+              say: Callable[[str], None] | None = None,
+              progress: Callable[[str, float], None] | None = None, executor=None,
+              pair_ref: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Run (or with ``dry_run`` only plan) the study; returns the plan with each step's status.
+
+    The study is a set of units (:mod:`mdiff.units`) run in waves: each wave runs every unit whose inputs are
+    done, on ``executor`` (:mod:`mdiff.executors`; default: here, in this process, one after another).
+    ``pair_ref`` is what workers resolve the pair from (default: the pair's name, or its TOML file).
+    """
+    from mdiff import units as U
+    from mdiff.report import build_report
+
     say = say or (lambda msg: None)
     out = Path(out)
     info = models.inspect_pair(spec)
-    runners = {"rq1": run_rq1, "rq2": run_rq2, "rq3": run_rq3, "rq4": run_rq4}
     record: dict[str, Any] = {"pair": spec.name, "config": dataclasses.asdict(scfg), "steps": []}
     if dry_run:
-        for st in _configs(spec, info, scfg, out):
+        for st in plan_steps(spec, info, scfg, out):
             sett = _settings(spec, st)
             status = ("skipped" if st.get("skip") else "to be resolved" if sett is None
-                      else "done" if _done(out, spec.name, st["step"], sett) else "to run")
+                      else "done" if step_done(out, spec.name, st["step"], sett) else "to run")
             record["steps"].append({"step": st["step"], "status": status, "why": st["why"], "settings": sett})
         return record
-    for name in STEPS:
-        st = next(s for s in _configs(spec, info, scfg, out) if s["step"] == name)
-        sett = _settings(spec, st)
-        entry = {"step": name, "why": st["why"], "settings": sett}
-        if st.get("skip"):
-            entry["status"] = "skipped"
-            say(f"{name}: skipped — {st['why']}")
-        elif sett is None:
-            raise MdiffError(f"study step {name} could not be planned: {st['why']} (an earlier step did not finish)")
-        elif _done(out, spec.name, name, sett):
-            entry["status"] = "already done"
-            say(f"{name}: already done ({st['why']}) — kept {out / spec.name / name}")
-        else:
-            say(f"{name}: running on {st['why']}")
-            t0 = time.perf_counter()
-            runners[name](spec, st["cfg"], out, overwrite, progress=(
-                (lambda msg, frac, n=name: progress(f"{n}: {msg}", frac)) if progress else None))
-            entry["status"] = "ran"
-            entry["seconds"] = round(time.perf_counter() - t0, 1)
-        if name == "rq2" and entry["status"] != "skipped":
-            freeze_winners(out, spec.name)
-        record["steps"].append(entry)
+    from mdiff.executors import LocalExecutor
+
+    executor = executor or LocalExecutor(progress=progress)
+    ref = pair_ref or (spec.name if spec.source in ("builtin", "toy") else spec.source)
+    entries: dict[str, dict] = {}
+    failed: list[U.UnitResult] = []
+    while True:
+        units = U.plan_units(spec, scfg, out)
+        for u in units:
+            if u.status == U.SKIPPED and u.step not in entries:
+                entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "skipped"}
+                say(f"{u.step}: skipped — {u.why}")
+            elif u.status == U.DONE and u.step not in entries:
+                entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "already done",
+                                   "unit": u.key}
+                say(f"{u.step}: already done ({u.why}) — kept {out / spec.name / u.step}")
+        ready = [u for u in units if u.status == U.READY and u.key not in {f.key for f in failed}]
+        if not ready:
+            break
+        for u in ready:
+            say(f"{u.step}: running on {u.why}")
+        tasks = [U.UnitTask(ref, scfg.to_dict(), str(out), u.step, u.key, overwrite, threads) for u in ready]
+        for u, r in zip(ready, executor.run(tasks), strict=True):
+            if r.ok:
+                entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "ran",
+                                   "seconds": r.seconds, "unit": u.key}
+            else:
+                failed.append(r)
+                entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "failed",
+                                   "unit": u.key, "error": r.error}
+        record["steps"] = [entries[s] for s in STEPS if s in entries]
         atomic_write_text(out / spec.name / "study.json", json.dumps(record, indent=2, default=str))
+    if failed:
+        f = failed[0]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise MdiffError(f"study unit {f.key} ({spec.name} {f.step}) failed: {f.error}{more}; everything else is "
+                         f"kept, rerun to retry")
+    missing = [u for u in U.plan_units(spec, scfg, out) if u.status in (U.BLOCKED, U.READY)]
+    if missing:
+        u = missing[0]
+        raise MdiffError(f"study step {u.step} could not be planned: {u.why} (an earlier step did not finish)")
+    record["steps"] = [entries[s] for s in STEPS if s in entries]
     record["report"] = str(build_report(out, spec.name))
     atomic_write_text(out / spec.name / "study.json", json.dumps(record, indent=2, default=str))
     return record

@@ -220,7 +220,7 @@ def test_default_study_recovers_the_planted_transport_and_rank(linear, tmp_path)
     assert site["beats_mean_shift"]
     s3 = json.loads((d / "rq3" / "summary.json").read_text())
     assert (s3["layer"], s3["hook"]) == (truth["layer"], "attn_out")
-    assert s3["methods"]["rrr"]["smallest_k"]["k"] == truth["rank"]
+    assert s3["methods"]["rrr"]["smallest_k"]["k_ci"] == truth["rank"]  # CI-confirmed rank: exactly the planted one
 
 
 def test_best_map_is_chosen_on_select_and_reported_on_val():

@@ -1,0 +1,143 @@
+"""Where a study's units run: here (``local``), on a Ray cluster (``ray``), or as SLURM job arrays (``slurm``).
+
+Every executor takes the ready units of one wave (:class:`mdiff.units.UnitTask`, plain data) and returns one
+:class:`mdiff.units.UnitResult` per unit, in order; the unit itself (:func:`mdiff.units.run_unit`) does the
+work and writes its results atomically into the shared result folder, which is the only state. The
+engines' own retries (Ray task retries, SLURM requeue on preemption) only save time: whatever they lose,
+the next plan finds missing and runs again.
+
+* ``local`` (default): one after another in this process (the study's progress bar works);
+* ``ray`` (extra ``mdiff[ray]``): one Ray task per unit with ``num_gpus`` from the unit, retried when a
+  worker dies; units asking for more GPUs than the cluster has are refused up front (Ray would wait forever);
+* ``slurm`` (extra ``mdiff[slurm]``): one submitit job array per wave; ``cluster="local"`` runs the same
+  jobs as local processes (tests), ``"slurm"`` submits them; a preempted job is requeued by submitit.
+"""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mdiff.errors import MdiffError
+from mdiff.units import UnitResult, UnitTask, run_unit
+
+EXECUTORS = ("local", "ray", "slurm")
+
+
+class LocalExecutor:
+    """Run units here, one after another."""
+
+    name = "local"
+
+    def __init__(self, progress: Callable[[str, float], None] | None = None):
+        self.progress = progress
+
+    def run(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:
+        return [run_unit(t, self.progress) for t in tasks]
+
+
+class RayExecutor:
+    """Run each unit as a Ray task (``address=None`` starts a local cluster of ``num_cpus`` CPUs)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, max_retries: int = 2,
+                 gpus_per_unit: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise MdiffError("--executor ray needs Ray: pip install 'mdiff[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address:
+                kw["address"] = address
+            elif num_cpus:
+                kw["num_cpus"] = num_cpus
+            ray.init(**kw)
+        self.max_retries, self.gpus_per_unit = max_retries, gpus_per_unit
+
+    def run(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:
+        ray = self.ray
+        gpus = [_gpus_of(t, self.gpus_per_unit) for t in tasks]
+        have = float(ray.cluster_resources().get("GPU", 0))
+        if any(g > have for g in gpus):
+            raise MdiffError(f"units ask for {max(gpus)} GPU(s) each but the Ray cluster has {have:g}: run on a "
+                             "cluster with GPUs, or on CPU (--device cpu)")
+        remote = ray.remote(run_unit)
+        refs = [remote.options(num_cpus=1, num_gpus=g, max_retries=self.max_retries).remote(t)
+                for t, g in zip(tasks, gpus, strict=True)]
+        out = []
+        for t, ref in zip(tasks, refs, strict=True):
+            try:
+                out.append(ray.get(ref))
+            except Exception as e:  # noqa: BLE001 - a worker lost for good: reported with the unit's key
+                out.append(UnitResult(t.key, t.step, False, 0.0, f"the Ray worker failed: {str(e).splitlines()[0]}"))
+        return out
+
+
+class SlurmExecutor:
+    """Run each wave as a submitit job array (``cluster="slurm"``; ``"local"`` for local processes)."""
+
+    name = "slurm"
+
+    def __init__(self, folder: str | Path, cluster: str = "slurm", timeout_min: int = 120,
+                 partition: str | None = None, gpus_per_unit: int | None = None, max_tries: int = 2):
+        try:
+            import submitit
+        except ImportError:
+            raise MdiffError("--executor slurm needs submitit: pip install 'mdiff[slurm]'") from None
+        self.submitit, self.folder, self.cluster = submitit, Path(folder), cluster
+        self.timeout_min, self.partition, self.gpus_per_unit, self.max_tries = (timeout_min, partition,
+                                                                                 gpus_per_unit, max_tries)
+
+    def run(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:
+        ex = self.submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=self.cluster)
+        params: dict[str, Any] = {"timeout_min": self.timeout_min, "cpus_per_task": 1}
+        g = max([_gpus_of(t, self.gpus_per_unit) for t in tasks] or [0])
+        if self.cluster == "slurm":
+            params["slurm_max_num_timeout"] = self.max_tries
+            if self.partition:
+                params["slurm_partition"] = self.partition
+            if g:
+                params["gpus_per_node"] = g
+        ex.update_parameters(**params)
+        jobs = ex.map_array(_CheckpointableUnit(), list(tasks))
+        out = []
+        for t, job in zip(tasks, jobs, strict=True):
+            try:
+                out.append(job.result())
+            except Exception as e:  # noqa: BLE001 - a job lost for good: reported with the unit's key
+                out.append(UnitResult(t.key, t.step, False, 0.0, f"the SLURM job failed: {str(e).splitlines()[-1]}"))
+        return out
+
+
+class _CheckpointableUnit:
+    """submitit calls ``checkpoint`` on preemption or timeout: the unit is simply submitted again (its
+    runner resumes from what it wrote atomically)."""
+
+    def __call__(self, task: UnitTask) -> UnitResult:
+        return run_unit(task)
+
+    def checkpoint(self, task: UnitTask):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, task)
+
+
+def _gpus_of(task: UnitTask, override: int | None) -> int:
+    if override is not None:
+        return int(override)
+    return 1 if str(task.study.get("device") or "").startswith("cuda") else 0
+
+
+def make_executor(name: str, out: str | Path, progress: Callable[[str, float], None] | None = None,
+                  ray_address: str | None = None, num_cpus: int | None = None, slurm_cluster: str = "slurm",
+                  timeout_min: int = 120, partition: str | None = None, gpus_per_unit: int | None = None):
+    """The executor called ``name`` (one of :data:`EXECUTORS`)."""
+    if name == "local":
+        return LocalExecutor(progress)
+    if name == "ray":
+        return RayExecutor(ray_address, num_cpus, gpus_per_unit=gpus_per_unit)
+    if name == "slurm":
+        return SlurmExecutor(Path(out) / "_submitit", slurm_cluster, timeout_min, partition, gpus_per_unit)
+    raise MdiffError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}")

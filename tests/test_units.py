@@ -1,0 +1,129 @@
+"""F10: the study as units of work, run here, on a local Ray cluster, or as submitit jobs: same bytes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mdiff.cli import app
+from mdiff.errors import MdiffError
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+ARGS = ["--pair", "toy-lowrank", "--n", "40", "--bootstrap", "100", "--threads", "1"]
+RQS = ("rq1", "rq2", "rq3", "rq4")
+
+
+def _study(out, *extra):
+    r = runner.invoke(app, ["study", *ARGS, "--out", str(out), *extra])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _same_results(a: Path, b: Path) -> None:
+    for rq in RQS:
+        for f in ("metrics.csv", "summary.json"):
+            x, y = (a / "toy-lowrank" / rq / f).read_bytes(), (b / "toy-lowrank" / rq / f).read_bytes()
+            assert x == y, f"{rq}/{f} differs"
+
+
+@pytest.fixture(scope="module")
+def local(toys, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    _study(out)
+    return out
+
+
+def test_plan_keys_and_status(local, tmp_path):
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig
+    from mdiff.units import BLOCKED, DONE, READY, plan_units, unit_key
+
+    spec, scfg = resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100)
+    fresh = {u.step: u for u in plan_units(spec, scfg, tmp_path)}
+    assert fresh["rq1"].status == READY and fresh["rq1"].key is not None
+    assert {fresh[s].status for s in ("rq2", "rq3", "rq4")} == {BLOCKED} and fresh["rq2"].key is None
+    done = {u.step: u for u in plan_units(spec, scfg, local)}
+    assert {u.status for u in done.values()} == {DONE}
+    assert done["rq1"].key == fresh["rq1"].key == unit_key("toy-lowrank", "rq1", done["rq1"].settings)
+    for u in done.values():  # each unit left its part, keyed by what it did
+        part = json.loads((local / "toy-lowrank" / "parts" / f"{u.key}.json").read_text())
+        assert part["step"] == u.step and part["settings"] == json.loads(json.dumps(u.settings))
+    assert unit_key("toy-lowrank", "rq1", {**done["rq1"].settings, "seed": 1}) != done["rq1"].key
+    r = runner.invoke(app, ["units", *ARGS[:-2], "--out", str(local), "--json"])
+    assert r.exit_code == 0 and [u["status"] for u in json.loads(r.output)] == ["done"] * 4, r.output
+
+
+def test_ray_study_equals_local_byte_for_byte(local, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'mdiff[ray]' (make test does)")
+    try:
+        _study(tmp_path, "--executor", "ray", "--num-cpus", "2")
+        _same_results(local, tmp_path)
+        # units asking for GPUs that a CPU-only cluster lacks are refused at once (Ray would wait forever)
+        from mdiff.executors import RayExecutor
+        from mdiff.units import UnitTask
+
+        task = UnitTask("toy-lowrank", {"device": "cuda"}, str(tmp_path), "rq1", "0" * 16)
+        with pytest.raises(MdiffError, match="GPU"):
+            RayExecutor().run([task])
+    finally:
+        ray.shutdown()
+
+
+def test_submitit_local_cluster_equals_local(local, tmp_path):
+    pytest.importorskip("submitit", reason="submitit is not installed: pip install 'mdiff[slurm]' (make test does)")
+    _study(tmp_path / "out", "--executor", "slurm", "--slurm-cluster", "local", "--timeout-min", "20")
+    _same_results(local, tmp_path / "out")
+
+
+def test_a_failing_unit_is_reported_and_nothing_else_is_lost(local, tmp_path, monkeypatch):
+    import mdiff.study as S
+
+    real = S.run_step
+
+    def broken(spec, step, *a, **k):
+        if step == "rq4":
+            raise RuntimeError("disk on fire")
+        return real(spec, step, *a, **k)
+
+    monkeypatch.setattr(S, "run_step", broken)
+    r = runner.invoke(app, ["study", *ARGS, "--out", str(tmp_path)])
+    assert r.exit_code == 2
+    line = r.output.strip().splitlines()[-1]
+    assert "unit" in line and "rq4" in line and "disk on fire" in line
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig
+    from mdiff.units import plan_units
+
+    key = next(u.key for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100), tmp_path)
+               if u.step == "rq4")
+    assert key in line
+    for rq in ("rq1", "rq2", "rq3"):  # everything else ran and is kept
+        assert (tmp_path / "toy-lowrank" / rq / "metrics.csv").is_file()
+    assert not (tmp_path / "toy-lowrank" / "rq4").exists()
+    study = json.loads((tmp_path / "toy-lowrank" / "study.json").read_text())
+    assert {s["step"]: s["status"] for s in study["steps"]}["rq4"] == "failed"
+    monkeypatch.setattr(S, "run_step", real)
+    _study(tmp_path)  # the rerun runs only what is missing
+    _same_results(local, tmp_path)
+
+
+def test_a_killed_study_resumes_to_the_same_result(local, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mdiff.cli", "study", *ARGS, "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "toy-lowrank" / "rq1" / "config.json"
+    t0 = time.time()
+    while not marker.exists() and time.time() - t0 < 300 and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # now inside a later unit
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _study(tmp_path)
+    _same_results(local, tmp_path)
