@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from mdiff import figures
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
-from mdiff.report import _CSS, RQS, _md_table, load_results
+from mdiff.report import PAGE_CSS, RQS, load_results, md_table
 
 _COL = figures._COLOURS
 
@@ -216,12 +216,12 @@ def run_compare(pairs: list[str], out: str | Path, run_missing: bool = False, st
                      + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"{fid}-plot") + "</div>")
     parts.append("<p class='meta'>Each pair's own report: " + ", ".join(
         f"<code>{html.escape(str(out / p / 'report' / 'index.html'))}</code>" for p in pairs) + "</p>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>mdiff compare</title><style>" + _CSS
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>mdiff compare</title><style>" + PAGE_CSS
             + "</style><script type='text/javascript'>" + get_plotlyjs() + "</script></head><body>"
             + "\n".join(parts) + "</body></html>")
     atomic_write_text(d / "index.html", page)
     md = [f"# mdiff compare: {' vs '.join(pairs)}", "", "## Seed 003's TL;DR, rebuilt from measured numbers", "",
-          _md_table(table), ""] + [f"- {s}" for s in sentences]
+          md_table(table), ""] + [f"- {s}" for s in sentences]
     atomic_write_text(d / "summary.md", "\n".join(md) + "\n")
     atomic_write_text(d / "tldr.csv", table.to_csv(index=False))
     atomic_write_text(d / "facts.json", json.dumps(facts, indent=2, default=_np))

@@ -131,6 +131,11 @@ class _Hook(functools.partial):
         return f"{type(self).__name__}({self.func.__name__}, {', '.join(bound)})"
 
 
+def bind(fn: Callable[..., Tensor | None], **kwargs) -> HookFn:
+    """``fn(act, hook, **kwargs)`` as a TransformerLens hook (a partial with a short repr): for hooks of your own."""
+    return _Hook(fn, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # Names, layers, heads
 # --------------------------------------------------------------------------------------------

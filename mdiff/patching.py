@@ -749,13 +749,13 @@ class Patcher:
         inp = torch.cat([torch.full((len(ids), 1), int(self.pad_id), dtype=inp.dtype), inp], dim=1)
         mask = torch.cat([torch.zeros((len(ids), 1), dtype=mask.dtype), mask], dim=1)
         store: dict[Any, Tensor] = {}
-        hooks = [(f"blocks.{L}.{_CLEAN_HOOK[h]}", H._Hook(_grab_last, store=store, key=(h, L))) for h, L in needed]
+        hooks = [(f"blocks.{L}.{_CLEAN_HOOK[h]}", H.bind(_grab_last, store=store, key=(h, L))) for h, L in needed]
         for L in kv_layers:
-            hooks.append((f"blocks.{L}.attn.hook_rot_k", H._Hook(_grab_prefix, store=store, key=("k", L))))
-            hooks.append((f"blocks.{L}.attn.hook_v", H._Hook(_grab_prefix, store=store, key=("v", L))))
+            hooks.append((f"blocks.{L}.attn.hook_rot_k", H.bind(_grab_prefix, store=store, key=("k", L))))
+            hooks.append((f"blocks.{L}.attn.hook_v", H.bind(_grab_prefix, store=store, key=("v", L))))
         if kv_layers:
-            hooks.append((f"blocks.{kv_layers[0]}.attn.hook_cos", H._Hook(_grab_last, store=store, key="cos")))
-            hooks.append((f"blocks.{kv_layers[0]}.attn.hook_sin", H._Hook(_grab_last, store=store, key="sin")))
+            hooks.append((f"blocks.{kv_layers[0]}.attn.hook_cos", H.bind(_grab_last, store=store, key="cos")))
+            hooks.append((f"blocks.{kv_layers[0]}.attn.hook_sin", H.bind(_grab_last, store=store, key="sin")))
         logits = model.run_with_hooks(inp.to(dev), attention_mask=mask.to(dev), fwd_hooks=hooks, logits_to_keep=1)
         dtype = next(model.parameters()).dtype
         pad = (1 - mask[:, :-1].to(dev)).to(dtype) * torch.finfo(dtype).min

@@ -245,14 +245,14 @@ def report_figures(res: dict[str, dict]) -> list[tuple[str, str, go.Figure]]:
 
 
 # --------------------------------------------------------------------------- writing
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;
+PAGE_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;
 padding:0 1em;color:#222}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .5em;
 text-align:left;vertical-align:top}th{background:#f4f4f4}.findings li{margin:.4em 0}.truth{background:#fff8e1;
 padding:.6em 1em;border-left:4px solid #f0b400}.mdiff-figure{margin:1.5em 0}.meta{color:#666;font-size:.85em}"""
 
 
-def _md_table(df: pd.DataFrame) -> str:
+def md_table(df: pd.DataFrame) -> str:
     if df.empty:
         return ""
     cols = [str(c) for c in df.columns]
@@ -311,9 +311,9 @@ def build_report(out: str | Path, pair: str) -> Path:
                              + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"{fid}-plot")
                              + "</div>")
         parts.append(f"<p class='meta'>files: <code>{html.escape(str(res[rq]['path']))}</code></p>")
-        md += [f"## {title}", "", _md_table(tdf), ""]
+        md += [f"## {title}", "", md_table(tdf), ""]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>mdiff study: " + html.escape(pair)
-            + "</title><style>" + _CSS + "</style><script type='text/javascript'>" + get_plotlyjs()
+            + "</title><style>" + PAGE_CSS + "</style><script type='text/javascript'>" + get_plotlyjs()
             + "</script></head><body>" + "\n".join(parts) + "</body></html>")
     atomic_write_text(d / "index.html", page)
     atomic_write_text(d / "summary.md", "\n".join(md))
