@@ -318,9 +318,7 @@ def prepare_pair_prompts(spec, info, positions, split: str | None, split_seed: i
     """Load the pair's prompt set, keep one split, tokenize for both models and align positions."""
     from mdiff import align, data, models
 
-    if spec.prompts is None:
-        raise MdiffError(f"pair {spec.name!r} has no prompt set: add prompts = \"file.jsonl\" to the pair file")
-    prompts = data.select_split(data.load_prompts(spec.prompts), split, split_seed)
+    prompts = data.select_split(data.pair_prompts(spec), split, split_seed)
     if n is not None:
         if n < 1:
             raise MdiffError(f"--n must be ≥ 1, got {n}")

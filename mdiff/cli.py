@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 
 from mdiff.errors import MdiffError
+from mdiff.options import PromptsFileOpt
+from mdiff.pairs import with_prompts
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -88,6 +90,40 @@ def pairs_cmd(
     out.print(t)
 
 
+@app.command("prompts")
+@cli_errors
+def prompts_cmd(
+    pair: PairOpt = "cultural",
+    dataset_dir: Annotated[str | None, typer.Option(help="A local copy of the pair's dataset (same schema as on the "
+                                                         "hub), e.g. from `hf download ... --local-dir DIR`.")] = None,
+    out_file: Annotated[str | None, typer.Option("--out", help="Write the JSONL here instead of the mdiff cache.")]
+    = None,
+):
+    """Materialise a pair's prompt set from its dataset source into a cached JSONL with provenance."""
+    from mdiff import data
+    from mdiff.pairs import resolve_pair
+
+    spec = resolve_pair(pair, build=False)
+    if spec.prompt_source is None:
+        where = spec.prompts or "nothing"
+        raise MdiffError(f"pair {spec.name!r} names no dataset source (its prompts: {where}); use that file directly")
+    src = data.source_from_dict(spec.prompt_source, f"pair {spec.name} prompts")
+    path, prov = data.materialise_source(spec.name, src, dataset_dir, out_file)
+    origin = prov["origin"]
+    out.print(f"[bold]{spec.name}[/]: {src.dataset} (split {src.split}"
+              + (f", revision {origin['revision']}" if origin.get("revision") else "")
+              + (f", local copy {origin['local_dir']}" if origin.get("local_dir") else "")
+              + f"), fingerprint {origin.get('fingerprint')}", highlight=False, soft_wrap=True)
+    out.print(f"  read {prov['rows_read']} rows, kept {prov['kept']}", highlight=False, soft_wrap=True)
+    for why, k in prov["dropped"].items():
+        out.print(f"  dropped {k}: {why}", highlight=False, soft_wrap=True)
+    out.print(f"  categories kept: {json.dumps(prov['categories_kept'], ensure_ascii=False)}", highlight=False, soft_wrap=True)
+    if spec.min_shared_ratio > 0:
+        out.print(f"  fairness filter min_shared_ratio={spec.min_shared_ratio} is applied at run time, with both "
+                  f"tokenizers", highlight=False, soft_wrap=True)
+    out.print(f"wrote {path} (+ .provenance.json)", highlight=False, soft_wrap=True)
+
+
 @app.command("build-toys")
 @cli_errors
 def build_toys_cmd(threads: ThreadsOpt = None):
@@ -143,6 +179,7 @@ def collect_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the splits and of k=K position sampling.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 16,
     n: Annotated[int | None, typer.Option(help="Use only the first N prompts of the split.")] = None,
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -154,7 +191,7 @@ def collect_cmd(
     from mdiff.pairs import resolve_pair
     from mdiff.positions import parse_positions
 
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")
     hook_list = parse_str_list(hooks, "--hooks", COLLECT_HOOKS)
@@ -226,6 +263,7 @@ def rq1_cmd(
     batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq1/.")] = "results",
     overwrite: OverwriteOpt = False,
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -241,7 +279,7 @@ def rq1_cmd(
     check_bootstrap(bootstrap)
     if stride < 1:
         raise MdiffError(f"--stride must be ≥ 1, got {stride}")
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")[::stride]
     cfg = RQ1Config(layers=layer_list, hooks=parse_str_list(hooks, "--hooks", RQ1_HOOKS),
@@ -290,6 +328,7 @@ def rq2_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq2/.")] = "results",
     freeze: Annotated[bool, typer.Option(help="Also pin each site's winning map and α into rq2/winners.json.")] = False,
     overwrite: OverwriteOpt = False,
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -303,7 +342,7 @@ def rq2_cmd(
     from mdiff.stats import check_bootstrap
 
     check_bootstrap(bootstrap)
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     nl = info.base.n_layers
     cfg = RQ2Config(layers=parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer"),
@@ -348,6 +387,7 @@ def rq3_cmd(
     batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq3/.")] = "results",
     overwrite: OverwriteOpt = False,
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -361,7 +401,7 @@ def rq3_cmd(
     from mdiff.stats import check_bootstrap
 
     check_bootstrap(bootstrap)
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     cfg = RQ3Config(layer=layer, hook=hook, ks=parse_ks(ks, info.base.d_model),
                     methods=parse_str_list(methods, "--methods", METHODS), target=target, target_frac=target_frac,
@@ -398,6 +438,7 @@ def rq4_cmd(
     batch_size: BatchOpt = 16,
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq4/.")] = "results",
     overwrite: OverwriteOpt = False,
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -414,7 +455,7 @@ def rq4_cmd(
     check_bootstrap(bootstrap)
     if layer is not None and layers is not None:
         raise MdiffError("give --layer L or --layers L1,L2, not both")
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     nl, nh = info.base.n_layers, info.base.n_heads
     if layers is not None:
@@ -449,6 +490,7 @@ def study_cmd(
     seed: Annotated[int, typer.Option(help="Seed of splits, nulls and bootstrap.")] = 0,
     batch_size: BatchOpt = 16,
     overwrite: OverwriteOpt = False,
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -462,7 +504,7 @@ def study_cmd(
     from mdiff.study import StudyConfig, run_study
 
     check_bootstrap(bootstrap)
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device)
     if dry_run:
         rec = run_study(spec, scfg, out_dir, dry_run=True)
@@ -479,7 +521,7 @@ def study_cmd(
     from mdiff.report import findings, load_results
 
     for f in findings(load_results(out_dir, spec.name)):
-        out.print(f"[bold]{f.rq.upper()}[/] {f.text}", highlight=False)
+        out.print(f"[bold]{f.rq.upper()}[/] {f.text}", highlight=False, soft_wrap=True)
     out.print(f"report: {rec['report']} (and summary.md)")
 
 
@@ -515,7 +557,7 @@ def compare_cmd(
     names = [x.strip() for x in pairs.split(",") if x.strip()]
     names = [resolve_pair(p, build=run_missing).name for p in names]
     path = run_compare(names, out_dir, run_missing=run_missing)
-    out.print((path.parent / "summary.md").read_text(), highlight=False)
+    out.print((path.parent / "summary.md").read_text(), highlight=False, soft_wrap=True)
     out.print(f"compare report: {path}")
 
 
