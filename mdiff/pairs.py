@@ -135,6 +135,12 @@ def resolve_pair(pair: str, build: bool = True, progress: bool = False) -> PairS
         from mdiff import toy
 
         return toy.toy_pair(pair, build=build, progress=progress)
+    from mdiff.fixtures import FIXTURE_NAMES
+
+    if pair in FIXTURE_NAMES:  # Llama-3.1-shaped random pairs with the real tokenizer (needs llama-models)
+        from mdiff import fixtures
+
+        return fixtures.fixture_pair(pair, build=build, progress=progress)
     path = Path(pair).expanduser()
     if path.suffix == ".toml" or path.exists():
         return load_pair_file(path)
