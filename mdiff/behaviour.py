@@ -13,6 +13,7 @@ vocabulary has no masked score and is counted as not covered. *Unmasked* uses th
 vocabulary. Marker lists and continuations are configurable per pair (``[behaviour]`` in the pair file).
 """
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -47,26 +48,88 @@ def settings_for(behaviour: dict | None) -> dict[str, Any]:
     return s
 
 
-def _logprobs(model, seqs: list[list[int]], pad_id: int, vocab_ids=None, batch_size: int = 16) -> list[np.ndarray]:
-    """Per sequence, log p(token_t | tokens_<t) for t ≥ 1 (NaN where masked out)."""
+def _hf(model):
+    """The Hugging Face model a TransformerBridge wraps (the model itself otherwise).
+
+    Behaviour diagnostics hook nothing, so they call it directly: that is what gives them a KV cache
+    (``past_key_values``) and logits at the needed positions only (``logits_to_keep``).
+    """
+    return getattr(model, "original_model", model)
+
+
+@contextlib.contextmanager
+def _kv_cache_shim(hf):
+    """Let TransformerBridge's attention components see the HF KV cache.
+
+    transformers ≥ 5.2x hands each attention layer its cache as ``cache=``; the bridge's attention
+    components read ``past_key_values=`` (or ``layer_past=``) only, so without this shim the cache stays
+    empty and every cached step attends to nothing but itself. A forward pre-hook copies the argument
+    over for the duration of a call.
+    """
+    def pre(module, args, kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in hf.modules()
+               if hasattr(m, "_update_kv_cache")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _cache_kwarg(hf) -> str:
+    """The name of the KV-cache argument (``cache`` in transformers ≥ 5.2x, ``past_key_values`` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
+def _cache_of(res):
+    cache = getattr(res, "cache", None)
+    return cache if cache is not None else res.past_key_values
+
+
+def _positions(mask):
+    """Position ids of a left-padded batch, as TransformerBridge derives them from the attention mask."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def _restricted_logprobs(logits, vidx):
+    if vidx is None:
+        return logits.float().log_softmax(-1)
+    lp = torch.full(logits.shape, float("nan"), device=logits.device)
+    lp[..., vidx] = logits.index_select(-1, vidx).float().log_softmax(-1)
+    return lp
+
+
+def _tail_logprobs(model, seqs: list[list[int]], tails: list[int], pad_id: int, vocab_ids=None,
+                   batch_size: int = 16) -> list[np.ndarray]:
+    """Per sequence, log p(token | prefix) of its last ``tails[i]`` tokens (NaN where masked out).
+
+    Only the logits of those positions are computed: never the full ``[batch, pos, vocab]``.
+    """
+    hf = _hf(model)
     dev = next(model.parameters()).device
     out = []
     vidx = None if vocab_ids is None else torch.as_tensor(np.asarray(vocab_ids), device=dev)
     with torch.no_grad():
         for s in range(0, len(seqs), batch_size):
-            chunk = seqs[s:s + batch_size]
+            chunk, tl = seqs[s:s + batch_size], tails[s:s + batch_size]
+            if any(t < 1 or t >= len(x) for x, t in zip(chunk, tl, strict=True)):
+                raise MdiffError("a scored continuation must be non-empty and follow a non-empty prompt")
             inp, mask = pad_left(chunk, pad_id)
-            logits = model(inp.to(dev), attention_mask=mask.to(dev)).float()
-            if vidx is None:
-                lp = logits.log_softmax(-1)
-            else:
-                lp = torch.full_like(logits, float("nan"))
-                lp[..., vidx] = logits.index_select(-1, vidx).log_softmax(-1)
-            width = inp.shape[1]
-            for i, x in enumerate(chunk):
-                off = width - len(x)
-                tgt = torch.tensor(x[1:], device=dev)
-                rows = lp[i, off:off + len(x) - 1]
+            inp, mask = inp.to(dev), mask.to(dev)
+            keep = max(tl) + 1  # the last position predicts nothing; the ones before predict the tail
+            logits = hf(input_ids=inp, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+                        logits_to_keep=keep).logits
+            lp = _restricted_logprobs(logits, vidx)  # [batch, keep, vocab]
+            for i, (x, t) in enumerate(zip(chunk, tl, strict=True)):
+                tgt = torch.tensor(x[len(x) - t:], device=dev)
+                rows = lp[i, keep - 1 - t:keep - 1]
                 out.append(rows.gather(-1, tgt[:, None])[:, 0].cpu().numpy().astype(np.float64))
     return out
 
@@ -78,33 +141,43 @@ def _cont_ids(tokenizer, text: str) -> list[int]:
 def _score(model, prompts_ids, conts: list[list[int]], pad_id, vocab_ids) -> np.ndarray:
     """``[n_prompts, n_conts]`` summed continuation log-probs (NaN if a token is masked out)."""
     seqs = [p + c for p in prompts_ids for c in conts]
-    lps = _logprobs(model, seqs, pad_id, vocab_ids)
-    res = np.empty((len(prompts_ids), len(conts)))
-    k = 0
-    for i, p in enumerate(prompts_ids):
-        for j in range(len(conts)):
-            res[i, j] = lps[k][len(p) - 1:].sum()
-            k += 1
-    return res
+    lps = _tail_logprobs(model, seqs, [len(c) for _ in prompts_ids for c in conts], pad_id, vocab_ids)
+    return np.array([x.sum() for x in lps]).reshape(len(prompts_ids), len(conts))
 
 
 def greedy(model, prompts_ids, n_new: int, pad_id: int, vocab_ids=None, batch_size: int = 16) -> list[list[int]]:
-    """Greedy continuation token ids (restricted to ``vocab_ids`` when given)."""
+    """Greedy continuation token ids (restricted to ``vocab_ids`` when given), with a KV cache.
+
+    One forward over the left-padded prompts, then one token per step against the cache; logits only at
+    the last position. Never stops early at EOS (every row gets ``n_new`` tokens).
+    """
+    hf = _hf(model)
     dev = next(model.parameters()).device
     vidx = None if vocab_ids is None else torch.as_tensor(np.asarray(vocab_ids), device=dev)
     outs: list[list[int]] = []
-    with torch.no_grad():
+
+    def pick(logits):
+        last = logits[:, -1].float()
+        return vidx[last.index_select(-1, vidx).argmax(-1)] if vidx is not None else last.argmax(-1)
+
+    with torch.no_grad(), _kv_cache_shim(hf):
         for s in range(0, len(prompts_ids), batch_size):
-            cur = [list(p) for p in prompts_ids[s:s + batch_size]]
-            gen = [[] for _ in cur]
-            for _ in range(n_new):
-                inp, mask = pad_left(cur, pad_id)
-                last = model(inp.to(dev), attention_mask=mask.to(dev))[:, -1].float()
-                nxt = (vidx[last.index_select(-1, vidx).argmax(-1)] if vidx is not None else last.argmax(-1)).tolist()
-                for i, t in enumerate(nxt):
-                    cur[i].append(int(t))
-                    gen[i].append(int(t))
-            outs += gen
+            inp, mask = pad_left([list(p) for p in prompts_ids[s:s + batch_size]], pad_id)
+            inp, mask = inp.to(dev), mask.to(dev)
+            pos = _positions(mask)
+            res = hf(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            gen = []
+            for step in range(n_new):
+                nxt = pick(res.logits)
+                gen.append(nxt)
+                if step == n_new - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                pos = pos[:, -1:] + 1
+                res = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                         **{_cache_kwarg(hf): _cache_of(res)}, use_cache=True, logits_to_keep=1)
+            outs += torch.stack(gen, 1).tolist() if gen else [[] for _ in range(inp.shape[0])]
+            del res
     return outs
 
 
