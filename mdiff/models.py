@@ -198,10 +198,49 @@ def _quiet_transformers() -> None:
         pass
 
 
-def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str | None = None):
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_RESIDENT = {"now": 0, "peak": 0}
+
+
+def resident_models() -> dict[str, int]:
+    """How many models :func:`load_model` has loaded and :func:`free` not yet freed: now, and the peak."""
+    return dict(_RESIDENT)
+
+
+def reset_resident_peak() -> None:
+    _RESIDENT["peak"] = _RESIDENT["now"]
+
+
+def placement(device: str | None, device_map=None, n_devices: int | None = None) -> dict[str, Any]:
+    """TransformerBridge placement arguments: one ``device``, or a split over several GPUs.
+
+    ``device`` may name a split itself: ``auto`` / ``balanced`` / ``balanced_low_0`` / ``sequential`` (an HF
+    ``device_map``) or ``split:N`` (``n_devices=N``, TL's balanced split over N CUDA devices).
+    """
+    if device_map is None and n_devices is None and device is not None:
+        if device in DEVICE_MAPS:
+            device_map = device
+        elif device.startswith("split:"):
+            try:
+                n_devices = int(device.split(":", 1)[1])
+            except ValueError:
+                raise MdiffError(f"device {device!r}: use split:N with N a whole number of GPUs") from None
+    if n_devices is not None:
+        if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+            raise MdiffError(f"n_devices must be a whole number ≥ 1, got {n_devices!r}")
+        return {"n_devices": n_devices}
+    if device_map is not None:
+        return {"device_map": device_map}
+    return {"device": device or default_device()}
+
+
+def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str | None = None,
+               device_map=None, n_devices: int | None = None):
     """Load one side of a pair as a ``TransformerBridge`` (raw mode), in eval mode, without gradients.
 
-    The returned model carries ``model.mdiff_side`` and ``model.mdiff_ref`` for provenance.
+    ``device_map`` / ``n_devices`` (or a ``device`` naming a split, see :func:`placement`) spread a model
+    too big for one GPU over several. The returned model carries ``model.mdiff_side`` and
+    ``model.mdiff_ref`` for provenance.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -210,12 +249,12 @@ def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str
     ref = spec.base if side == "base" else spec.tuned
     revision = spec.base_revision if side == "base" else spec.tuned_revision
     _check_ref(ref, side)
-    device = device or default_device()
+    place = placement(device, device_map, n_devices)
     tdtype = _torch_dtype(dtype or spec.dtype)
     _quiet_transformers()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            model = TransformerBridge.boot_transformers(ref, device=device, dtype=tdtype, revision=revision)
+            model = TransformerBridge.boot_transformers(ref, dtype=tdtype, revision=revision, **place)
     except (OSError, ValueError) as e:
         raise _hub_error(ref, side, e) from None
     model.eval()
@@ -225,6 +264,8 @@ def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str
         model.tokenizer.chat_template = spec.chat_template
     model.mdiff_side = side
     model.mdiff_ref = ref
+    _RESIDENT["now"] += 1
+    _RESIDENT["peak"] = max(_RESIDENT["peak"], _RESIDENT["now"])
     return model
 
 
@@ -240,6 +281,9 @@ def free(model) -> None:
     """Drop a model's memory: call as ``free(model); del model`` (or let the last reference go)."""
     import torch
 
+    if getattr(model, "mdiff_side", None) is not None and not getattr(model, "mdiff_freed", False):
+        model.mdiff_freed = True
+        _RESIDENT["now"] = max(0, _RESIDENT["now"] - 1)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # TL prints "Moving model to device"
             model.to("meta")
