@@ -89,13 +89,20 @@ def _cache_kwarg(hf) -> str:
 
 def _cache_of(res):
     cache = getattr(res, "cache", None)
-    return cache if cache is not None else res.past_key_values
+    return cache if cache is not None else getattr(res, "past_key_values", None)
 
 
 def _positions(mask):
     """Position ids of a left-padded batch, as TransformerBridge derives them from the attention mask."""
     pos = mask.long().cumsum(-1) - 1
     return pos.masked_fill(mask == 0, 1)
+
+
+def _tail_logits(hf, keep: int, **kwargs):
+    """Logits of the last ``keep`` positions only, and the KV cache (the unembedding's input is made
+    contiguous by :func:`mdiff.models.load_model`: a bf16 linear on a sliced view is very slow on CPU)."""
+    res = hf(**kwargs, logits_to_keep=keep)
+    return res.logits, _cache_of(res)
 
 
 def _restricted_logprobs(logits, vidx):
@@ -124,8 +131,8 @@ def _tail_logprobs(model, seqs: list[list[int]], tails: list[int], pad_id: int, 
             inp, mask = pad_left(chunk, pad_id)
             inp, mask = inp.to(dev), mask.to(dev)
             keep = max(tl) + 1  # the last position predicts nothing; the ones before predict the tail
-            logits = hf(input_ids=inp, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
-                        logits_to_keep=keep).logits
+            logits, _ = _tail_logits(hf, keep, input_ids=inp, attention_mask=mask, position_ids=_positions(mask),
+                                     use_cache=False)
             lp = _restricted_logprobs(logits, vidx)  # [batch, keep, vocab]
             for i, (x, t) in enumerate(zip(chunk, tl, strict=True)):
                 tgt = torch.tensor(x[len(x) - t:], device=dev)
@@ -165,19 +172,19 @@ def greedy(model, prompts_ids, n_new: int, pad_id: int, vocab_ids=None, batch_si
             inp, mask = pad_left([list(p) for p in prompts_ids[s:s + batch_size]], pad_id)
             inp, mask = inp.to(dev), mask.to(dev)
             pos = _positions(mask)
-            res = hf(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            logits, cache = _tail_logits(hf, 1, input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True)
             gen = []
             for step in range(n_new):
-                nxt = pick(res.logits)
+                nxt = pick(logits)
                 gen.append(nxt)
                 if step == n_new - 1:
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 pos = pos[:, -1:] + 1
-                res = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                         **{_cache_kwarg(hf): _cache_of(res)}, use_cache=True, logits_to_keep=1)
+                logits, cache = _tail_logits(hf, 1, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                             **{_cache_kwarg(hf): cache}, use_cache=True)
             outs += torch.stack(gen, 1).tolist() if gen else [[] for _ in range(inp.shape[0])]
-            del res
+            del cache
     return outs
 
 

@@ -572,10 +572,25 @@ def bench_cmd(
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass of the naive loop.")] = 32,
     memory: Annotated[bool, typer.Option(help="Also measure each engine's peak memory in a child process.")] = True,
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    scale: Annotated[bool, typer.Option(help="Instead: RQ1 on the 8B-width Llama-3.1 fixture (default pair "
+                                             "llama31-fixture, 16 prompts), time / peak memory / disk / models "
+                                             "resident per step.")] = False,
+    out_dir: Annotated[str, typer.Option("--out", help="With --scale: output folder (RQ1 results and the "
+                                                       "scale-*.json/.md table under OUT/bench-scale/).")]
+    = "results",
     threads: ThreadsOpt = None,
 ):
     """Benchmark the patching engine against the naive loop (RQ4 head grid + RQ2 α sweep both ways)."""
     _setup(threads)
+    if scale:
+        from mdiff.scale import format_scale, run_scale, write_scale
+
+        with _progress_bar("bench --scale") as prog:
+            res = run_scale("llama31-fixture" if pair == "toy-lowrank" else pair, n=prompts or 16, out=out_dir,
+                            device=device, say=prog.fraction)
+        out.print(format_scale(res), highlight=False, soft_wrap=True)
+        out.print(f"wrote {write_scale(res, os.path.join(out_dir, 'bench-scale'))}", highlight=False)
+        return
     from mdiff.bench import format_table, run_bench
     from mdiff.pairs import resolve_pair
 
