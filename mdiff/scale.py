@@ -163,7 +163,11 @@ def run_scale(pair: str = "llama31-fixture", n: int = 16, out: str | Path = "res
         meter.step(msg, frac)
         say(msg, frac)
 
-    summary = run_rq1(spec, cfg, out, overwrite=True, progress=progress)
+    error = None
+    try:
+        summary = run_rq1(spec, cfg, out, overwrite=True, progress=progress)
+    except MdiffError as e:  # a failed check at the end (e.g. the self-patch sanity check) still leaves timings
+        summary, error = {"path": None}, str(e)
     meter.close()
     total = time.perf_counter() - t0
     wb, wt = weights_bytes(spec.base), weights_bytes(spec.tuned)
@@ -176,7 +180,8 @@ def run_scale(pair: str = "llama31-fixture", n: int = 16, out: str | Path = "res
         "weights_gib": {"base": round(wb / GIB, 2), "tuned": round(wt / GIB, 2)},
         "peak_rss_gib": peak, "rss_target_gib": round(1.5 * one / GIB + 1, 2),
         "models_resident_max": max(r["models_resident_max"] for r in meter.rows),
-        "rss_reset_per_step": meter.can_reset, "rq1_path": str(summary["path"]),
+        "rss_reset_per_step": meter.can_reset, "rq1_path": summary["path"] and str(summary["path"]),
+        "rq1_error": error,
         "matmul": matmul_speed(device if device != "auto" else "cpu"),
     }
     res["meets"] = {"one_model_resident": res["models_resident_max"] <= 1,
@@ -204,7 +209,8 @@ def format_scale(res: dict[str, Any]) -> str:
     m = res["matmul"]
     lines += ["", f"total {res['total_seconds']} s; peak RSS {res['peak_rss_gib']} GiB (target ≤ "
                   f"{res['rss_target_gib']} GiB); at most {res['models_resident_max']} model(s) resident; "
-                  f"checks: {json.dumps(res['meets'])}",
+                  f"checks: {json.dumps(res['meets'])}"
+              + (f"; RQ1 ended with an error: {res['rq1_error']}" if res.get("rq1_error") else ""),
               f"matmul {m['shape']}: bf16 {m['bfloat16'] * 1e3:.1f} ms, float32 {m['float32'] * 1e3:.1f} ms "
               f"-> {m['faster']} is faster here"]
     return "\n".join(lines)
