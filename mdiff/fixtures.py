@@ -14,9 +14,10 @@ in their place:
 * **Model**: Llama-3.1-8B's config (rope ``llama3`` scaling, θ = 500,000, 32 query / 8 KV heads, d_head 128,
   RMSNorm ε 1e-5, untied unembedding) with ``N_LAYERS`` layers and random bf16 weights.
   ``llama31-fixture`` has the full width (d_model 4096, d_ff 14,336: the benchmark); ``llama31-fixture-small``
-  keeps the tokenizer, vocabulary, heads and rope but d_model 256 (the tests).
+  keeps the tokenizer, vocabulary, heads and rope but d_model 256 (the tests); ``llama31-8b-random`` is
+  the whole 8B shape (32 layers; for the GPU script, built on the GPU when there is one).
 * **Planted change**: tuned = base + a rank-2 change to ``W_O`` of query heads 3 and 17 of the last
-  layer (one shared output subspace); the new vocabulary rows are the mean base row. Nothing else differs.
+  layer (of layer 26 in the 32-layer pair, Sherkala's depth of largest change) (one shared output subspace); the new vocabulary rows are the mean base row. Nothing else differs.
 
 Built fixtures are cached under the mdiff cache dir (like the toys), keyed by a hash of this recipe.
 """
@@ -43,7 +44,9 @@ PLANTED_SCALE = 4.0  # |ΔW_O[h]|_F relative to |W_O[h]|_F
 WIDTHS = {  # name: (d_model, d_ff, d_head)
     "llama31-fixture": (4096, 14336, 128),
     "llama31-fixture-small": (256, 512, 8),
+    "llama31-8b-random": (4096, 14336, 128),
 }
+LAYERS = {"llama31-8b-random": 32}  # the full 8B shape (16 GB a model in bf16): for a GPU machine
 FIXTURE_NAMES = tuple(WIDTHS)
 
 LLAMA31_SPECIAL = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
@@ -205,11 +208,16 @@ def llama31_config(d_model: int, d_ff: int, d_head: int, n_layers: int = N_LAYER
         initializer_range=0.02, dtype="bfloat16", architectures=["LlamaForCausalLM"])
 
 
-def _plant(model, d_head: int, seed: int) -> None:
+def planted_layer(name: str) -> int:
+    n = LAYERS.get(name, N_LAYERS)
+    return 26 if n > 26 else n - 1
+
+
+def _plant(model, d_head: int, seed: int, layer: int) -> None:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    w = model.model.layers[-1].self_attn.o_proj.weight  # [d_model, n_heads * d_head]
+    w = model.model.layers[layer].self_attn.o_proj.weight  # [d_model, n_heads * d_head]
     d_model = w.shape[0]
     A, _ = torch.linalg.qr(torch.randn(d_model, PLANTED_RANK, generator=g, dtype=torch.float32))
     with torch.no_grad():
@@ -217,7 +225,7 @@ def _plant(model, d_head: int, seed: int) -> None:
             cols = slice(h * d_head, (h + 1) * d_head)
             B, _ = torch.linalg.qr(torch.randn(d_head, PLANTED_RANK, generator=g, dtype=torch.float32))
             block = w[:, cols].float()
-            delta = A @ B.T
+            delta = (A @ B.T).to(block.device)
             delta *= PLANTED_SCALE * block.norm() / delta.norm()
             w[:, cols] = (block + delta).to(w.dtype)
 
@@ -299,13 +307,16 @@ def build_fixture(name: str, progress: bool = False) -> Path:
             ttok = extend_tokenizer(btok)
             torch.manual_seed(SEED)
             torch.set_default_dtype(torch.bfloat16)  # never materialise 8B-width fp32 weights
-            say(f"  {name}: base model (d_model {d_model}, {N_LAYERS} layers)", flush=True)
-            model = LlamaForCausalLM(llama31_config(d_model, d_ff, d_head)).to(torch.bfloat16)
+            n_layers = LAYERS.get(name, N_LAYERS)
+            say(f"  {name}: base model (d_model {d_model}, {n_layers} layers)", flush=True)
+            where = torch.device("cuda" if torch.cuda.is_available() and n_layers > N_LAYERS else "cpu")
+            with where:  # random init of 8B parameters: seconds on a GPU, minutes on a CPU
+                model = LlamaForCausalLM(llama31_config(d_model, d_ff, d_head, n_layers)).to(torch.bfloat16)
             model.generation_config.pad_token_id = 128009
             model.save_pretrained(tmp / "base", safe_serialization=True)
             btok.save_pretrained(tmp / "base")
             say(f"  {name}: tuned model (planted W_O change, vocabulary {EXTENDED_VOCAB})", flush=True)
-            _plant(model, d_head, SEED + 1)
+            _plant(model, d_head, SEED + 1, planted_layer(name))
             _extend_rows(model, EXTENDED_VOCAB)
             model.save_pretrained(tmp / "tuned", safe_serialization=True)
             ttok.save_pretrained(tmp / "tuned")
@@ -314,7 +325,8 @@ def build_fixture(name: str, progress: bool = False) -> Path:
                 for r in fixture_prompts():
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
             info = {"name": name, "recipe_key": recipe_key(), "seed": SEED, "d_model": d_model, "d_ff": d_ff,
-                    "n_layers": N_LAYERS, "seconds": round(time.perf_counter() - t0, 1), "truth": fixture_truth()}
+                    "n_layers": n_layers, "built_on": str(where), "seconds": round(time.perf_counter() - t0, 1),
+                    "truth": fixture_truth(name)}
             (tmp / "build.json").write_text(json.dumps(info, indent=2))
             os.replace(tmp, root)
         finally:
@@ -325,8 +337,8 @@ def build_fixture(name: str, progress: bool = False) -> Path:
     return root
 
 
-def fixture_truth() -> dict:
-    return {"layer": N_LAYERS - 1, "heads": list(PLANTED_HEADS), "rank": PLANTED_RANK, "component": "W_O",
+def fixture_truth(name: str = "llama31-fixture") -> dict:
+    return {"layer": planted_layer(name), "heads": list(PLANTED_HEADS), "rank": PLANTED_RANK, "component": "W_O",
             "site": "result", "note": "random weights; only W_O of the listed heads changed (plus new vocabulary "
                                       "rows, the mean base row)"}
 
@@ -342,7 +354,7 @@ def fixture_pair(name: str, build: bool = True, progress: bool = False):
     return PairSpec(
         name=name, base=str(root / "base"), tuned=str(root / "tuned"), dtype="bfloat16",
         prompts=str(root / "prompts.jsonl"), chat_template=True, min_shared_ratio=0.65,
-        description=f"Llama-3.1-8B-shaped random pair, {N_LAYERS} layers, d_model {d_model}: Llama-3 tokenizer, "
-                    f"tuned tokenizer extended to {EXTENDED_VOCAB} ids, planted W_O change",
-        truth=fixture_truth(), toy=True, source="fixture",
+        description=f"Llama-3.1-8B-shaped random pair, {LAYERS.get(name, N_LAYERS)} layers, d_model {d_model}: "
+                    f"Llama-3 tokenizer, tuned tokenizer extended to {EXTENDED_VOCAB} ids, planted W_O change",
+        truth=fixture_truth(name), toy=True, source="fixture",
         behaviour={"max_new_tokens": 8, "max_prompts": 16})
