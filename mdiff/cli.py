@@ -82,10 +82,10 @@ def pairs_cmd(
         t.add_column(col, overflow="fold")
     for r in rows:
         note = r["description"]
-        if r["kind"] == "toy":
+        if r["kind"] in ("toy", "fixture"):
             note += f"  [truth: {json.dumps(r['truth'], separators=(',', ':'))}]"
             if not r["built"]:
-                note += "  (built on first use, ~1 min)"
+                note += f"  (built on first use, {r.get('build_time', '~1 min')})"
         t.add_row(r["name"], r["base"], r["tuned"], note)
     out.print(t)
 

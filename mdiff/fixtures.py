@@ -46,6 +46,8 @@ WIDTHS = {  # name: (d_model, d_ff, d_head)
     "llama31-fixture-small": (256, 512, 8),
     "llama31-8b-random": (4096, 14336, 128),
 }
+BUILD_TIME = {"llama31-fixture": "~3 min on 2 CPU cores, 6 GB on disk", "llama31-fixture-small": "~20 s",
+              "llama31-8b-random": "a few minutes on a GPU machine, 32 GB on disk"}
 LAYERS = {"llama31-8b-random": 32}  # the full 8B shape (16 GB a model in bf16): for a GPU machine
 FIXTURE_NAMES = tuple(WIDTHS)
 

@@ -264,6 +264,13 @@ def list_pairs(build_toys: bool = False) -> list[dict[str, Any]]:
         spec = toy.toy_pair(name, build=build_toys)
         rows.append({"name": name, "base": spec.base, "tuned": spec.tuned, "dtype": spec.dtype, "kind": "toy",
                      "built": toy.is_built(name), "truth": spec.truth, "description": spec.description})
+    from mdiff import fixtures
+
+    for name in fixtures.FIXTURE_NAMES:  # Llama-3.1-shaped random pairs (need llama-models to be built)
+        spec = fixtures.fixture_pair(name, build=False)
+        rows.append({"name": name, "base": spec.base, "tuned": spec.tuned, "dtype": spec.dtype, "kind": "fixture",
+                     "built": fixtures.is_built(name), "truth": spec.truth, "description": spec.description,
+                     "build_time": fixtures.BUILD_TIME[name]})
     return rows
 
 
