@@ -17,7 +17,7 @@ def _last_logits(model, ids: list[list[int]], batch_size: int = 32):
         for s in range(0, len(ids), batch_size):
             inp, mask = data.pad_left(ids[s:s + batch_size], pad)
             dev = next(model.parameters()).device
-            logits = model(inp.to(dev), attention_mask=mask.to(dev))
+            logits = model(inp.to(dev), attention_mask=mask.to(dev), logits_to_keep=1)  # the last column only
             outs.append(logits[:, -1].float().cpu())
     return torch.cat(outs)
 
