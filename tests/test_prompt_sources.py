@@ -176,3 +176,17 @@ def test_every_rq_command_takes_prompts_file():
     for cmd in ("collect", "rq1", "rq2", "rq3", "rq4", "study"):
         r = CliRunner().invoke(app, [cmd, "--help"], terminal_width=200)
         assert "--prompts" in r.output, cmd
+
+
+@pytest.mark.slow
+def test_cli_prompts_file_overrides_the_pairs_set(toys, tmp_path):
+    rows = [{"id": f"mine-{i}", "prompt": f"the capital of {c} is"} for i, c in enumerate(["france", "peru", "chile"])]
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    r = CliRunner().invoke(app, ["collect", "--pair", "toy-lowrank", "--prompts", str(f), "--layers", "0",
+                                 "--split", "all", "--side", "base", "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    (mf,) = (tmp_path / "o" / "toy-lowrank" / "activations").glob("base-*/manifest.json")
+    assert json.loads(mf.read_text())["settings"]["prompt_ids"] == ["mine-0", "mine-1", "mine-2"]
+    r = CliRunner().invoke(app, ["rq1", "--pair", "toy-lowrank", "--prompts", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2 and "no such file" in r.output
