@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,16 +200,19 @@ def _quiet_transformers() -> None:
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-_RESIDENT = {"now": 0, "peak": 0}
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()  # models loaded, not freed and still referenced
+_RESIDENT = {"peak": 0}
 
 
 def resident_models() -> dict[str, int]:
-    """How many models :func:`load_model` has loaded and :func:`free` not yet freed: now, and the peak."""
-    return dict(_RESIDENT)
+    """Models :func:`load_model` loaded that are neither freed nor garbage: now, and the peak since the last reset."""
+    now = len(_LIVE)
+    _RESIDENT["peak"] = max(_RESIDENT["peak"], now)
+    return {"now": now, "peak": _RESIDENT["peak"]}
 
 
 def reset_resident_peak() -> None:
-    _RESIDENT["peak"] = _RESIDENT["now"]
+    _RESIDENT["peak"] = len(_LIVE)
 
 
 def placement(device: str | None, device_map=None, n_devices: int | None = None) -> dict[str, Any]:
@@ -283,8 +287,8 @@ def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str
     _contiguous_unembedding(model)
     model.mdiff_side = side
     model.mdiff_ref = ref
-    _RESIDENT["now"] += 1
-    _RESIDENT["peak"] = max(_RESIDENT["peak"], _RESIDENT["now"])
+    _LIVE.add(model)
+    _RESIDENT["peak"] = max(_RESIDENT["peak"], len(_LIVE))
     return model
 
 
@@ -300,9 +304,7 @@ def free(model) -> None:
     """Drop a model's memory: call as ``free(model); del model`` (or let the last reference go)."""
     import torch
 
-    if getattr(model, "mdiff_side", None) is not None and not getattr(model, "mdiff_freed", False):
-        model.mdiff_freed = True
-        _RESIDENT["now"] = max(0, _RESIDENT["now"] - 1)
+    _LIVE.discard(model)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # TL prints "Moving model to device"
             model.to("meta")

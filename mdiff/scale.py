@@ -105,6 +105,12 @@ class StepMeter:
         self.t0 = time.perf_counter()
         self.cuda = device.startswith("cuda")
         self.can_reset = _reset_hwm()
+        import gc
+
+        from mdiff import models
+
+        gc.collect()
+        self.baseline = models.resident_models()["now"]  # models some caller already holds: not this run's
         self._start()
 
     def _start(self) -> None:
@@ -129,7 +135,7 @@ class StepMeter:
             row = {"step": self.name, "seconds": round(time.perf_counter() - self.t, 2),
                    "peak_rss_gib": round((_vm_hwm() or 0) / GIB, 2), "rss_after_gib": round((_rss() or 0) / GIB, 2),
                    "disk_mib": round(_du(self.out_dir) / 2 ** 20, 1),
-                   "models_resident_max": models.resident_models()["peak"]}
+                   "models_resident_max": models.resident_models()["peak"] - self.baseline}
             if self.cuda:
                 import torch
 
