@@ -113,16 +113,17 @@ def _restricted_logprobs(logits, vidx):
     return lp
 
 
-def _tail_logprobs(model, seqs: list[list[int]], tails: list[int], pad_id: int, vocab_ids=None,
-                   batch_size: int = 16) -> list[np.ndarray]:
-    """Per sequence, log p(token | prefix) of its last ``tails[i]`` tokens (NaN where masked out).
+def _tail_logprobs_multi(model, seqs: list[list[int]], tails: list[int], pad_id: int, vocabs: list,
+                         batch_size: int = 16) -> list[list[np.ndarray]]:
+    """Per vocabulary in ``vocabs`` (``None``: the full one) and per sequence, log p(token | prefix) of its
+    last ``tails[i]`` tokens (NaN where masked out), from one forward pass per batch.
 
     Only the logits of those positions are computed: never the full ``[batch, pos, vocab]``.
     """
     hf = _hf(model)
     dev = next(model.parameters()).device
-    out = []
-    vidx = None if vocab_ids is None else torch.as_tensor(np.asarray(vocab_ids), device=dev)
+    outs: list[list[np.ndarray]] = [[] for _ in vocabs]
+    vidxs = [None if v is None else torch.as_tensor(np.asarray(v), device=dev) for v in vocabs]
     with torch.no_grad():
         for s in range(0, len(seqs), batch_size):
             chunk, tl = seqs[s:s + batch_size], tails[s:s + batch_size]
@@ -133,23 +134,35 @@ def _tail_logprobs(model, seqs: list[list[int]], tails: list[int], pad_id: int, 
             keep = max(tl) + 1  # the last position predicts nothing; the ones before predict the tail
             logits, _ = _tail_logits(hf, keep, input_ids=inp, attention_mask=mask, position_ids=_positions(mask),
                                      use_cache=False)
-            lp = _restricted_logprobs(logits, vidx)  # [batch, keep, vocab]
-            for i, (x, t) in enumerate(zip(chunk, tl, strict=True)):
-                tgt = torch.tensor(x[len(x) - t:], device=dev)
-                rows = lp[i, keep - 1 - t:keep - 1]
-                out.append(rows.gather(-1, tgt[:, None])[:, 0].cpu().numpy().astype(np.float64))
-    return out
+            for out, vidx in zip(outs, vidxs, strict=True):
+                lp = _restricted_logprobs(logits, vidx)  # [batch, keep, vocab]
+                for i, (x, t) in enumerate(zip(chunk, tl, strict=True)):
+                    tgt = torch.tensor(x[len(x) - t:], device=dev)
+                    rows = lp[i, keep - 1 - t:keep - 1]
+                    out.append(rows.gather(-1, tgt[:, None])[:, 0].cpu().numpy().astype(np.float64))
+    return outs
+
+
+def _tail_logprobs(model, seqs: list[list[int]], tails: list[int], pad_id: int, vocab_ids=None,
+                   batch_size: int = 16) -> list[np.ndarray]:
+    """:func:`_tail_logprobs_multi` for one vocabulary."""
+    return _tail_logprobs_multi(model, seqs, tails, pad_id, [vocab_ids], batch_size)[0]
 
 
 def _cont_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _score_multi(model, prompts_ids, conts: list[list[int]], pad_id, vocabs: list) -> list[np.ndarray]:
+    """Per vocabulary, ``[n_prompts, n_conts]`` summed continuation log-probs (NaN if a token is masked out)."""
+    seqs = [p + c for p in prompts_ids for c in conts]
+    lps = _tail_logprobs_multi(model, seqs, [len(c) for _ in prompts_ids for c in conts], pad_id, vocabs)
+    return [np.array([x.sum() for x in lp]).reshape(len(prompts_ids), len(conts)) for lp in lps]
+
+
 def _score(model, prompts_ids, conts: list[list[int]], pad_id, vocab_ids) -> np.ndarray:
     """``[n_prompts, n_conts]`` summed continuation log-probs (NaN if a token is masked out)."""
-    seqs = [p + c for p in prompts_ids for c in conts]
-    lps = _tail_logprobs(model, seqs, [len(c) for _ in prompts_ids for c in conts], pad_id, vocab_ids)
-    return np.array([x.sum() for x in lps]).reshape(len(prompts_ids), len(conts))
+    return _score_multi(model, prompts_ids, conts, pad_id, [vocab_ids])[0]
 
 
 def greedy(model, prompts_ids, n_new: int, pad_id: int, vocab_ids=None, batch_size: int = 16) -> list[list[int]]:
@@ -196,12 +209,21 @@ def diagnostics(model, tokenizer, side: str, prompts, prompt_ids: list[list[int]
     shared_set = set(np.asarray(shared_ids).tolist())
     refusal = [_cont_ids(tokenizer, t) for t in settings["refusal"]]
     neutral = [_cont_ids(tokenizer, t) for t in settings["neutral"]]
+    vocabs = [None, shared_ids]  # unmasked, masked: one forward pass scores both
+    r_both = _score_multi(model, prompt_ids, refusal, pad_id, vocabs)
+    u_both = _score_multi(model, prompt_ids, neutral, pad_id, vocabs)
+    items = []  # multiple-choice prompts: (prompt, token ids, choice token ids), all scored in one call
+    for p, ids in zip(prompts, prompt_ids, strict=True):
+        if p.choices and p.answer is not None and str(p.answer) in p.choices:
+            items.append((p, ids, [_cont_ids(tokenizer, " " + c) for c in p.choices]))
+    seqs = [ids + c for _, ids, conts in items for c in conts]
+    mc_both = _tail_logprobs_multi(model, seqs, [len(c) for _, _, conts in items for c in conts], pad_id, vocabs) \
+        if seqs else [[], []]
     rows = []
-    for masked in (False, True):
-        vocab = shared_ids if masked else None
+    for k, masked in enumerate((False, True)):
+        vocab = vocabs[k]
         cond = f"{side}:{'masked' if masked else 'unmasked'}"
-        r = _score(model, prompt_ids, refusal, pad_id, vocab)
-        u = _score(model, prompt_ids, neutral, pad_id, vocab)
+        r, u = r_both[k], u_both[k]
         with np.errstate(invalid="ignore"):
             soft = np.nanmax(np.where(np.isnan(r), -np.inf, r), 1) - np.nanmax(np.where(np.isnan(u), -np.inf, u), 1)
         soft = soft[np.isfinite(soft)]
@@ -213,14 +235,12 @@ def diagnostics(model, tokenizer, side: str, prompts, prompt_ids: list[list[int]
             hits = sum(text.count(mk.lower()) for mk in settings["markers"])
             per100.append(100.0 * hits / max(1, len(g)))
         rows.append({"metric": "style_markers_per_100", "condition": cond, "values": np.array(per100)})
-        deltas = []
-        for p, ids in zip(prompts, prompt_ids, strict=True):
-            if not p.choices or p.answer is None or str(p.answer) not in p.choices:
-                continue
-            conts = [_cont_ids(tokenizer, " " + c) for c in p.choices]
+        deltas, at = [], 0
+        for p, _, conts in items:
+            lps, at = mc_both[k][at:at + len(conts)], at + len(conts)
             if masked and any(t not in shared_set for c in conts for t in c):
                 continue
-            sc = _score(model, [ids], conts, pad_id, vocab)[0] / np.array([max(1, len(c)) for c in conts])
+            sc = np.array([x.sum() for x in lps]) / np.array([max(1, len(c)) for c in conts])
             j = p.choices.index(str(p.answer))
             deltas.append(sc[j] - np.delete(sc, j).mean())
         rows.append({"metric": "mc_delta_logp_per_token", "condition": cond, "values": np.array(deltas)})
