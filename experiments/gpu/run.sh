@@ -10,6 +10,9 @@
 #   4. `mdiff study` with small n on the fixture, then on the 32-layer pair (each under a time cap).
 # Results go to experiments/benchmarks/gpu-<time>/ (never overwritten): log.txt, *.md / *.json, study folders.
 # This script has not been run by its author (no GPU was at hand); the first run on a GPU is its test.
+# Known at the time of writing (CPU): at d_model 4096 in bf16 the fast patching engine's self-patch KL at the last
+# layer is ~3e-5, above RQ1's 1e-6 sanity tolerance, so RQ1 (and the study) stop at that final check on the
+# 8B-width pairs; bench --scale still records every step's cost and the error.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STAMP=$(date +%Y%m%d-%H%M%S)
