@@ -218,6 +218,24 @@ def _rows_positions(lengths: list[int], width: int, positions: list[list[int]]) 
     return torch.tensor(rows, dtype=torch.long), (None if len(ks) == 1 else valid)
 
 
+def _stop_when_all_captured(capture, store: dict, n_names: int):
+    """Wrap a capture hook: once every requested activation is in ``store``, end the forward pass.
+
+    Raises TransformerBridge's own ``StopAtLayerException``, which its forward catches (as for
+    ``stop_at_layer``, but also when the last needed hook sits in the last block, where ``stop_at_layer``
+    would still run the final norm and the full ``[batch, pos, vocab]`` unembedding).
+    """
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    def hook(tensor, hook):
+        out = capture(tensor, hook=hook)
+        if len(store) >= n_names:
+            raise StopAtLayerException(tensor)
+        return out
+
+    return hook
+
+
 def gather_batch(model, ids: list[list[int]], positions: list[list[int]], names: list[str],
                  pad_id: int, stop_at_layer: int | None = None) -> dict[str, Tensor]:
     """Run ``model`` on a left-padded batch and return each hook's activation at the given positions.
@@ -230,10 +248,16 @@ def gather_batch(model, ids: list[list[int]], positions: list[list[int]], names:
     pos, valid = _rows_positions([len(x) for x in ids], width, positions)
     dev = next(model.parameters()).device
     store: dict[str, Tensor] = {}
-    fwd = [(n, H.capture_hook(store, n, positions=pos.to(dev), device="cpu")) for n in names]
+    fwd = [(n, _stop_when_all_captured(H.capture_hook(store, n, positions=pos.to(dev), device="cpu"), store,
+                                       len(set(names))))
+           for n in names]
     with torch.no_grad():
+        # the forward stops right after the last hook it needs: never the later blocks, never the unembedding
         model.run_with_hooks(inp.to(dev), attention_mask=mask.to(dev), fwd_hooks=fwd, return_type=None,
                              stop_at_layer=stop_at_layer)
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise MdiffError(f"the forward pass never reached hook {missing[0]!r} (stop_at_layer={stop_at_layer})")
     out = {}
     for n in names:
         a = store[n]
@@ -471,9 +495,7 @@ def prepare_pair_prompts(spec, info, positions, split: str | None, split_seed: i
     """Load the pair's prompt set, keep one split, tokenize for both models and align positions."""
     from mdiff import align, data, models
 
-    if spec.prompts is None:
-        raise MdiffError(f"pair {spec.name!r} has no prompt set: add prompts = \"file.jsonl\" to the pair file")
-    prompts = data.select_split(data.load_prompts(spec.prompts), split, split_seed)
+    prompts = data.select_split(data.pair_prompts(spec), split, split_seed)
     if n is not None:
         if n < 1:
             raise MdiffError(f"--n must be ≥ 1, got {n}")

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 
 from mdiff.errors import MdiffError
+from mdiff.options import PromptsFileOpt
+from mdiff.pairs import with_prompts
 from mdiff.positions import DEFAULT_FIT_POSITIONS
 
 app = typer.Typer(
@@ -136,12 +138,46 @@ def pairs_cmd(
         t.add_column(col, overflow="fold")
     for r in rows:
         note = r["description"]
-        if r["kind"] == "toy":
+        if r["kind"] in ("toy", "fixture"):
             note += f"  [truth: {json.dumps(r['truth'], separators=(',', ':'))}]"
             if not r["built"]:
-                note += "  (built on first use, ~1 min)"
+                note += f"  (built on first use, {r.get('build_time', '~1 min')})"
         t.add_row(r["name"], r["base"], r["tuned"], note)
     out.print(t)
+
+
+@app.command("prompts")
+@cli_errors
+def prompts_cmd(
+    pair: PairOpt = "cultural",
+    dataset_dir: Annotated[str | None, typer.Option(help="A local copy of the pair's dataset (same schema as on the "
+                                                         "hub), e.g. from `hf download ... --local-dir DIR`.")] = None,
+    out_file: Annotated[str | None, typer.Option("--out", help="Write the JSONL here instead of the mdiff cache.")]
+    = None,
+):
+    """Materialise a pair's prompt set from its dataset source into a cached JSONL with provenance."""
+    from mdiff import data
+    from mdiff.pairs import resolve_pair
+
+    spec = resolve_pair(pair, build=False)
+    if spec.prompt_source is None:
+        where = spec.prompts or "nothing"
+        raise MdiffError(f"pair {spec.name!r} names no dataset source (its prompts: {where}); use that file directly")
+    src = data.source_from_dict(spec.prompt_source, f"pair {spec.name} prompts")
+    path, prov = data.materialise_source(spec.name, src, dataset_dir, out_file)
+    origin = prov["origin"]
+    out.print(f"[bold]{spec.name}[/]: {src.dataset} (split {src.split}"
+              + (f", revision {origin['revision']}" if origin.get("revision") else "")
+              + (f", local copy {origin['local_dir']}" if origin.get("local_dir") else "")
+              + f"), fingerprint {origin.get('fingerprint')}", highlight=False, soft_wrap=True)
+    out.print(f"  read {prov['rows_read']} rows, kept {prov['kept']}", highlight=False, soft_wrap=True)
+    for why, k in prov["dropped"].items():
+        out.print(f"  dropped {k}: {why}", highlight=False, soft_wrap=True)
+    out.print(f"  categories kept: {json.dumps(prov['categories_kept'], ensure_ascii=False)}", highlight=False, soft_wrap=True)
+    if spec.min_shared_ratio > 0:
+        out.print(f"  fairness filter min_shared_ratio={spec.min_shared_ratio} is applied at run time, with both "
+                  f"tokenizers", highlight=False, soft_wrap=True)
+    out.print(f"wrote {path} (+ .provenance.json)", highlight=False, soft_wrap=True)
 
 
 @app.command("build-toys")
@@ -201,6 +237,7 @@ def collect_cmd(
     n: Annotated[int | None, typer.Option(help="Use only the first N prompts of the split.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Collect anew where the folder holds a collection with other "
                                                  "settings or of other weights.")] = False,
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -212,7 +249,7 @@ def collect_cmd(
     from mdiff.pairs import resolve_pair
     from mdiff.positions import parse_positions
 
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")
     hook_list = parse_str_list(hooks, "--hooks", COLLECT_HOOKS)
@@ -287,6 +324,7 @@ def rq1_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq1/.")] = "results",
     overwrite: OverwriteOpt = False,
     engine: EngineOpt = "fast",
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -302,7 +340,7 @@ def rq1_cmd(
     check_bootstrap(bootstrap)
     if stride < 1:
         raise MdiffError(f"--stride must be ≥ 1, got {stride}")
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")[::stride]
     cfg = RQ1Config(layers=layer_list, hooks=parse_str_list(hooks, "--hooks", RQ1_HOOKS),
@@ -357,6 +395,7 @@ def rq2_cmd(
     freeze: Annotated[bool, typer.Option(help="Also pin each site's winning map and α into rq2/winners.json.")] = False,
     overwrite: OverwriteOpt = False,
     engine: EngineOpt = "fast",
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -370,7 +409,7 @@ def rq2_cmd(
     from mdiff.stats import check_bootstrap
 
     check_bootstrap(bootstrap)
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     nl = info.base.n_layers
     parse_int_list(str(control_layer), "--control-layer", 0, nl - 1, what="layer")
@@ -419,6 +458,7 @@ def rq3_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq3/.")] = "results",
     overwrite: OverwriteOpt = False,
     engine: EngineOpt = "fast",
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -432,7 +472,7 @@ def rq3_cmd(
     from mdiff.stats import check_bootstrap
 
     check_bootstrap(bootstrap)
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     from mdiff.options import parse_int_list
 
@@ -476,6 +516,7 @@ def rq4_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq4/.")] = "results",
     overwrite: OverwriteOpt = False,
     engine: EngineOpt = "fast",
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ):
@@ -492,7 +533,7 @@ def rq4_cmd(
     check_bootstrap(bootstrap)
     if layer is not None and layers is not None:
         raise MdiffError("give --layer L or --layers L1,L2, not both")
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     info = inspect_pair(spec)
     nl, nh = info.base.n_layers, info.base.n_heads
     parse_int_list(str(control_layer), "--control-layer", 0, nl - 1, what="layer")
@@ -529,6 +570,7 @@ def study_cmd(
     batch_size: BatchOpt = 16,
     overwrite: OverwriteOpt = False,
     engine: EngineOpt = "fast",
+    prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     executor: Annotated[str, typer.Option(help="Where units run: local (here, one after another), ray (a Ray "
@@ -552,7 +594,7 @@ def study_cmd(
     from mdiff.study import StudyConfig, run_study
 
     check_bootstrap(bootstrap)
-    spec = resolve_pair(pair, progress=True)
+    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
     scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device, engine=engine)
     if dry_run:
         rec = run_study(spec, scfg, out_dir, dry_run=True)
@@ -573,7 +615,7 @@ def study_cmd(
     from mdiff.report import findings, load_results
 
     for f in findings(load_results(out_dir, spec.name)):
-        out.print(f"[bold]{f.rq.upper()}[/] {f.text}", highlight=False)
+        out.print(f"[bold]{f.rq.upper()}[/] {f.text}", highlight=False, soft_wrap=True)
     out.print(f"report: {rec['report']} (and summary.md)")
 
 
@@ -638,7 +680,7 @@ def compare_cmd(
     names = [x.strip() for x in pairs.split(",") if x.strip()]
     names = [resolve_pair(p, build=run_missing).name for p in names]
     path = run_compare(names, out_dir, run_missing=run_missing)
-    out.print((path.parent / "summary.md").read_text(), highlight=False)
+    out.print((path.parent / "summary.md").read_text(), highlight=False, soft_wrap=True)
     out.print(f"compare report: {path}")
 
 
@@ -653,10 +695,25 @@ def bench_cmd(
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass of the naive loop.")] = 32,
     memory: Annotated[bool, typer.Option(help="Also measure each engine's peak memory in a child process.")] = True,
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    scale: Annotated[bool, typer.Option(help="Instead: RQ1 on the 8B-width Llama-3.1 fixture (default pair "
+                                             "llama31-fixture, 16 prompts), time / peak memory / disk / models "
+                                             "resident per step.")] = False,
+    out_dir: Annotated[str, typer.Option("--out", help="With --scale: output folder (RQ1 results and the "
+                                                       "scale-*.json/.md table under OUT/bench-scale/).")]
+    = "results",
     threads: ThreadsOpt = None,
 ):
     """Benchmark the patching engine against the naive loop (RQ4 head grid + RQ2 α sweep both ways)."""
     _setup(threads, batch_size=batch_size, device=device)
+    if scale:
+        from mdiff.scale import format_scale, run_scale, write_scale
+
+        with _progress_bar("bench --scale") as prog:
+            res = run_scale("llama31-fixture" if pair == "toy-lowrank" else pair, n=prompts or 16, out=out_dir,
+                            device=device, say=prog.fraction)
+        out.print(format_scale(res), highlight=False, soft_wrap=True)
+        out.print(f"wrote {write_scale(res, os.path.join(out_dir, 'bench-scale'))}", highlight=False)
+        return
     from mdiff.bench import format_table, run_bench
     from mdiff.pairs import resolve_pair
 

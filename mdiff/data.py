@@ -284,3 +284,243 @@ def select_split(prompts: list[Prompt], split: str | None, seed: int = 0,
     if not kept:
         raise MdiffError(f"the {split!r} split is empty ({len(prompts)} prompts, seed {seed}): add prompts")
     return kept
+
+
+# --------------------------------------------------------------------------- dataset sources
+# A pair may name its prompt set as a dataset (``[prompts]`` table in a pair file, or a built-in pair's
+# ``prompt_source``) instead of a JSONL file. ``materialise_source`` reads it once (from the hub, or from a
+# local copy in the same schema), applies the category filter, and writes a cached JSONL plus a provenance
+# record (dataset, revision or fingerprint, filters, counts kept/dropped and why); every run reads that file.
+SOURCE_KEYS = {"dataset", "split", "revision", "fields", "categories", "exclude_categories", "id_prefix"}
+FIELD_KEYS = {"prompt", "id", "category", "choices", "answer"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+    """Where a prompt set comes from when it is a dataset, and how its rows become prompts."""
+
+    dataset: str
+    """Hub id (``org/name``); a local copy in the same schema is given with ``--dataset-dir``."""
+    split: str = "train"
+    revision: str | None = None
+    prompt_field: str = "prompt"
+    id_field: str | None = None
+    """Column of a stable row id; ``None``: ``<id_prefix>-<row index>``."""
+    category_field: str | None = None
+    choices_fields: tuple[str, ...] | None = None
+    """One list-valued column, or several columns each holding one choice (e.g. ``A``, ``B``, ``C``, ``D``)."""
+    answer_field: str | None = None
+    """When its value names one of ``choices_fields`` (a letter), the answer becomes that choice's text."""
+    categories: tuple[str, ...] | None = None
+    """Keep only these categories (case-insensitive); ``None`` keeps all."""
+    exclude_categories: tuple[str, ...] = ()
+    id_prefix: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "split": self.split, "revision": self.revision,
+                "fields": {"prompt": self.prompt_field, "id": self.id_field, "category": self.category_field,
+                           "choices": list(self.choices_fields) if self.choices_fields else None,
+                           "answer": self.answer_field},
+                "categories": list(self.categories) if self.categories else None,
+                "exclude_categories": list(self.exclude_categories), "id_prefix": self.id_prefix}
+
+    def key(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def source_from_dict(d: dict[str, Any], where: str = "prompts") -> DatasetSource:
+    """A :class:`DatasetSource` from a pair file's ``[prompts]`` table; errors name the key at fault."""
+    if not isinstance(d, dict):
+        raise MdiffError(f"{where}: must be a JSONL path or a table with dataset = \"org/name\"")
+    unknown = sorted(set(d) - SOURCE_KEYS)
+    if unknown:
+        raise MdiffError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(SOURCE_KEYS))})")
+    name = d.get("dataset")
+    if not isinstance(name, str) or not name.strip():
+        raise MdiffError(f"{where}: key 'dataset' (a hub id such as \"org/name\") is required")
+    for k in ("split", "revision", "id_prefix"):
+        if d.get(k) is not None and (not isinstance(d[k], str) or not d[k].strip()):
+            raise MdiffError(f"{where}: key {k!r} must be a non-empty string")
+    fields = d.get("fields", {})
+    if not isinstance(fields, dict):
+        raise MdiffError(f"{where}: key 'fields' must be a table such as {{prompt = \"question\"}}")
+    bad = sorted(set(fields) - FIELD_KEYS)
+    if bad:
+        raise MdiffError(f"{where}: fields has unknown entry {bad[0]!r} (allowed: {', '.join(sorted(FIELD_KEYS))})")
+    for k, v in fields.items():
+        ok = isinstance(v, str) and v.strip() or (k == "choices" and isinstance(v, list) and v
+                                                   and all(isinstance(x, str) and x for x in v))
+        if not ok:
+            raise MdiffError(f"{where}: fields.{k} must be a column name" + (" or a list of columns" if k == "choices"
+                                                                            else ""))
+    cats = {}
+    for k in ("categories", "exclude_categories"):
+        v = d.get(k)
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and x for x in v)):
+            raise MdiffError(f"{where}: key {k!r} must be a list of category names")
+        cats[k] = tuple(v) if v else None
+    ch = fields.get("choices")
+    return DatasetSource(
+        dataset=name.strip(), split=d.get("split", "train"), revision=d.get("revision"),
+        prompt_field=fields.get("prompt", "prompt"), id_field=fields.get("id"),
+        category_field=fields.get("category"),
+        choices_fields=(ch,) if isinstance(ch, str) else tuple(ch) if ch else None,
+        answer_field=fields.get("answer"), categories=cats["categories"],
+        exclude_categories=cats["exclude_categories"] or (), id_prefix=d.get("id_prefix"))
+
+
+def _offline_hint(src: DatasetSource, err: str) -> MdiffError:
+    return MdiffError(
+        f"could not read dataset {src.dataset!r} (split {src.split!r}): {err[:160]}; without the hub, download a "
+        f"copy elsewhere (`hf download {src.dataset} --repo-type dataset --local-dir DIR`) and pass "
+        f"--dataset-dir DIR to `mdiff prompts`")
+
+
+def _files_fingerprint(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts
+                    and not p.name.startswith(".")):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_source(src: DatasetSource, dataset_dir: str | Path | None = None) -> tuple[list[Prompt], dict[str, Any]]:
+    """Read a dataset source as prompts and a provenance record (category filter applied, reasons counted)."""
+    from collections import Counter
+
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        raise MdiffError("the 'datasets' package is needed to read a dataset prompt source") from None
+    try:
+        datasets.utils.logging.disable_progress_bar()
+    except AttributeError:  # pragma: no cover
+        pass
+    where = src.dataset
+    if dataset_dir is not None:
+        folder = Path(dataset_dir).expanduser()
+        if not folder.is_dir():
+            raise MdiffError(f"--dataset-dir {folder} is not a folder (give a local copy of {src.dataset})")
+        try:
+            ds = datasets.load_dataset(str(folder), split=src.split)
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot read it"
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise MdiffError(f"could not read the local copy of {src.dataset!r} at {folder} (split {src.split!r}): "
+                             f"{msg}") from None
+        origin = {"local_dir": str(folder.resolve()), "fingerprint": "sha256:" + _files_fingerprint(folder)}
+    else:
+        try:
+            ds = datasets.load_dataset(src.dataset, split=src.split, revision=src.revision)
+        except Exception as e:  # noqa: BLE001
+            raise _offline_hint(src, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+        origin = {"hub": src.dataset, "revision": src.revision,
+                  "fingerprint": getattr(ds, "_fingerprint", None)}
+    cols = set(ds.column_names)
+    needed = [("prompt", src.prompt_field), ("id", src.id_field), ("category", src.category_field),
+              ("answer", src.answer_field)] + [("choices", c) for c in (src.choices_fields or ())]
+    for what, col in needed:
+        if col is not None and col not in cols:
+            raise MdiffError(f"dataset {where}: no column {col!r} for fields.{what} (columns: {', '.join(sorted(cols))})")
+    if src.id_field is not None and len({str(v) for v in ds[src.id_field]}) != len(ds):
+        raise MdiffError(f"dataset {where}: column {src.id_field!r} has duplicate values; it cannot be the prompt id")
+    keep = {c.casefold() for c in src.categories} if src.categories else None
+    drop = {c.casefold() for c in src.exclude_categories}
+    prefix = src.id_prefix or src.dataset.rsplit("/", 1)[-1]
+    dropped: Counter = Counter()
+    seen_cats: Counter = Counter()
+    seen_text: set[str] = set()
+    rows: list[Prompt] = []
+    for i, ex in enumerate(ds):
+        cat = None if src.category_field is None or ex.get(src.category_field) is None else str(ex[src.category_field])
+        seen_cats[str(cat)] += 1
+        if cat is not None and cat.casefold() in drop:
+            dropped[f"category {cat} excluded"] += 1
+            continue
+        if keep is not None and (cat is None or cat.casefold() not in keep):
+            dropped["category not selected"] += 1
+            continue
+        text = ex.get(src.prompt_field)
+        if not isinstance(text, str) or not text.strip():
+            dropped["empty prompt"] += 1
+            continue
+        if text.strip() in seen_text:
+            dropped["duplicate prompt text"] += 1
+            continue
+        seen_text.add(text.strip())
+        choices = answer = None
+        if src.choices_fields:
+            if len(src.choices_fields) == 1:
+                v = ex.get(src.choices_fields[0])
+                choices = tuple(str(c) for c in v) if isinstance(v, list) else None
+            else:
+                choices = tuple(str(ex.get(c)) for c in src.choices_fields)
+        if src.answer_field is not None:
+            answer = ex.get(src.answer_field)
+            if choices and len(src.choices_fields) > 1 and str(answer) in src.choices_fields:
+                answer = choices[src.choices_fields.index(str(answer))]  # a letter names a choice column
+        rows.append(Prompt(id=str(ex[src.id_field]) if src.id_field else f"{prefix}-{i:05d}",
+                           prompt=text.strip(), category=cat, choices=choices,
+                           answer=answer if isinstance(answer, (str, int, float)) or answer is None else str(answer)))
+    if not rows:
+        raise MdiffError(f"dataset {where}: no row is kept ({dict(dropped)}); categories present: "
+                         f"{', '.join(sorted(seen_cats))}")
+    prov = {"source": src.to_dict(), "origin": origin, "rows_read": len(ds), "kept": len(rows),
+            "dropped": dict(sorted(dropped.items())), "categories_present": dict(sorted(seen_cats.items())),
+            "categories_kept": dict(sorted(Counter(str(r.category) for r in rows).items()))}
+    return rows, prov
+
+
+def prompts_cache_path(pair_name: str, src: DatasetSource) -> Path:
+    """Where a pair's dataset prompt set is materialised (under the mdiff cache dir)."""
+    from mdiff.toy import cache_root
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pair_name)
+    return cache_root() / "prompts" / f"{safe}-{src.key()}.jsonl"
+
+
+def materialise_source(pair_name: str, src: DatasetSource, dataset_dir: str | Path | None = None,
+                       out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write a dataset source once as JSONL (+ ``<file>.provenance.json``); reuse it when it is there.
+
+    An existing file made from other data (another fingerprint) is never overwritten: that is an error.
+    """
+    path = Path(out) if out is not None else prompts_cache_path(pair_name, src)
+    pfile = path.with_name(path.name + ".provenance.json")
+    if path.is_file() and pfile.is_file() and dataset_dir is None:
+        return path, json.loads(pfile.read_text(encoding="utf-8"))
+    rows, prov = read_source(src, dataset_dir)
+    prov = {"pair": pair_name, "file": str(path), **prov}
+    if path.is_file() and pfile.is_file():
+        old = json.loads(pfile.read_text(encoding="utf-8"))
+        if old.get("origin", {}).get("fingerprint") == prov["origin"]["fingerprint"]:
+            return path, old
+        raise MdiffError(f"{path} was materialised from other data (fingerprint {old.get('origin', {}).get('fingerprint')}"
+                         f"); remove it or write elsewhere with --out FILE")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import os
+
+    text = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows)
+    for target, body in ((path, text), (pfile, json.dumps(prov, indent=2, ensure_ascii=False))):
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(body, encoding="utf-8")
+        os.replace(tmp, target)
+    return path, prov
+
+
+def pair_prompts(spec) -> list[Prompt]:
+    """The prompt set of a pair: its JSONL file, else its dataset source (materialised once, then cached)."""
+    if spec.prompts is not None:
+        return load_prompts(spec.prompts)
+    src = getattr(spec, "prompt_source", None)
+    if src is None:
+        raise MdiffError(f"pair {spec.name!r} has no prompt set: add prompts = \"file.jsonl\" to the pair file "
+                         f"or pass --prompts FILE")
+    path, _ = materialise_source(spec.name, source_from_dict(src, f"pair {spec.name} prompts"))
+    return load_prompts(path)

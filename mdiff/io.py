@@ -52,6 +52,16 @@ def provenance() -> dict[str, Any]:
             "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
+def prompts_sha256(spec) -> str | None:
+    """sha256 of the pair's prompt file (``None`` without one): which prompts a run used, by content."""
+    import hashlib
+
+    p = getattr(spec, "prompts", None)
+    if not p or not Path(p).is_file():
+        return None
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
 def run_config(writer: "ResultWriter", spec, info, shared_vocab_size: int, tokenized_with: str, split_seed: int,
                splits: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
     """Every RQ's ``config.json`` (METHODS, Reporting): settings, pair, shapes, tokenization, prompts, provenance.
@@ -64,7 +74,7 @@ def run_config(writer: "ResultWriter", spec, info, shared_vocab_size: int, token
             "tokenized_with": tokenized_with, **{k: p.summary() for k, p in splits.items()},
             **{f"{k}_prompt_ids": p.prompt_ids for k, p in splits.items()}, "split_seed": split_seed,
             "kl_vocabulary": f"shared vocabulary ({shared_vocab_size} ids), renormalised", **fields,
-            "dtype": spec.dtype, "provenance": provenance()}
+            "dtype": spec.dtype, "prompts_sha256": prompts_sha256(spec), "provenance": provenance()}
 
 
 def tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:

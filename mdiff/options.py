@@ -4,7 +4,14 @@ Typer has no list separator, so every comma list goes through :func:`parse_int_l
 which option, which item, and the allowed range.
 """
 
+from typing import Annotated
+
+import typer
+
 from mdiff.errors import MdiffError
+
+PromptsFileOpt = Annotated[str | None, typer.Option(
+    "--prompts", help="JSONL prompt set to use instead of the pair's own (e.g. the file `mdiff prompts` writes).")]
 
 
 def parse_int_list(text: str, option: str, lo: int, hi: int, allow_all: bool = False,

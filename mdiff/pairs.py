@@ -8,7 +8,13 @@ A pair is given on the command line as ``--pair NAME`` (a built-in) or ``--pair 
     tuned = "../models/my-finetune"              # relative paths are relative to this file
     revision = "main"                # optional: one string for both, or {base = "...", tuned = "..."}
     dtype = "bfloat16"               # optional: float32 (default), bfloat16, float16
-    prompts = "prompts.jsonl"        # optional JSONL prompt set
+    prompts = "prompts.jsonl"        # optional JSONL prompt set, or a dataset source (a table):
+    # [prompts]
+    # dataset = "kz-transformers/kk-socio-cultural-bench-mc"   # hub id; a local copy: mdiff prompts --dataset-dir
+    # split = "train"
+    # revision = "..."               # optional: pin the dataset version
+    # fields = {prompt = "question", category = "category", choices = ["A", "B", "C", "D"], answer = "answer"}
+    # categories = ["culture", "tradition"]   # optional: keep only these (exclude_categories drops some)
     chat_template = true             # optional: true/false, or a Jinja template string
     max_tokens = 2048                # optional: longest prompt in tokens (the models' context always applies)
     too_long = "error"               # optional: a longer prompt is an error (default) or "drop"ped, counted
@@ -84,6 +90,9 @@ class PairSpec:
     too_long: str = "error"
     """A prompt over the limit: ``error`` (refuse, naming how many and the longest) or ``drop`` (skip, counted)."""
 
+    prompt_source: dict | None = None
+    """A dataset the prompt set is read from when ``prompts`` is not given (see :mod:`mdiff.data`)."""
+
     def __post_init__(self):
         check_pair_name(self.name)
 
@@ -100,6 +109,20 @@ SHERKALA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+# The prompt sets of the study (seeds 001, 003): the Kazakh socio-cultural MC bench's questions in the
+# culture / tradition / etiquette / community categories (religion excluded), used free-form with the
+# chat template and the fairness filter at 0.65; the MATH-500 problems for the maths pair.
+CULTURAL_SOURCE = {
+    "dataset": "kz-transformers/kk-socio-cultural-bench-mc", "split": "train",
+    "fields": {"prompt": "question", "category": "category", "choices": ["A", "B", "C", "D"], "answer": "answer"},
+    "categories": ["culture", "tradition", "etiquette", "community"], "exclude_categories": ["religion"],
+    "id_prefix": "kk-socio",
+}
+COGNITIVE_SOURCE = {
+    "dataset": "HuggingFaceH4/MATH-500", "split": "test",
+    "fields": {"prompt": "problem", "id": "unique_id", "category": "subject", "answer": "answer"},
+}
+
 BUILTIN: dict[str, PairSpec] = {
     "cultural": PairSpec(
         name="cultural",
@@ -108,6 +131,7 @@ BUILTIN: dict[str, PairSpec] = {
         dtype="bfloat16",
         chat_template=SHERKALA_CHAT_TEMPLATE,
         min_shared_ratio=0.65,
+        prompt_source=CULTURAL_SOURCE,
         description="Kazakh cultural fine-tune; the tuned tokenizer extends Llama-3.1's vocabulary (128,256 -> 159,766).",
     ),
     "cognitive": PairSpec(
@@ -116,6 +140,7 @@ BUILTIN: dict[str, PairSpec] = {
         tuned="nvidia/OpenMath2-Llama3.1-8B",
         dtype="bfloat16",
         chat_template=True,
+        prompt_source=COGNITIVE_SOURCE,
         description="Maths fine-tune (OpenMathInstruct-2) of Llama-3.1-8B, Llama-3.1 chat format.",
     ),
 }
@@ -139,6 +164,12 @@ def resolve_pair(pair: str, build: bool = True, progress: bool = False) -> PairS
         from mdiff import toy
 
         return toy.toy_pair(pair, build=build, progress=progress)
+    from mdiff.fixtures import FIXTURE_NAMES
+
+    if pair in FIXTURE_NAMES:  # Llama-3.1-shaped random pairs with the real tokenizer (needs llama-models)
+        from mdiff import fixtures
+
+        return fixtures.fixture_pair(pair, build=build, progress=progress)
     path = Path(pair).expanduser()
     if path.suffix == ".toml" or path.exists():
         return load_pair_file(path)
@@ -208,7 +239,14 @@ def load_pair_file(path: str | Path) -> PairSpec:
         raise MdiffError(f"{where}: key 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
     prompts = data.get("prompts")
-    if prompts is not None:
+    prompt_source = None
+    if isinstance(prompts, dict):
+        from mdiff.data import source_from_dict
+
+        prompt_source = source_from_dict(prompts, f"{where}: key 'prompts'").to_dict()
+        prompt_source["fields"] = {k: v for k, v in prompt_source["fields"].items() if v is not None}
+        prompts = None
+    elif prompts is not None:
         prompts = str((base_dir / Path(_check_str("prompts", prompts, where)).expanduser()).resolve())
 
     chat = data.get("chat_template", False)
@@ -237,7 +275,18 @@ def load_pair_file(path: str | Path) -> PairSpec:
         name=name, base=base, tuned=tuned, base_revision=base_rev, tuned_revision=tuned_rev, dtype=dtype,
         prompts=prompts, chat_template=chat, description=description, source=str(path.resolve()),
         min_shared_ratio=float(ratio), behaviour=behaviour, max_tokens=max_tokens, too_long=too_long,
+        prompt_source=prompt_source,
     )
+
+
+def with_prompts(spec: PairSpec, path: str | Path | None) -> PairSpec:
+    """``spec`` with its prompt set replaced by the JSONL file ``path`` (``--prompts FILE``); ``None``: unchanged."""
+    if path is None:
+        return spec
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MdiffError(f"--prompts {path}: no such file (give a JSONL prompt set, e.g. from `mdiff prompts`)")
+    return dataclasses.replace(spec, prompts=str(p.resolve()), prompt_source=None)
 
 
 def list_pairs(build_toys: bool = False) -> list[dict[str, Any]]:
@@ -252,6 +301,13 @@ def list_pairs(build_toys: bool = False) -> list[dict[str, Any]]:
         spec = toy.toy_pair(name, build=build_toys)
         rows.append({"name": name, "base": spec.base, "tuned": spec.tuned, "dtype": spec.dtype, "kind": "toy",
                      "built": toy.is_built(name), "truth": spec.truth, "description": spec.description})
+    from mdiff import fixtures
+
+    for name in fixtures.FIXTURE_NAMES:  # Llama-3.1-shaped random pairs (need llama-models to be built)
+        spec = fixtures.fixture_pair(name, build=False)
+        rows.append({"name": name, "base": spec.base, "tuned": spec.tuned, "dtype": spec.dtype, "kind": "fixture",
+                     "built": fixtures.is_built(name), "truth": spec.truth, "description": spec.description,
+                     "build_time": fixtures.BUILD_TIME[name]})
     return rows
 
 

@@ -241,6 +241,12 @@ def fast_support(model) -> str | None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not len(blocks):
         return "the model has no TransformerBridge 'blocks' stack"
+    # a model split over several devices (device_map / n_devices): the fast engine keeps one device
+    n_dev = int(getattr(getattr(model, "cfg", None), "n_devices", None) or 1)
+    dmap = getattr(getattr(model, "original_model", None), "hf_device_map", None) or {}
+    n_dev = max(n_dev, len({str(d) for d in dmap.values()}))
+    if n_dev > 1:
+        return f"the model is split over {n_dev} devices; the fast engine runs on one device only"
     if getattr(model, "compatibility_mode", False):
         return "compatibility mode (folded/centred weights) is not supported by the fast engine; use raw mode"
     hf_cfg = getattr(getattr(model, "original_model", None), "config", None)

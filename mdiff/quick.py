@@ -17,18 +17,16 @@ def _last_logits(model, ids: list[list[int]], batch_size: int = 32):
         for s in range(0, len(ids), batch_size):
             inp, mask = data.pad_left(ids[s:s + batch_size], pad)
             dev = next(model.parameters()).device
-            logits = model(inp.to(dev), attention_mask=mask.to(dev))
+            logits = model(inp.to(dev), attention_mask=mask.to(dev), logits_to_keep=1)  # the last column only
             outs.append(logits[:, -1].float().cpu())
     return torch.cat(outs)
 
 
 def next_token_comparison(spec: PairSpec, n: int = 32, device: str | None = None) -> dict[str, Any]:
     """KL between the base and tuned next-token distributions at the last prompt position (shared vocabulary)."""
-    if spec.prompts is None:
-        raise MdiffError(f"pair {spec.name!r} has no prompt set: add prompts = \"file.jsonl\" to the pair file")
     if n < 1:
         raise MdiffError(f"--n must be ≥ 1, got {n}")
-    prompts = data.load_prompts(spec.prompts)[:n]
+    prompts = data.pair_prompts(spec)[:n]
     info = models.inspect_pair(spec)
     base = models.load_model(spec, "base", device=device)
     btok = base.tokenizer

@@ -126,7 +126,7 @@ def _run(spec, cfg, info, out, writer, say):
     per_prompt: list[pd.DataFrame] = []
     beh_rows: list[dict] = []
     beh_settings = behaviour.settings_for(spec.behaviour) if cfg.behaviour else None
-    by_id = {p.id: p for p in data.load_prompts(spec.prompts)} if cfg.behaviour else {}
+    by_id = {p.id: p for p in data.pair_prompts(spec)} if cfg.behaviour else {}
 
     def behave(model, side):
         if not cfg.behaviour:

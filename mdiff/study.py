@@ -27,6 +27,7 @@ import pandas as pd
 from mdiff import models
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
+from mdiff.io import prompts_sha256
 from mdiff.pairs import PairSpec
 from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
 
@@ -64,15 +65,19 @@ def _norm(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def step_done(out: Path, pair: str, rq: str, settings: dict) -> bool:
-    """True when ``OUT/<pair>/<rq>/`` holds a finished run with exactly these settings."""
+def step_done(out: Path, pair: str, rq: str, settings: dict, prompts_sha256: str | None = None) -> bool:
+    """True when ``OUT/<pair>/<rq>/`` holds a finished run with exactly these settings (and, when given, on the
+    prompt set with this content hash: a study rerun with ``--prompts`` another file is not "done")."""
     cfg = out / pair / rq / "config.json"
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("settings") == _norm(settings)
+        c = json.loads(cfg.read_text())
     except ValueError:
         return False
+    if c.get("settings") != _norm(settings):
+        return False
+    return prompts_sha256 is None or c.get("prompts_sha256") in (None, prompts_sha256)
 
 
 def _summary(out: Path, pair: str, rq: str) -> dict:
@@ -137,7 +142,8 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path) -> list[dic
                    positions=parse_positions("last", seed=scfg.seed), n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
                    batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
     steps.append({"step": "rq1", "cfg": c1, "why": "every layer"})
-    rq1_ok = step_done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()})
+    psha = prompts_sha256(spec)
+    rq1_ok = step_done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()}, psha)
     if not rq1_ok:
         for s in ("rq2", "rq3", "rq4"):
             steps.append({"step": s, "cfg": None, "why": "sites chosen from RQ1's results"})
@@ -170,7 +176,7 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path) -> list[dic
                        n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
                        engine=scfg.engine)
         why4 = f"best attention layer L{attn} (largest attn_out patch KL in RQ1), control layer {ctrl}"
-    rq2_ok = step_done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()})
+    rq2_ok = step_done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()}, psha)
     if not rq2_ok:
         steps.append({"step": "rq3", "cfg": None, "why": "RQ2's best site"})
     else:
@@ -229,7 +235,7 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
         for st in plan_steps(spec, info, scfg, out):
             sett = _settings(spec, st)
             status = ("skipped" if st.get("skip") else "to be resolved" if sett is None
-                      else "done" if step_done(out, spec.name, st["step"], sett) else "to run")
+                      else "done" if step_done(out, spec.name, st["step"], sett, prompts_sha256(spec)) else "to run")
             record["steps"].append({"step": st["step"], "status": status, "why": st["why"], "settings": sett})
         return record
     from mdiff.executors import LocalExecutor
@@ -253,7 +259,8 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
             break
         for u in ready:
             say(f"{u.step}: running on {u.why}")
-        tasks = [U.UnitTask(ref, scfg.to_dict(), str(out), u.step, u.key, overwrite, threads) for u in ready]
+        tasks = [U.UnitTask(ref, scfg.to_dict(), str(out), u.step, u.key, overwrite, threads, spec.prompts)
+                 for u in ready]
         for u, r in zip(ready, executor.run(tasks), strict=True):
             if r.ok:
                 entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "ran",

@@ -27,9 +27,13 @@ DEPENDS_ON: dict[str, tuple[str, ...]] = {"rq1": (), "rq2": ("rq1",), "rq3": ("r
 DONE, READY, BLOCKED, SKIPPED = "done", "ready", "blocked", "skipped"
 
 
-def unit_key(pair: str, step: str, settings: dict[str, Any]) -> str:
-    """A stable hash of (pair, step, settings): two units with the same key do the same work."""
-    blob = json.dumps({"pair": pair, "step": step, "settings": settings}, sort_keys=True, default=str)
+def unit_key(pair: str, step: str, settings: dict[str, Any], prompts: str | None = None) -> str:
+    """A stable hash of (pair, step, settings, prompt set): two units with the same key do the same work.
+
+    ``prompts``: the prompt file's content hash (:func:`mdiff.io.prompts_sha256`).
+    """
+    blob = json.dumps({"pair": pair, "step": step, "settings": settings, **({"prompts": prompts} if prompts else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -63,6 +67,8 @@ class UnitTask:
     key: str
     overwrite: bool = False
     threads: int | None = None
+    prompts: str | None = None
+    """The prompt set the study runs on (``--prompts FILE``), when it is not the pair's own."""
 
 
 @dataclasses.dataclass
@@ -81,10 +87,12 @@ def parts_dir(out: str | Path, pair: str) -> Path:
 def plan_units(spec, scfg, out: str | Path) -> list[Unit]:
     """The study's units and their status, resolved from the results under ``out`` now."""
     from mdiff import models
+    from mdiff.io import prompts_sha256
     from mdiff.study import plan_steps, step_done
 
     out = Path(out)
     info = models.inspect_pair(spec)
+    psha = prompts_sha256(spec)
     steps = {st["step"]: st for st in plan_steps(spec, info, scfg, out)}
     gpus = 1 if str(scfg.device or "").startswith("cuda") else 0
     units: list[Unit] = []
@@ -96,12 +104,12 @@ def plan_units(spec, scfg, out: str | Path) -> list[Unit]:
             status = SKIPPED
         elif sett is None:
             status = BLOCKED
-        elif step_done(out, spec.name, step, sett):
+        elif step_done(out, spec.name, step, sett, psha):
             status = DONE
         else:
             status = READY if all(status_of.get(d) == DONE for d in DEPENDS_ON[step]) else BLOCKED
         status_of[step] = status
-        units.append(Unit(spec.name, step, None if sett is None else unit_key(spec.name, step, sett), sett,
+        units.append(Unit(spec.name, step, None if sett is None else unit_key(spec.name, step, sett, psha), sett,
                           st["why"], status, gpus))
     return units
 
@@ -125,7 +133,8 @@ def run_unit(task: UnitTask, progress=None) -> UnitResult:
 def _run(task: UnitTask, progress=None) -> None:
     from mdiff import models
     from mdiff.activations import atomic_write_text
-    from mdiff.pairs import resolve_pair
+    from mdiff.io import prompts_sha256
+    from mdiff.pairs import resolve_pair, with_prompts
     from mdiff.study import StudyConfig, plan_steps, run_step
 
     if task.threads is not None:
@@ -133,13 +142,13 @@ def _run(task: UnitTask, progress=None) -> None:
 
         torch.set_num_threads(task.threads)
     scfg = StudyConfig.from_dict(task.study)
-    spec = resolve_pair(task.pair_ref)
+    spec = with_prompts(resolve_pair(task.pair_ref), task.prompts)
     out = Path(task.out)
     st = next(s for s in plan_steps(spec, models.inspect_pair(spec), scfg, out) if s["step"] == task.step)
     if st["cfg"] is None:
         raise MdiffError(f"unit {task.key} ({spec.name} {task.step}) cannot be planned now: {st['why']}")
     sett = {"pair": spec.name, **st["cfg"].settings()}
-    if unit_key(spec.name, task.step, sett) != task.key:
+    if unit_key(spec.name, task.step, sett, prompts_sha256(spec)) != task.key:
         raise MdiffError(f"unit {task.key} ({spec.name} {task.step}) no longer matches the plan (its inputs "
                          "changed); plan again")
     t0 = time.perf_counter()

@@ -462,3 +462,32 @@ def test_prompts_are_batched_by_length_and_stored_in_order(lr, tmp_path, monkeyp
     for i in range(10):
         ref = _single_reference(model, prep.base_ids[i], prep.base_positions[i], ["blocks.2.hook_resid_post"])
         assert float((got[i] - ref["blocks.2.hook_resid_post"][0]).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("names", [["blocks.5.hook_resid_post", "blocks.5.hook_mlp_out"],
+                                   ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_z"]])
+def test_collection_stops_after_the_last_needed_hook(lr, names):
+    """No unembedding (and no later block) runs while collecting, even for the last block's hooks,
+    and the values equal those of a full forward pass."""
+    spec, model, *_ = lr
+    prep = _prepare(lr, 5)
+    inp, mask = data.pad_left(prep.base_ids, 0)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inp, attention_mask=mask, names_filter=lambda n: n in names)
+    calls = {"lm_head": 0, "last_block": 0}
+    hf = model.original_model
+    hs = [hf.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1)),
+          hf.model.layers[5].register_forward_hook(
+              lambda *a: calls.__setitem__("last_block", calls["last_block"] + 1))]
+    try:
+        got = A.gather_batch(model, prep.base_ids, prep.base_positions, names, 0)
+    finally:
+        for h in hs:
+            h.remove()
+    assert calls["lm_head"] == 0
+    assert calls["last_block"] == 0  # block 5's own hooks fire inside it: the block never returns
+    width = inp.shape[1]
+    rows = torch.tensor([width - len(x) + p[0] for x, p in zip(prep.base_ids, prep.base_positions, strict=True)])
+    for n in names:
+        want = cache[n][torch.arange(len(rows)), rows]
+        assert torch.equal(got[n], want), n

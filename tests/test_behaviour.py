@@ -51,3 +51,42 @@ def test_scores_match_manual_logprobs(toys):
                                                          "markers": ["."], "max_new_tokens": 4}))
     soft = [r for r in rows if r["metric"] == "soft_refusal" and r["condition"] == "tuned:unmasked"][0]["values"]
     assert soft.shape == (3,)
+
+
+def _greedy_without_cache(model, prompts_ids, n_new, pad_id, vocab_ids=None):
+    """The reference: every step reruns the whole left-padded sequence through the bridge (the old path)."""
+    vidx = None if vocab_ids is None else torch.as_tensor(np.asarray(vocab_ids))
+    cur = [list(p) for p in prompts_ids]
+    gen = [[] for _ in cur]
+    with torch.no_grad():
+        for _ in range(n_new):
+            inp, mask = data.pad_left(cur, pad_id)
+            last = model(inp, attention_mask=mask)[:, -1].float()
+            nxt = (vidx[last.index_select(-1, vidx).argmax(-1)] if vidx is not None else last.argmax(-1)).tolist()
+            for i, t in enumerate(nxt):
+                cur[i].append(int(t))
+                gen[i].append(int(t))
+    return gen
+
+
+@pytest.mark.slow
+def test_kv_cache_greedy_equals_full_recompute(toys):
+    spec = toys["toy-lowrank"]
+    model = load_model(spec, "tuned", device="cpu")
+    btok, ttok = load_tokenizer(spec.base), load_tokenizer(spec.tuned)
+    sv = shared_vocab(btok, ttok, 600, 612)
+    prompts = data.load_prompts(spec.prompts)[:7]  # different lengths: left padding inside each batch
+    ids = data.tokenize(prompts, btok, True)
+    assert len({len(x) for x in ids}) > 1
+    for vocab in (None, sv.tuned_ids):
+        want = _greedy_without_cache(model, ids, 10, 0, vocab)
+        assert behaviour.greedy(model, ids, 10, 0, vocab, batch_size=4) == want
+    # the cached path never computes full-sequence logits: the unembedding sees one position per row
+    widths = []
+    h = model.original_model.lm_head.register_forward_hook(lambda m, i, o: widths.append(o.shape[1]))
+    try:
+        behaviour.greedy(model, ids, 3, 0, None, batch_size=8)
+        behaviour._score(model, ids, [[5, 6, 7]], 0, None)
+    finally:
+        h.remove()
+    assert widths == [1, 1, 1, 4]

@@ -41,6 +41,7 @@ def local(toys, tmp_path_factory):
 
 
 def test_plan_keys_and_status(local, tmp_path):
+    from mdiff.io import prompts_sha256
     from mdiff.pairs import resolve_pair
     from mdiff.study import StudyConfig
     from mdiff.units import BLOCKED, DONE, READY, plan_units, unit_key
@@ -51,11 +52,13 @@ def test_plan_keys_and_status(local, tmp_path):
     assert {fresh[s].status for s in ("rq2", "rq3", "rq4")} == {BLOCKED} and fresh["rq2"].key is None
     done = {u.step: u for u in plan_units(spec, scfg, local)}
     assert {u.status for u in done.values()} == {DONE}
-    assert done["rq1"].key == fresh["rq1"].key == unit_key("toy-lowrank", "rq1", done["rq1"].settings)
+    psha = prompts_sha256(spec)
+    assert done["rq1"].key == fresh["rq1"].key == unit_key("toy-lowrank", "rq1", done["rq1"].settings, psha)
     for u in done.values():  # each unit left its part, keyed by what it did
         part = json.loads((local / "toy-lowrank" / "parts" / f"{u.key}.json").read_text())
         assert part["step"] == u.step and part["settings"] == json.loads(json.dumps(u.settings))
-    assert unit_key("toy-lowrank", "rq1", {**done["rq1"].settings, "seed": 1}) != done["rq1"].key
+    assert unit_key("toy-lowrank", "rq1", {**done["rq1"].settings, "seed": 1}, psha) != done["rq1"].key
+    assert unit_key("toy-lowrank", "rq1", done["rq1"].settings, "other prompts") != done["rq1"].key
     r = runner.invoke(app, ["units", *ARGS[:-2], "--out", str(local), "--json"])
     assert r.exit_code == 0 and [u["status"] for u in json.loads(r.output)] == ["done"] * 4, r.output
 
