@@ -574,14 +574,15 @@ def study_cmd(
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     executor: Annotated[str, typer.Option(help="Where units run: local (here, one after another), ray (a Ray "
-                                               "cluster; pip install 'mdiff[ray]'), or slurm (submitit job arrays; "
-                                               "pip install 'mdiff[slurm]').")] = "local",
+                                               "cluster; pip install 'mdiff\\[ray]'), or slurm (submitit job arrays; "
+                                               "pip install 'mdiff\\[slurm]').")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray cluster (default: all).")] = None,
     slurm_cluster: Annotated[str, typer.Option(help="submitit cluster: slurm, or local (local processes).")]
     = "slurm",
     partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
     timeout_min: Annotated[int, typer.Option(help="SLURM time limit per unit, minutes.")] = 120,
+    mem_gb: Annotated[int, typer.Option(help="SLURM memory per unit, GiB (one model in memory at a time).")] = 64,
 ):
     """The whole study on one pair: RQ1 → RQ2 (probe sites) → RQ3 (best site) → RQ4 (best attention layer) → report.
 
@@ -609,7 +610,8 @@ def study_cmd(
 
     with _progress_bar("study") as prog:
         ex = make_executor(executor, out_dir, prog.fraction, ray_address=ray_address, num_cpus=num_cpus,
-                           slurm_cluster=slurm_cluster, timeout_min=timeout_min, partition=partition)
+                           slurm_cluster=slurm_cluster, timeout_min=timeout_min, partition=partition,
+                           mem_gb=mem_gb)
         rec = run_study(spec, scfg, out_dir, overwrite, say=lambda m: console.print(m, highlight=False),
                         progress=prog.fraction, executor=ex, pair_ref=pair, threads=threads)
     from mdiff.report import findings, load_results
@@ -633,10 +635,16 @@ def units_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the units as a JSON list.")] = False,
 ):
     """The study's units of work (one per step) with their keys and status: done, ready, blocked or skipped."""
+    _setup(None, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.pairs import resolve_pair
+    from mdiff.patching import ENGINES
+    from mdiff.stats import check_bootstrap
     from mdiff.study import StudyConfig
     from mdiff.units import plan_units
 
+    check_bootstrap(bootstrap)
+    if engine not in ENGINES:
+        raise MdiffError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     spec = resolve_pair(pair, progress=True)
     scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device, engine=engine)
     units = plan_units(spec, scfg, out_dir)

@@ -51,7 +51,8 @@ def pair_facts(pair: str, res: dict) -> dict[str, Any]:
     for x in s2["sites"]:
         if x["control_site"] or x["solver"] is None:
             continue
-        if x["hook"] not in by_hook or x["drop"] > by_hook[x["hook"]]["drop"]:
+        key = "select_drop" if x.get("select_drop") is not None else "drop"  # chosen on select, reported on val
+        if x["hook"] not in by_hook or x[key] > by_hook[x["hook"]].get(key, x[key]):
             by_hook[x["hook"]] = x
     facts["best_drop"] = {h: {"layer": x["layer"], "solver": x["solver"], "drop": x["drop"], "ci": x["ci"]}
                           for h, x in by_hook.items()}

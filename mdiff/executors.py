@@ -58,8 +58,10 @@ class RayExecutor:
 
     def run(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:
         ray = self.ray
-        gpus = [_gpus_of(t, self.gpus_per_unit) for t in tasks]
         have = float(ray.cluster_resources().get("GPU", 0))
+        # a unit without --device runs on CUDA when its worker has one: ask Ray for the GPU then, so that Ray
+        # counts it (Ray does not hide GPUs from tasks that ask for none)
+        gpus = [_gpus_of(t, self.gpus_per_unit, default=1 if have >= 1 else 0) for t in tasks]
         if any(g > have for g in gpus):
             raise MdiffError(f"units ask for {max(gpus)} GPU(s) each but the Ray cluster has {have:g}: run on a "
                              "cluster with GPUs, or on CPU (--device cpu)")
@@ -81,7 +83,8 @@ class SlurmExecutor:
     name = "slurm"
 
     def __init__(self, folder: str | Path, cluster: str = "slurm", timeout_min: int = 120,
-                 partition: str | None = None, gpus_per_unit: int | None = None, max_tries: int = 2):
+                 partition: str | None = None, gpus_per_unit: int | None = None, max_tries: int = 2,
+                 mem_gb: int = 64, cpus_per_unit: int = 4):
         try:
             import submitit
         except ImportError:
@@ -89,19 +92,27 @@ class SlurmExecutor:
         self.submitit, self.folder, self.cluster = submitit, Path(folder), cluster
         self.timeout_min, self.partition, self.gpus_per_unit, self.max_tries = (timeout_min, partition,
                                                                                  gpus_per_unit, max_tries)
+        self.mem_gb, self.cpus_per_unit = mem_gb, cpus_per_unit
 
     def run(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:
-        ex = self.submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=self.cluster)
-        params: dict[str, Any] = {"timeout_min": self.timeout_min, "cpus_per_task": 1}
-        g = max([_gpus_of(t, self.gpus_per_unit) for t in tasks] or [0])
-        if self.cluster == "slurm":
-            params["slurm_max_num_timeout"] = self.max_tries
-            if self.partition:
-                params["slurm_partition"] = self.partition
-            if g:
-                params["gpus_per_node"] = g
-        ex.update_parameters(**params)
-        jobs = ex.map_array(_CheckpointableUnit(), list(tasks))
+        try:
+            ex = self.submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=self.cluster)
+            params: dict[str, Any] = {"timeout_min": self.timeout_min,
+                                      "cpus_per_task" if self.cluster == "local" else "slurm_cpus_per_task":
+                                      1 if self.cluster == "local" else self.cpus_per_unit}
+            g = max([_gpus_of(t, self.gpus_per_unit) for t in tasks] or [0])
+            if self.cluster == "slurm":
+                params.update(slurm_max_num_timeout=self.max_tries, slurm_mem=f"{self.mem_gb}G")
+                if self.partition:
+                    params["slurm_partition"] = self.partition
+                if g:
+                    params["slurm_gpus_per_node"] = g
+            ex.update_parameters(**params)
+            jobs = ex.map_array(_CheckpointableUnit(), list(tasks))
+        except Exception as e:  # noqa: BLE001 - no SLURM here, a bad parameter...: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise MdiffError(f"--executor slurm could not submit the units ({first}); on a machine without SLURM "
+                             f"use --slurm-cluster local, or --executor local") from None
         out = []
         for t, job in zip(tasks, jobs, strict=True):
             try:
@@ -124,20 +135,27 @@ class _CheckpointableUnit:
         return submitit.helpers.DelayedSubmission(self, task)
 
 
-def _gpus_of(task: UnitTask, override: int | None) -> int:
+def _gpus_of(task: UnitTask, override: int | None, default: int = 0) -> int:
+    """GPUs a unit asks for: ``override``, else 1 for ``--device cuda...``, 0 for another device, and ``default``
+    when no device was given (the worker's choice)."""
     if override is not None:
         return int(override)
-    return 1 if str(task.study.get("device") or "").startswith("cuda") else 0
+    dev = task.study.get("device")
+    if dev is None:
+        return default
+    return 1 if str(dev).startswith("cuda") else 0
 
 
 def make_executor(name: str, out: str | Path, progress: Callable[[str, float], None] | None = None,
                   ray_address: str | None = None, num_cpus: int | None = None, slurm_cluster: str = "slurm",
-                  timeout_min: int = 120, partition: str | None = None, gpus_per_unit: int | None = None):
+                  timeout_min: int = 120, partition: str | None = None, gpus_per_unit: int | None = None,
+                  mem_gb: int = 64):
     """The executor called ``name`` (one of :data:`EXECUTORS`)."""
     if name == "local":
         return LocalExecutor(progress)
     if name == "ray":
         return RayExecutor(ray_address, num_cpus, gpus_per_unit=gpus_per_unit)
     if name == "slurm":
-        return SlurmExecutor(Path(out) / "_submitit", slurm_cluster, timeout_min, partition, gpus_per_unit)
+        return SlurmExecutor(Path(out) / "_submitit", slurm_cluster, timeout_min, partition, gpus_per_unit,
+                             mem_gb=mem_gb)
     raise MdiffError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}")

@@ -285,12 +285,12 @@ def build_fixture(name: str, progress: bool = False) -> Path:
     import torch
     from transformers import LlamaForCausalLM
 
-    from mdiff.models import _quiet_transformers
+    from mdiff.models import quiet_transformers
 
     root = fixture_dir(name)
     if (root / "build.json").is_file():
         return root
-    _quiet_transformers()
+    quiet_transformers()
     d_model, d_ff, d_head = WIDTHS[name]
     root.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock

@@ -62,6 +62,21 @@ def prompts_sha256(spec) -> str | None:
     return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
+def pair_identity(spec) -> str:
+    """What a result depends on besides its settings: the pair as given (models, revisions, dtype, prompts,
+    filters, templates), the prompt file's content and both models' weights fingerprints. A study step is only
+    "done" when this matches (a model changed in place, another dtype or prompt set means: run it again)."""
+    import hashlib
+
+    from mdiff import models
+
+    d = {k: v for k, v in spec.to_dict().items() if k not in ("description",)}
+    d["prompts_sha256"] = prompts_sha256(spec)
+    d["weights"] = {side: models.weights_fingerprint(ref, rev) for side, ref, rev in
+                    (("base", spec.base, spec.base_revision), ("tuned", spec.tuned, spec.tuned_revision))}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_config(writer: "ResultWriter", spec, info, shared_vocab_size: int, tokenized_with: str, split_seed: int,
                splits: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
     """Every RQ's ``config.json`` (METHODS, Reporting): settings, pair, shapes, tokenization, prompts, provenance.
@@ -74,7 +89,8 @@ def run_config(writer: "ResultWriter", spec, info, shared_vocab_size: int, token
             "tokenized_with": tokenized_with, **{k: p.summary() for k, p in splits.items()},
             **{f"{k}_prompt_ids": p.prompt_ids for k, p in splits.items()}, "split_seed": split_seed,
             "kl_vocabulary": f"shared vocabulary ({shared_vocab_size} ids), renormalised", **fields,
-            "dtype": spec.dtype, "prompts_sha256": prompts_sha256(spec), "provenance": provenance()}
+            "dtype": spec.dtype, "prompts_sha256": prompts_sha256(spec),
+            "pair_identity": pair_identity(spec), "provenance": provenance()}
 
 
 def tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -142,7 +142,7 @@ def load_tokenizer(ref: str, revision: str | None = None, side: str = "model"):
     from transformers import AutoTokenizer
 
     _check_ref(ref, side)
-    _quiet_transformers()  # no "sequence length is longer than" warnings: prompt lengths are checked by mdiff
+    quiet_transformers()  # no "sequence length is longer than" warnings: prompt lengths are checked by mdiff
     try:
         return AutoTokenizer.from_pretrained(ref, revision=revision)
     except (OSError, ValueError) as e:
@@ -216,7 +216,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Library code stays quiet: no weight-loading progress bars or info logs from transformers."""
     try:
         from transformers.utils import logging as hf_logging
@@ -301,7 +301,7 @@ def load_model(spec: PairSpec, side: Side, device: str | None = None, dtype: str
     _check_ref(ref, side)
     place = placement(device, device_map, n_devices)
     tdtype = _torch_dtype(dtype or spec.dtype)
-    _quiet_transformers()
+    quiet_transformers()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             model = TransformerBridge.boot_transformers(ref, dtype=tdtype, revision=revision, **place)

@@ -97,9 +97,14 @@ def findings(res: dict[str, dict]) -> list[Finding]:
                                    {"layer": L, "hook": h, "kl": kv, "component": c["component"]}))
         ok = s.get("self_patch_ok", True)
         noise = s.get("noise", {})
-        tol = (f" KL differences up to {noise['kl_tolerance']:.2g} nats are treated as arithmetic noise "
-               f"({noise.get('dtype', '')}: {noise.get('factor', 10):g} × the KL of one rounding error)."
-               if "kl_tolerance" in noise else "")
+        if "kl_tolerance" not in noise:
+            tol = ""
+        elif noise["kl_tolerance"] > noise.get("abs_floor", 0.0):
+            tol = (f" KL differences up to {noise['kl_tolerance']:.2g} nats are treated as arithmetic noise "
+                   f"({noise.get('dtype', '')}: {noise.get('factor', 10):g} × the KL of one rounding error).")
+        else:
+            tol = (f" KL differences up to {noise['kl_tolerance']:.2g} nats (the absolute floor; one "
+                   f"{noise.get('dtype', '')} rounding error costs far less) are treated as arithmetic noise.")
         out.append(Finding("rq1", f"Self-patch sanity check {'passes' if ok else 'FAILS'}: patching a model with its "
                                   f"own activations gives KL at most {s['self_patch_max_kl']:.1e} nats.{tol}",
                            {"self_patch_max_kl": s["self_patch_max_kl"], "ok": ok,

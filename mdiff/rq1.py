@@ -403,5 +403,8 @@ def _findings(views: dict[str, dict], comps: dict[int, dict], first: int | None,
             carried = (f"; at L{pk} the {c['component']} carries the larger patch KL (CIs apart)")
         elif c is not None:
             carried = f"; at L{pk} attention and MLP patch KLs overlap"
+        if carried and first is not None and pk > first:
+            carried += (f" (downstream of L{first}, where the models first diverge, a component's patch KL also "
+                        "carries what changed upstream)")
         out.append(f"The {name} output's base→tuned patch KL (`{h}`) peaks at L{pk}: {_fmt_kl(v, ci)}{carried}.")
     return out

@@ -391,9 +391,14 @@ def _fit_warning(fits: dict[str, dict], chosen: str | None = None) -> str | None
     f = f or next((v for v in fits.values() if v), None)
     if f is None or f["rows"] >= f["d_in"]:
         return None
+    which = ""
+    if chosen:
+        reg = chosen.split("@")[0] in ("ridge", "lowrank", "logit-subspace", "mean-shift", "identity")
+        which = (f" The chosen map ({chosen}) is {'regularised' if reg else 'NOT regularised toward the identity'}"
+                 + ("" if reg else ": treat its drop with care, and compare it with 'ridge' at this site") + ".")
     return (f"the maps were fit on {f['rows']} rows ({f['prompts']} train prompts) for d = {f['d_in']} dimensions, "
             f"so a full linear map is underdetermined; only the regularised solvers (ridge toward the identity, "
-            f"λ by prompt-grouped CV) are trustworthy here. More rows help: more train prompts, or more fit "
+            f"λ by prompt-grouped CV) are trustworthy here.{which} More rows help: more train prompts, or more fit "
             f"positions per prompt (--fit-positions upto=K with a larger K, or longer prompts)")
 
 

@@ -278,9 +278,10 @@ def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel, tol, n_
         cov[k] = {"heads": list(top[k]), "coverage": c_top.value, "ci": [c_top.ci_low, c_top.ci_high],
                   "random_null": {"n_sets": len(null), "q05": q[0], "median": q[1], "q95": q[2]},
                   "null_percentile": pct,
-                  "stability": {"head_freq": {str(h): stab.head_freq[k][h] for h in top[k]},
-                                "set_freq": stab.set_freq[k], "stable": stab.stable[k]},
-                  "kv_group": HD.kv_group_of(top[k], n_heads, n_kv)}
+                  # a ranking of effects that are all within noise is index order, not a finding
+                  "stability": None if nothing else {"head_freq": {str(h): stab.head_freq[k][h] for h in top[k]},
+                                                     "set_freq": stab.set_freq[k], "stable": stab.stable[k]},
+                  "kv_group": None if nothing else HD.kv_group_of(top[k], n_heads, n_kv)}
     summary = {
         "ranking_select": ranking,
         "single_effect_select": [float(kl_sel[h].mean()) for h in range(n_heads)],

@@ -27,7 +27,7 @@ import pandas as pd
 from mdiff import models
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
-from mdiff.io import prompts_sha256
+from mdiff.io import pair_identity
 from mdiff.pairs import PairSpec
 from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
 
@@ -65,9 +65,9 @@ def _norm(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def step_done(out: Path, pair: str, rq: str, settings: dict, prompts_sha256: str | None = None) -> bool:
-    """True when ``OUT/<pair>/<rq>/`` holds a finished run with exactly these settings (and, when given, on the
-    prompt set with this content hash: a study rerun with ``--prompts`` another file is not "done")."""
+def step_done(out: Path, pair: str, rq: str, settings: dict, identity: str | None = None) -> bool:
+    """True when ``OUT/<pair>/<rq>/`` holds a finished run with exactly these settings and, when given, of the
+    same pair identity (:func:`mdiff.io.pair_identity`: models, weights, dtype, prompt set...)."""
     cfg = out / pair / rq / "config.json"
     if not cfg.is_file():
         return False
@@ -77,7 +77,7 @@ def step_done(out: Path, pair: str, rq: str, settings: dict, prompts_sha256: str
         return False
     if c.get("settings") != _norm(settings):
         return False
-    return prompts_sha256 is None or c.get("prompts_sha256") in (None, prompts_sha256)
+    return identity is None or c.get("pair_identity") == identity
 
 
 def _summary(out: Path, pair: str, rq: str) -> dict:
@@ -142,7 +142,7 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path) -> list[dic
                    positions=parse_positions("last", seed=scfg.seed), n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
                    batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
     steps.append({"step": "rq1", "cfg": c1, "why": "every layer"})
-    psha = prompts_sha256(spec)
+    psha = pair_identity(spec)
     rq1_ok = step_done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()}, psha)
     if not rq1_ok:
         for s in ("rq2", "rq3", "rq4"):
@@ -235,17 +235,24 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
         for st in plan_steps(spec, info, scfg, out):
             sett = _settings(spec, st)
             status = ("skipped" if st.get("skip") else "to be resolved" if sett is None
-                      else "done" if step_done(out, spec.name, st["step"], sett, prompts_sha256(spec)) else "to run")
+                      else "done" if step_done(out, spec.name, st["step"], sett, pair_identity(spec)) else "to run")
             record["steps"].append({"step": st["step"], "status": status, "why": st["why"], "settings": sett})
         return record
     from mdiff.executors import LocalExecutor
 
     executor = executor or LocalExecutor(progress=progress)
-    ref = pair_ref or (spec.name if spec.source in ("builtin", "toy") else spec.source)
+    ref = pair_ref or (spec.name if spec.source in ("builtin", "toy", "fixture") else spec.source)
+    if Path(ref).suffix == ".toml" and Path(ref).is_file():
+        ref = str(Path(ref).resolve())  # workers elsewhere resolve paths against their own working directory
     entries: dict[str, dict] = {}
     failed: list[U.UnitResult] = []
     while True:
         units = U.plan_units(spec, scfg, out)
+        rq2 = next(u for u in units if u.step == "rq2")
+        if rq2.status == U.DONE and not (out / spec.name / "rq2" / "winners.json").is_file():
+            from mdiff.rq2 import freeze_winners
+
+            freeze_winners(out, spec.name)  # a run killed between RQ2's commit and its winners: pin them now
         for u in units:
             if u.status == U.SKIPPED and u.step not in entries:
                 entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "skipped"}
@@ -259,7 +266,7 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
             break
         for u in ready:
             say(f"{u.step}: running on {u.why}")
-        tasks = [U.UnitTask(ref, scfg.to_dict(), str(out), u.step, u.key, overwrite, threads, spec.prompts)
+        tasks = [U.UnitTask(ref, scfg.to_dict(), str(out.resolve()), u.step, u.key, overwrite, threads, spec.prompts)
                  for u in ready]
         for u, r in zip(ready, executor.run(tasks), strict=True):
             if r.ok:
@@ -270,7 +277,8 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
                 entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "failed",
                                    "unit": u.key, "error": r.error}
         record["steps"] = [entries[s] for s in STEPS if s in entries]
-        atomic_write_text(out / spec.name / "study.json", json.dumps(record, indent=2, default=str))
+        if (out / spec.name).is_dir():  # a first unit that failed leaves no folder behind: keep it that way
+            atomic_write_text(out / spec.name / "study.json", json.dumps(record, indent=2, default=str))
     if failed:
         f = failed[0]
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""

@@ -404,9 +404,9 @@ def build_toys(root: Path | None = None, progress: bool = False, steps_scale: fl
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mdiff.models import _quiet_transformers
+    from mdiff.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     root = Path(root) if root is not None else toy_dir()
     if (root / "build.json").is_file():
         return root

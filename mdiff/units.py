@@ -27,12 +27,12 @@ DEPENDS_ON: dict[str, tuple[str, ...]] = {"rq1": (), "rq2": ("rq1",), "rq3": ("r
 DONE, READY, BLOCKED, SKIPPED = "done", "ready", "blocked", "skipped"
 
 
-def unit_key(pair: str, step: str, settings: dict[str, Any], prompts: str | None = None) -> str:
-    """A stable hash of (pair, step, settings, prompt set): two units with the same key do the same work.
+def unit_key(pair: str, step: str, settings: dict[str, Any], identity: str | None = None) -> str:
+    """A stable hash of (pair, step, settings, pair identity): two units with the same key do the same work.
 
-    ``prompts``: the prompt file's content hash (:func:`mdiff.io.prompts_sha256`).
+    ``identity``: :func:`mdiff.io.pair_identity` (models, weights, dtype, prompt set).
     """
-    blob = json.dumps({"pair": pair, "step": step, "settings": settings, **({"prompts": prompts} if prompts else {})},
+    blob = json.dumps({"pair": pair, "step": step, "settings": settings, **({"identity": identity} if identity else {})},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -87,12 +87,12 @@ def parts_dir(out: str | Path, pair: str) -> Path:
 def plan_units(spec, scfg, out: str | Path) -> list[Unit]:
     """The study's units and their status, resolved from the results under ``out`` now."""
     from mdiff import models
-    from mdiff.io import prompts_sha256
+    from mdiff.io import pair_identity
     from mdiff.study import plan_steps, step_done
 
     out = Path(out)
     info = models.inspect_pair(spec)
-    psha = prompts_sha256(spec)
+    psha = pair_identity(spec)
     steps = {st["step"]: st for st in plan_steps(spec, info, scfg, out)}
     gpus = 1 if str(scfg.device or "").startswith("cuda") else 0
     units: list[Unit] = []
@@ -133,7 +133,7 @@ def run_unit(task: UnitTask, progress=None) -> UnitResult:
 def _run(task: UnitTask, progress=None) -> None:
     from mdiff import models
     from mdiff.activations import atomic_write_text
-    from mdiff.io import prompts_sha256
+    from mdiff.io import pair_identity
     from mdiff.pairs import resolve_pair, with_prompts
     from mdiff.study import StudyConfig, plan_steps, run_step
 
@@ -148,7 +148,7 @@ def _run(task: UnitTask, progress=None) -> None:
     if st["cfg"] is None:
         raise MdiffError(f"unit {task.key} ({spec.name} {task.step}) cannot be planned now: {st['why']}")
     sett = {"pair": spec.name, **st["cfg"].settings()}
-    if unit_key(spec.name, task.step, sett, prompts_sha256(spec)) != task.key:
+    if unit_key(spec.name, task.step, sett, pair_identity(spec)) != task.key:
         raise MdiffError(f"unit {task.key} ({spec.name} {task.step}) no longer matches the plan (its inputs "
                          "changed); plan again")
     t0 = time.perf_counter()

@@ -116,3 +116,29 @@ def test_next_token_kl_over_the_128k_shared_vocabulary_matches_hf(small):
     kl = (np.exp(lp[0]) * (lp[0] - lp[1])).sum(-1).mean()
     assert kl > 1e-4  # the planted change moves the decision distribution
     assert got["kl_base_tuned_mean"] == pytest.approx(kl, rel=0.05, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_study_runs_end_to_end_on_the_llama31_fixture(small, tmp_path):
+    """`mdiff study` on the Llama-3.1-shaped pair (real tokenizer, extended vocabulary, bf16, GQA): every step
+    runs, RQ1 finds the planted layer, RQ4 ranks the planted heads first."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mdiff.cli import app
+
+    r = CliRunner().invoke(app, ["study", "--pair", "llama31-fixture-small", "--n", "16", "--bootstrap", "100",
+                                 "--out", str(tmp_path), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    d = tmp_path / "llama31-fixture-small"
+    truth = small.truth
+    s1 = json.loads((d / "rq1" / "summary.json").read_text())
+    assert s1["noise"]["dtype"] == "bfloat16" and s1["self_patch_max_kl"] == 0.0
+    assert s1["first_divergent_layer"] == truth["layer"]
+    study = json.loads((d / "study.json").read_text())
+    assert [s["status"] for s in study["steps"]] == ["ran"] * 4
+    s4 = json.loads((d / "rq4" / "summary.json").read_text())
+    e = next(x for x in s4["layers"] if x["layer"] == truth["layer"] and x["source"] == "raw")
+    assert sorted(e["coverage"]["2"]["heads"]) == sorted(truth["heads"])
+    assert (d / "report" / "index.html").is_file()

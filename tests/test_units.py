@@ -41,7 +41,7 @@ def local(toys, tmp_path_factory):
 
 
 def test_plan_keys_and_status(local, tmp_path):
-    from mdiff.io import prompts_sha256
+    from mdiff.io import pair_identity
     from mdiff.pairs import resolve_pair
     from mdiff.study import StudyConfig
     from mdiff.units import BLOCKED, DONE, READY, plan_units, unit_key
@@ -52,7 +52,7 @@ def test_plan_keys_and_status(local, tmp_path):
     assert {fresh[s].status for s in ("rq2", "rq3", "rq4")} == {BLOCKED} and fresh["rq2"].key is None
     done = {u.step: u for u in plan_units(spec, scfg, local)}
     assert {u.status for u in done.values()} == {DONE}
-    psha = prompts_sha256(spec)
+    psha = pair_identity(spec)
     assert done["rq1"].key == fresh["rq1"].key == unit_key("toy-lowrank", "rq1", done["rq1"].settings, psha)
     for u in done.values():  # each unit left its part, keyed by what it did
         part = json.loads((local / "toy-lowrank" / "parts" / f"{u.key}.json").read_text())
@@ -130,3 +130,34 @@ def test_a_killed_study_resumes_to_the_same_result(local, tmp_path):
     proc.wait()
     _study(tmp_path)
     _same_results(local, tmp_path)
+
+
+def test_a_study_failing_in_a_fresh_out_says_why_in_one_line(toys, tmp_path):
+    """rq1 fails (a chat prompt set on a pair without a chat template): the unit's own message, exit 2, no folder."""
+    from mdiff import toy
+
+    pair = tmp_path / "p.toml"
+    pair.write_text(f'name = "nochat"\nbase = "{toy.toy_dir() / "base"}"\ntuned = "{toy.toy_dir() / "lowrank"}"\n'
+                    f'prompts = "{toy.toy_dir() / "prompts-lowrank.jsonl"}"\n')
+    r = runner.invoke(app, ["study", "--pair", str(pair), "--n", "20", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2
+    err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "chat_template" in err[0] and "(nochat rq1) failed" in err[0] and "Traceback" not in r.output
+    assert not (tmp_path / "out" / "nochat").exists()
+
+
+def test_a_changed_model_is_not_taken_as_done(local, tmp_path):
+    """The same settings on another tuned model (or dtype, or prompt set): not "done", so not silently kept."""
+    import dataclasses
+
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig
+    from mdiff.units import DONE, READY, plan_units
+
+    spec = resolve_pair("toy-lowrank")
+    other = dataclasses.replace(spec, tuned=resolve_pair("toy-distributed").tuned)
+    units = {u.step: u for u in plan_units(other, StudyConfig(n=40, n_boot=100), local)}
+    assert units["rq1"].status == READY
+    assert {u.step for u in plan_units(spec, StudyConfig(n=40, n_boot=100), local) if u.status == DONE} == set(RQS)
+    bf = dataclasses.replace(spec, dtype="bfloat16")
+    assert next(u for u in plan_units(bf, StudyConfig(n=40, n_boot=100), local) if u.step == "rq1").status == READY
