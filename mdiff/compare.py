@@ -110,12 +110,15 @@ def comparisons(facts: list[dict]) -> list[str]:
     a, b = facts[0], facts[1]
     out = []
     ka, kb = a["rank_k_ci"], b["rank_k_ci"]
-    if ka is None or kb is None or ka == kb:
+    inf = float("inf")  # no CI-confirmed k within the sweep: higher than every k swept
+    if ka == kb:
         out.append(f"Rank: no clear difference in the CI-confirmed smallest k ({a['pair']} {ka}, {b['pair']} {kb}).")
     else:
-        lo, hi = (a, b) if ka < kb else (b, a)
+        lo, hi = (a, b) if (inf if ka is None else ka) < (inf if kb is None else kb) else (b, a)
+        other = (f"k={hi['rank_k_ci']}" if hi["rank_k_ci"] is not None
+                 else "no k of the sweep (its CI never reaches the target)")
         out.append(f"Rank: {lo['pair']} is lower-rank: its transport reaches 90% of the full-rank drop at "
-                   f"k={lo['rank_k_ci']} (CI-confirmed) vs k={hi['rank_k_ci']} for {hi['pair']}.")
+                   f"k={lo['rank_k_ci']} (CI-confirmed) vs {other} for {hi['pair']}.")
     ca, cb = a["head_coverage"].get(2), b["head_coverage"].get(2)
     if ca is None or cb is None:
         out.append("Heads: top-2 coverage is not available for both pairs.")

@@ -93,6 +93,10 @@ def findings(res: dict[str, dict]) -> list[Finding]:
                 kv = v["patch_kl_base_to_tuned"][str(L)]
                 who = (f"the {c['component']} carries the larger patch KL there (CIs apart)" if c["clear"]
                        else "attention and MLP patch KLs overlap there")
+                first = s["first_divergent_layer"]
+                if first is not None and L > first:
+                    who += (f", downstream of L{first} where the models first diverge, so it also carries what "
+                            "changed upstream")
                 out.append(Finding("rq1", f"The {name} output's patch KL ({h}) peaks at L{L} ({kv:.3g} nats); {who}.",
                                    {"layer": L, "hook": h, "kl": kv, "component": c["component"]}))
         ok = s.get("self_patch_ok", True)
