@@ -31,6 +31,7 @@ an upper bound when the model load itself peaked higher. On a CUDA ``device`` th
 """
 
 import dataclasses
+import json
 import math
 import os
 import resource
@@ -87,6 +88,37 @@ def _status() -> dict[str, int]:
     return out
 
 
+def _save_payload(prefix: str, w, batch_size: int) -> None:
+    """A workload for the child process as safetensors (tensors) + JSON (the rest): never a pickle on disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mdiff.patching import SitePatch
+
+    tensors, conds, seen = {"vocab": torch.as_tensor(np.asarray(w.vocab))}, [], {}
+    for c in w.conds:
+        key = seen.setdefault(id(c.source), f"src{len(seen)}")
+        tensors[key] = c.source.contiguous()
+        conds.append({"kind": type(c).__name__, "layer": c.layer, "alpha": c.alpha, "mode": c.mode, "source": key,
+                      **({"hook": c.hook} if isinstance(c, SitePatch) else {"heads": list(c.heads), "site": c.site})})
+    save_file(tensors, prefix + ".safetensors")
+    Path(prefix + ".json").write_text(json.dumps({"ids": w.ids, "positions": w.positions, "pad": w.pad,
+                                                  "batch_size": batch_size, "conds": conds}))
+
+
+def _load_payload(prefix: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from mdiff.patching import HeadPatch, SitePatch
+
+    t = load_file(prefix + ".safetensors")
+    d = json.loads(Path(prefix + ".json").read_text())
+    conds = [SitePatch(c["layer"], c["hook"], t[c["source"]], c["alpha"], c["mode"]) if c["kind"] == "SitePatch"
+             else HeadPatch(c["layer"], tuple(c["heads"]), c["site"], t[c["source"]], c["alpha"], c["mode"])
+             for c in d["conds"]]
+    return {**d, "vocab": t["vocab"].numpy(), "conds": conds}
+
+
 def _peak_child(pair, side: str, payload: str, engine: str, device: str, threads: int, conn) -> None:
     """Child process: load ``side``, warm up, reset the peak-RSS mark, run one evaluation, report the peak."""
     try:
@@ -100,7 +132,7 @@ def _peak_child(pair, side: str, payload: str, engine: str, device: str, threads
 
         torch.set_num_threads(threads)
         spec = resolve_pair(pair) if isinstance(pair, str) else pair
-        data = torch.load(payload, weights_only=False)
+        data = _load_payload(payload)
         ids, pos, pad, vocab, conds, bs = (data[k] for k in ("ids", "positions", "pad", "vocab", "conds",
                                                               "batch_size"))
         with models.loaded(spec, side, device) as model:
@@ -265,9 +297,8 @@ def run_bench(pair: str | PairSpec = "toy-lowrank", n_prompts: int | None = None
     if memory:
         with tempfile.TemporaryDirectory(prefix="mdiff-bench-") as tmp:
             for i, (w, row) in enumerate(zip(workloads, rows, strict=True)):
-                payload = str(Path(tmp) / f"w{i}.pt")
-                torch.save({"ids": w.ids, "positions": w.positions, "pad": w.pad, "vocab": np.asarray(w.vocab),
-                            "conds": w.conds, "batch_size": batch_size}, payload)
+                payload = str(Path(tmp) / f"w{i}")
+                _save_payload(payload, w, batch_size)
                 for engine in ("naive", "fast"):
                     say(f"peak memory: {w.name}, {engine} (child process)", 0.85 + 0.05 * i)
                     got = _measure_peak(spec, w.side, payload, engine, device)

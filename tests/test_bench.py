@@ -42,3 +42,25 @@ def test_without_memory_and_bad_arguments(toys):
                        (dict(n_prompts=1), "prompt count"), (dict(batch_size=0), "batch_size")):
         with pytest.raises(MdiffError, match=needle):
             run_bench("toy-lowrank", memory=False, **kw)
+
+
+def test_child_payload_round_trips_without_pickle(tmp_path):
+    """The workload handed to the memory child is safetensors + JSON (never a pickle on disk) and comes back equal."""
+    import types
+
+    import torch
+
+    from mdiff import bench
+    from mdiff.patching import HeadPatch, SitePatch
+
+    src, heads = torch.randn(3, 8), torch.randn(3, 4, 8)
+    w = types.SimpleNamespace(ids=[[1, 2, 3]] * 3, positions=[[2]] * 3, pad=0, vocab=[0, 1, 2],
+                              conds=[SitePatch(1, "resid_post", src, 0.5), SitePatch(2, "attn_out", src, 1.0, "scale"),
+                                     HeadPatch(1, (0, 2), "result", heads)])
+    bench._save_payload(str(tmp_path / "w"), w, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", "w.safetensors"]
+    d = bench._load_payload(str(tmp_path / "w"))
+    assert d["ids"] == w.ids and d["batch_size"] == 4 and d["vocab"].tolist() == [0, 1, 2]
+    for a, b in zip(d["conds"], w.conds, strict=True):
+        assert type(a) is type(b) and torch.equal(a.source, b.source)
+        assert {k: v for k, v in vars(a).items() if k != "source"} == {k: v for k, v in vars(b).items() if k != "source"}
