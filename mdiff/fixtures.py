@@ -347,7 +347,7 @@ def fixture_truth(name: str = "llama31-fixture") -> dict:
 
 def fixture_pair(name: str, build: bool = True, progress: bool = False):
     """The :class:`~mdiff.pairs.PairSpec` of a fixture pair (built on first use)."""
-    from mdiff.pairs import PairSpec
+    from mdiff.spec import PairSpec
 
     root = fixture_dir(name)
     if build and not is_built(name):

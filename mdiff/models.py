@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mdiff.errors import MdiffError
-from mdiff.pairs import PairSpec
+from mdiff.spec import PairSpec
 
 Side = Literal["base", "tuned"]
 Relation = Literal["identical", "extends", "different"]

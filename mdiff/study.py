@@ -22,196 +22,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from mdiff import models
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
 from mdiff.io import pair_identity
 from mdiff.pairs import PairSpec
-from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
-
-STEPS = ("rq1", "rq2", "rq3", "rq4")
-
-
-@dataclasses.dataclass
-class StudyConfig:
-    n: int | None = None
-    n_boot: int = 1000
-    seed: int = 0
-    batch_size: int = 16
-    device: str | None = None
-    rq1_hooks: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
-    rq2_hooks: tuple[str, ...] = ("resid_post", "attn_out")
-    alphas: tuple[float, ...] = (0.5, 1.0)
-    random_sets: int = 20
-    rq4_sources: tuple[str, ...] = ("raw", "mapped")
-    engine: str = "fast"
-
-    def to_dict(self) -> dict[str, Any]:
-        return _norm(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
-        kw = {}
-        for f in dataclasses.fields(cls):
-            if f.name in d:
-                v = d[f.name]
-                kw[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
-
-
-def _norm(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
-
-
-def step_done(out: Path, pair: str, rq: str, settings: dict, identity: str | None = None) -> bool:
-    """True when ``OUT/<pair>/<rq>/`` holds a finished run with exactly these settings and, when given, of the
-    same pair identity (:func:`mdiff.io.pair_identity`: models, weights, dtype, prompt set...)."""
-    cfg = out / pair / rq / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        c = json.loads(cfg.read_text())
-    except ValueError:
-        return False
-    if c.get("settings") != _norm(settings):
-        return False
-    return identity is None or c.get("pair_identity") == identity
-
-
-def _summary(out: Path, pair: str, rq: str) -> dict:
-    f = out / pair / rq / "summary.json"
-    try:
-        return json.loads(f.read_text())
-    except (ValueError, OSError) as e:
-        raise MdiffError(f"{f} cannot be read ({type(e).__name__}); move {f.parent} away and run the study "
-                         f"again") from None
-
-
-def _rq1_tolerance(out: Path, pair: str) -> float:
-    """RQ1's KL noise tolerance (measured from its own noise floor; :mod:`mdiff.noise`)."""
-    from mdiff.noise import KL_ABS_FLOOR
-
-    try:
-        return float(_summary(out, pair, "rq1").get("noise", {}).get("kl_tolerance", KL_ABS_FLOOR))
-    except (OSError, ValueError):
-        return KL_ABS_FLOOR
-
-
-def best_attention_layer(out: Path, pair: str, exclude: int | None = None) -> int | None:
-    """The layer with the largest base→tuned cross-patch KL at attn_out in RQ1's metrics (None when every
-    attn_out patch is within RQ1's noise tolerance)."""
-    from mdiff.rq1 import CROSS_B2T
-
-    m = pd.read_csv(out / pair / "rq1" / "metrics.csv")
-    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == CROSS_B2T)]
-    if exclude is not None and (a.layer != exclude).any():
-        a = a[a.layer != exclude]
-    if not len(a) or not (a.value > _rq1_tolerance(out, pair)).any():
-        return None
-    return int(a.loc[a.value.idxmax(), "layer"])
-
-
-def _quietest_attention_layer(out: Path, pair: str, exclude: int) -> int:
-    """The layer (other than ``exclude``) whose attn_out cross-patch changes the output least."""
-    from mdiff.rq1 import CROSS_B2T
-
-    m = pd.read_csv(out / pair / "rq1" / "metrics.csv")
-    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == CROSS_B2T) & (m.layer != exclude)]
-    return int(a.loc[a.value.idxmin(), "layer"]) if len(a) else exclude
-
-
-def _rq3_fit_positions(rq2_solver: str, fitpos, seed: int):
-    """RQ3 fits on the rows RQ2's winner was fit on: the decision position alone for a ``…@decision`` winner."""
-    from mdiff.rq2 import ROW_SEP
-
-    return parse_positions("last", seed=seed) if rq2_solver.endswith(ROW_SEP + "decision") else fitpos
-
-
-def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path) -> list[dict]:
-    """Each step's name, config (or None with the reason it cannot be resolved yet) and settings."""
-    from mdiff.rq1 import RQ1Config
-    from mdiff.rq2 import DEFAULT_SOLVERS, RQ2Config
-    from mdiff.rq3 import RQ3Config, default_ks
-    from mdiff.rq4 import RQ4Config
-
-    d = info.base
-    steps: list[dict] = []
-    c1 = RQ1Config(layers=list(range(d.n_layers)), hooks=list(scfg.rq1_hooks),
-                   positions=parse_positions("last", seed=scfg.seed), n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
-                   batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
-    steps.append({"step": "rq1", "cfg": c1, "why": "every layer"})
-    psha = pair_identity(spec)
-    rq1_ok = step_done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()}, psha)
-    if not rq1_ok:
-        for s in ("rq2", "rq3", "rq4"):
-            steps.append({"step": s, "cfg": None, "why": "sites chosen from RQ1's results"})
-        return steps
-    s1 = _summary(out, spec.name, "rq1")
-    probe, control = s1["suggested_probe_layers"], s1["suggested_control_layer"]
-    # RQ2's sites: resid_post plus the component(s) RQ1 names at the probe layers (attention → attn_out,
-    # MLP → mlp_out); attn_out when RQ1 names none (an older RQ1, or no component above noise)
-    comps = [h for h in s1.get("probe_components", []) if h not in scfg.rq2_hooks]
-    hooks2 = [*scfg.rq2_hooks, *comps]
-    fitpos = parse_positions(DEFAULT_FIT_POSITIONS, seed=scfg.seed)  # the same fit rows as the RQ commands
-    c2 = RQ2Config(layers=list(probe), hooks=hooks2, solvers=list(DEFAULT_SOLVERS),
-                   alphas=list(scfg.alphas), fit_positions=fitpos, control_layer=control, n=scfg.n,
-                   n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
-                   engine=scfg.engine)
-    named = {L: c["component"] for L, c in s1.get("components", {}).items() if int(L) in probe}
-    steps.append({"step": "rq2", "cfg": c2, "why": f"RQ1 probe layers {probe} (largest base→tuned patch KL), "
-                                                  f"control layer {control}, hooks {', '.join(hooks2)}"
-                                                  + (" (RQ1 components at the probe layers: "
-                                                     + ", ".join(f"L{L} {c}" for L, c in sorted(named.items())) + ")"
-                                                     if named else "")})
-    attn = best_attention_layer(out, spec.name)
-    if attn is None:
-        c4, why4 = None, "RQ1 found no attention layer whose patch changes the output (attn_out KL ≈ 0 everywhere)"
-    else:
-        ctrl = control if control != attn else _quietest_attention_layer(out, spec.name, exclude=attn)
-        ks = [2 ** i for i in range(d.n_heads.bit_length()) if 2 ** i <= d.n_heads]
-        c4 = RQ4Config(layers=[attn], ks=ks, sites=["result"], sources=list(scfg.rq4_sources),
-                       random_sets=scfg.random_sets, control_layer=ctrl, fit_positions=fitpos, n=scfg.n,
-                       n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
-                       engine=scfg.engine)
-        why4 = f"best attention layer L{attn} (largest attn_out patch KL in RQ1), control layer {ctrl}"
-    rq2_ok = step_done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()}, psha)
-    if not rq2_ok:
-        steps.append({"step": "rq3", "cfg": None, "why": "RQ2's best site"})
-    else:
-        best = _summary(out, spec.name, "rq2").get("best_site")
-        if best is None:
-            steps.append({"step": "rq3", "cfg": None, "skip": True,
-                          "why": "RQ2 found no site with a learned map to restrict (nothing to drop anywhere)"})
-        else:
-            c3 = RQ3Config(layer=int(best["layer"]), hook=best["hook"], ks=default_ks(d.d_model),
-                           target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode,
-                           fit_positions=_rq3_fit_positions(best["solver"], fitpos, scfg.seed), n=scfg.n,
-                           n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
-                           engine=scfg.engine)
-            steps.append({"step": "rq3", "cfg": c3, "why": f"RQ2's best site L{best['layer']} {best['hook']} "
-                                                          f"({best['solver']}, α={best['alpha']:g})"})
-    steps.append({"step": "rq4", "cfg": c4, "why": why4, **({"skip": True} if c4 is None else {})})
-    return steps
-
-
-def _settings(spec, step) -> dict | None:
-    return None if step["cfg"] is None else {"pair": spec.name, **step["cfg"].settings()}
-
-
-def run_step(spec: PairSpec, step: str, cfg, out: str | Path, overwrite: bool = False,
-             progress: Callable[[str, float], None] | None = None) -> None:
-    """Run one planned step (and pin RQ2's winners right after it)."""
-    from mdiff.rq1 import run_rq1
-    from mdiff.rq2 import freeze_winners, run_rq2
-    from mdiff.rq3 import run_rq3
-    from mdiff.rq4 import run_rq4
-
-    runners = {"rq1": run_rq1, "rq2": run_rq2, "rq3": run_rq3, "rq4": run_rq4}
-    runners[step](spec, cfg, out, overwrite, progress=progress)
-    if step == "rq2":
-        freeze_winners(Path(out), spec.name)
+from mdiff.plan import (  # noqa: F401 - the plan's public names are the study's too
+    STEPS,
+    StudyConfig,
+    best_attention_layer,
+    plan_steps,
+    run_step,
+    step_done,
+    step_settings,
+)
 
 
 def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: bool = False, dry_run: bool = False,
@@ -233,7 +57,7 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
     record: dict[str, Any] = {"pair": spec.name, "config": dataclasses.asdict(scfg), "steps": []}
     if dry_run:
         for st in plan_steps(spec, info, scfg, out):
-            sett = _settings(spec, st)
+            sett = step_settings(spec, st)
             status = ("skipped" if st.get("skip") else "to be resolved" if sett is None
                       else "done" if step_done(out, spec.name, st["step"], sett, pair_identity(spec)) else "to run")
             record["steps"].append({"step": st["step"], "status": status, "why": st["why"], "settings": sett})

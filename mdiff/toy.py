@@ -249,7 +249,7 @@ def toy_truth(name: str) -> dict:
 
 def toy_pair(name: str, build: bool = True, progress: bool = False):
     """The :class:`~mdiff.pairs.PairSpec` of a toy pair, building the toys first if asked."""
-    from mdiff.pairs import PairSpec
+    from mdiff.spec import PairSpec
 
     truth = toy_truth(name)
     root = toy_dir()

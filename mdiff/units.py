@@ -88,7 +88,7 @@ def plan_units(spec, scfg, out: str | Path) -> list[Unit]:
     """The study's units and their status, resolved from the results under ``out`` now."""
     from mdiff import models
     from mdiff.io import pair_identity
-    from mdiff.study import plan_steps, step_done
+    from mdiff.plan import plan_steps, step_done
 
     out = Path(out)
     info = models.inspect_pair(spec)
@@ -135,7 +135,7 @@ def _run(task: UnitTask, progress=None) -> None:
     from mdiff.activations import atomic_write_text
     from mdiff.io import pair_identity
     from mdiff.pairs import resolve_pair, with_prompts
-    from mdiff.study import StudyConfig, plan_steps, run_step
+    from mdiff.plan import StudyConfig, plan_steps, run_step
 
     if task.threads is not None:
         import torch

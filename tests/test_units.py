@@ -86,7 +86,7 @@ def test_submitit_local_cluster_equals_local(local, tmp_path):
 
 
 def test_a_failing_unit_is_reported_and_nothing_else_is_lost(local, tmp_path, monkeypatch):
-    import mdiff.study as S
+    import mdiff.plan as S
 
     real = S.run_step
 
