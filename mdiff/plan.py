@@ -111,7 +111,7 @@ def _quietest_attention_layer(out: Path, pair: str, exclude: int) -> int:
     return int(a.loc[a.value.idxmin(), "layer"]) if len(a) else exclude
 
 
-def _rq3_fit_positions(rq2_solver: str, fitpos, seed: int):
+def rq3_fit_positions(rq2_solver: str, fitpos, seed: int):
     """RQ3 fits on the rows RQ2's winner was fit on: the decision position alone for a ``…@decision`` winner."""
     from mdiff.rq2 import ROW_SEP
 
@@ -176,7 +176,7 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path) -> list[dic
         else:
             c3 = RQ3Config(layer=int(best["layer"]), hook=best["hook"], ks=default_ks(d.d_model),
                            target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode,
-                           fit_positions=_rq3_fit_positions(best["solver"], fitpos, scfg.seed), n=scfg.n,
+                           fit_positions=rq3_fit_positions(best["solver"], fitpos, scfg.seed), n=scfg.n,
                            n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
                            engine=scfg.engine)
             steps.append({"step": "rq3", "cfg": c3, "why": f"RQ2's best site L{best['layer']} {best['hook']} "

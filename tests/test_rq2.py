@@ -191,7 +191,7 @@ def test_rq2_warns_when_rows_are_fewer_than_dimensions(linear, tmp_path):
 
 
 def test_study_defaults_are_the_rq_defaults():
-    from mdiff import cli, study
+    from mdiff import cli, plan
     from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
     from mdiff.rq2 import DEFAULT_SOLVERS, RQ2Config
     from mdiff.rq3 import RQ3Config
@@ -204,8 +204,8 @@ def test_study_defaults_are_the_rq_defaults():
     for cmd in (cli.rq2_cmd, cli.rq3_cmd, cli.rq4_cmd):
         assert inspect.signature(cmd).parameters["fit_positions"].default == DEFAULT_FIT_POSITIONS
     up = parse_positions(DEFAULT_FIT_POSITIONS, seed=3)
-    assert study._rq3_fit_positions("ridge", up, 3) == up
-    assert study._rq3_fit_positions("ridge@decision", up, 3) == parse_positions("last", seed=3)
+    assert plan.rq3_fit_positions("ridge", up, 3) == up
+    assert plan.rq3_fit_positions("ridge@decision", up, 3) == parse_positions("last", seed=3)
 
 
 def test_default_study_recovers_the_planted_transport_and_rank(linear, tmp_path):
