@@ -22,6 +22,7 @@ from mdiff import figures
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
 from mdiff.report import PAGE_CSS, RQS, load_results, md_table
+from mdiff.rq1 import CROSS_B2T
 
 _COL = figures._COLOURS
 
@@ -143,7 +144,7 @@ def compare_figures(pairs: list[str], results: dict[str, dict]) -> list[tuple[st
                 "CKA per layer (resid_post, 95% CI)", "linear CKA")),
             ("fig-cmp-patch-kl", "Patch KL overlaid", figures.lines_with_ci(
                 rq1_curves(lambda m: m[(m.metric == "patch_kl") & (m.hook == "resid_post")
-                                       & (m.condition == "base->tuned")]), "pair",
+                                       & (m.condition == CROSS_B2T)]), "pair",
                 "Cross-patch KL base→tuned per layer (resid_post, 95% CI)", "KL (nats)"))]
     f = go.Figure()
     for i, p in enumerate(pairs):

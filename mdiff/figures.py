@@ -113,7 +113,9 @@ def head_heatmap(metrics: pd.DataFrame, pair: str, site: str, source: str, split
         z[i, j], lo[i, j], hi[i, j] = r.value, r.ci_low, r.ci_high
     text = [[f"L{L}H{h}" for h in heads] for L in layers]
     # ranking stability (RQ4 runs record it): share of select-split resamples whose top-k holds the head
-    f = metrics[(metrics["metric"] == "topk_frequency") & (metrics["site"] == site) & (metrics["source"] == source)] \
+    from mdiff.heads import TOPK_FREQ
+
+    f = metrics[(metrics["metric"] == TOPK_FREQ) & (metrics["site"] == site) & (metrics["source"] == source)] \
         if "metric" in metrics else metrics.iloc[0:0]
     for r in f.sort_values("k").itertuples():
         L, h = int(r.layer), int(r.heads)

@@ -170,6 +170,8 @@ def rank_heads(single: np.ndarray) -> list[int]:
     return [int(h) for h in sorted(range(len(m)), key=lambda h: (-m[h], h))]
 
 
+TOPK_FREQ = "topk_frequency"
+"""Metric name: share of select-split resamples whose top-k (column ``k``) contains the head."""
 STABLE_FREQ = 0.9
 """A top-k set is *stable* when each of its heads is in the top-k in at least this share of prompt resamples."""
 

@@ -51,8 +51,8 @@ class NoiseFloor:
     @classmethod
     def measure(cls, dtype: str, engine: str, rounding: Iterable[np.ndarray],
                 roundtrip: Iterable[np.ndarray] | None = None) -> "NoiseFloor":
-        reruns = [np.asarray(r, np.float64).ravel() for r in rounding]
-        allr = np.concatenate(reruns) if reruns else np.zeros(0)
+        parts = [np.asarray(r, np.float64).ravel() for r in rounding]
+        allr = np.concatenate(parts) if parts else np.zeros(0)
         rt = None
         if roundtrip is not None:
             rts = [np.asarray(r, np.float64).ravel() for r in roundtrip]

@@ -570,10 +570,22 @@ class Patcher:
                 conds.append(SitePatch(L, h, pert))
         return conds
 
+    def kl_with_noise_floor(self, conds: Sequence[Condition], vocab_ids: Sequence[int] | np.ndarray,
+                            sites: Sequence[tuple[str, int]] = (), seed: int = 0,
+                            own: dict[tuple[str, int], Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`kl` of ``conds`` and, in the same engine call, the noise floor: the per-prompt KL of one
+        rounding error at each site (:meth:`rounding_conditions`) — ``([cond, prompt], [site, prompt])``.
+
+        ``own``: the sites' clean values when the caller already has them (:meth:`capture`), else captured here.
+        """
+        rounding = self.rounding_conditions(self.capture(sites) if own is None else own, seed)
+        kls = self.kl([*conds, *rounding], vocab_ids)
+        return kls[:len(conds)], kls[len(conds):]
+
     def noise_floor(self, vocab_ids: Sequence[int] | np.ndarray, sites: Sequence[tuple[str, int]],
                     seed: int = 0) -> np.ndarray:
         """Per-prompt KL of one rounding error at each site (:meth:`rounding_conditions`): ``[site, prompt]``."""
-        return self.kl(self.rounding_conditions(self.capture(sites), seed), vocab_ids)
+        return self.kl_with_noise_floor([], vocab_ids, sites, seed)[1]
 
     def _check(self, conds: Sequence[Condition]) -> None:
         cfg = self.model.cfg

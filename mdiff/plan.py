@@ -118,7 +118,7 @@ def rq3_fit_positions(rq2_solver: str, fitpos, seed: int):
     return parse_positions("last", seed=seed) if rq2_solver.endswith(ROW_SEP + "decision") else fitpos
 
 
-def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path) -> list[dict]:
+def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path, identity: str | None = None) -> list[dict]:
     """Each step's name, config (or None with the reason it cannot be resolved yet) and settings."""
     from mdiff.rq1 import RQ1Config
     from mdiff.rq2 import DEFAULT_SOLVERS, RQ2Config
@@ -131,7 +131,7 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path) -> list[dic
                    positions=parse_positions("last", seed=scfg.seed), n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
                    batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
     steps.append({"step": "rq1", "cfg": c1, "why": "every layer"})
-    psha = pair_identity(spec)
+    psha = identity or pair_identity(spec)
     rq1_ok = step_done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()}, psha)
     if not rq1_ok:
         for s in ("rq2", "rq3", "rq4"):

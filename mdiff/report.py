@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from mdiff import figures
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
+from mdiff.rq1 import CROSS_B2T, CROSS_T2B
 
 RQS = ("rq1", "rq2", "rq3", "rq4")
 
@@ -73,7 +74,7 @@ def findings(res: dict[str, dict]) -> list[Finding]:
         else:
             mm = m[(m.hook == hook)]
             ck = mm[mm.metric == "cka"].set_index("layer")
-            kl = mm[(mm.metric == "patch_kl") & (mm.condition == "base->tuned")].set_index("layer")
+            kl = mm[(mm.metric == "patch_kl") & (mm.condition == CROSS_B2T)].set_index("layer")
             Lc, Lk = int(ck.value.idxmin()), int(kl.value.idxmax())
             top = s["largest_patch_kl_layers"][:2]
             out.append(Finding(
@@ -172,7 +173,7 @@ def rq1_table(r: dict) -> pd.DataFrame:
             return x.iloc[0] if len(x) else None
 
         ck, dk = get("cka"), get("cka_debiased")
-        bt, tb = get("patch_kl", "base->tuned"), get("patch_kl", "tuned->base")
+        bt, tb = get("patch_kl", CROSS_B2T), get("patch_kl", CROSS_T2B)
         rows.append({"layer": L,
                      "CKA [95% CI]": "" if ck is None else f"{ck.value:.3f} [{ck.ci_low:.3f}, {ck.ci_high:.3f}]",
                      "debiased CKA": "" if dk is None else f"{dk.value:.3f}",

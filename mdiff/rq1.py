@@ -164,11 +164,9 @@ def _run(spec, cfg, info, out, writer, say):
             for L in layers:
                 conds.append(patching.SitePatch(L, h, own[(h, L)]))
                 keys.append((L, h, self_condition(target)))
-        n_meas = len(conds)
-        conds += patcher.rounding_conditions(own, cfg.seed)  # the noise floor, in the same engine call
-        kls = patcher.kl(conds, vocab)
-        rounding_kl.append(kls[n_meas:])
-        for (L, h, cond), kl in zip(keys, kls[:n_meas], strict=True):
+        kls, floor = patcher.kl_with_noise_floor(conds, vocab, seed=cfg.seed, own=own)
+        rounding_kl.append(floor)
+        for (L, h, cond), kl in zip(keys, kls, strict=True):
             if cond == store_condition(target):
                 roundtrip_kl.append(kl)
             kl_rows.append({"layer": L, "hook": h, "condition": cond, "values": kl})

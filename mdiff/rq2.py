@@ -223,13 +223,12 @@ def _run(spec, cfg, info, out, writer, say):
         kls = patching.Patcher(m, prep_sel.tuned_ids, prep_sel.tuned_positions, pad_t,
                                batch_size=cfg.batch_size, engine=cfg.engine).kl(conds_sel, sv.tuned_ids)
         kl_sel.update(zip(keys_sel, kls, strict=True))
-        say(f"patching the tuned model on val ({len(conds)} conditions)", 0.65)
+        say(f"patching the tuned model on val ({len(conds)} conditions, and the noise floor)", 0.65)
         p_val = patching.Patcher(m, ids_t, pos_t, pad_t, batch_size=cfg.batch_size, engine=cfg.engine)
-        kls = p_val.kl(conds, sv.tuned_ids)
-        kl_store.update(zip(keys, kls, strict=True))
-        say("noise floor (one rounding error at each site)", 0.7)
         sites = sorted({(h, L) for (L, h, _, _) in keys})
-        noise = NoiseFloor.measure(spec.dtype, p_val.engine_used, [p_val.noise_floor(sv.tuned_ids, sites, cfg.seed)])
+        kls, floor = p_val.kl_with_noise_floor(conds, sv.tuned_ids, sites, cfg.seed)
+        kl_store.update(zip(keys, kls, strict=True))
+        noise = NoiseFloor.measure(spec.dtype, p_val.engine_used, [floor])
         engine = {"tuned": {"requested": cfg.engine, "used": p_val.engine_used,
                             "fallback_reason": p_val.fallback_reason}}
     tol = noise.tolerance
@@ -293,12 +292,12 @@ def _run(spec, cfg, info, out, writer, say):
                                                 cfg.alpha_mode))
             rev_sites.append((L, h, b))
         p_rev = patching.Patcher(m, ids_b, pos_b, pad_b, batch_size=cfg.batch_size, engine=cfg.engine)
-        rev_kls = p_rev.kl(rev_conds, sv.base_ids) if rev_conds else np.empty((0, len(prep_dec)))
+        rev_kls = np.empty((0, len(prep_dec)))
         rev_tol = tol
         if rev_conds:
-            rev_noise = NoiseFloor.measure(spec.dtype, p_rev.engine_used, [p_rev.noise_floor(
-                sv.base_ids, sorted({(h, L) for L, h, _ in rev_sites}), cfg.seed)])
-            rev_tol = rev_noise.tolerance
+            rev_kls, rev_floor = p_rev.kl_with_noise_floor(rev_conds, sv.base_ids,
+                                                           sorted({(h, L) for L, h, _ in rev_sites}), cfg.seed)
+            rev_tol = NoiseFloor.measure(spec.dtype, p_rev.engine_used, [rev_floor]).tolerance
             engine["base"] = {"requested": cfg.engine, "used": p_rev.engine_used,
                               "fallback_reason": p_rev.fallback_reason}
         for i, (L, h, b) in enumerate(rev_sites):

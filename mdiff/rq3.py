@@ -226,9 +226,8 @@ def _run(spec, cfg, info, writer, say):
                     tags.append(f"{method}|null|k={k}#{j}")
                     conds.append(cond(null(X_dec)))
         say("patching", 0.5)
-        kl = patcher.kl(conds, sv.tuned_ids)
-        noise = NoiseFloor.measure(spec.dtype, patcher.engine_used,
-                                   [patcher.noise_floor(sv.tuned_ids, [(hook, L)], cfg.seed)])
+        kl, floor = patcher.kl_with_noise_floor(conds, sv.tuned_ids, [(hook, L)], cfg.seed)
+        noise = NoiseFloor.measure(spec.dtype, patcher.engine_used, [floor])
         engine = {"requested": cfg.engine, "used": patcher.engine_used, "fallback_reason": patcher.fallback_reason}
 
     by_tag = dict(zip(tags, kl, strict=True))

@@ -33,9 +33,6 @@ from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher
 from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
 
-TOPK_FREQ = "topk_frequency"
-"""Metric: share of select-split resamples whose top-k (column ``k``) contains the head."""
-
 
 @dataclasses.dataclass
 class RQ4Config:
@@ -237,7 +234,7 @@ def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel, tol, n_
                      "n": kl_sel.shape[1], "split": "select", "k": 1, "heads": str(h), "set": "single",
                      "rank": ranking.index(h) + 1})
         for k in cfg.ks:
-            rows.append({"condition": f"{source}|head:{h}", "metric": TOPK_FREQ, "value": stab.head_freq[k][h],
+            rows.append({"condition": f"{source}|head:{h}", "metric": HD.TOPK_FREQ, "value": stab.head_freq[k][h],
                          "n": stab.n_resamples, "split": "select", "k": k, "heads": str(h), "set": "single"})
     all_kl = kl[0]
     a, alo, ahi = stats.bootstrap_mean(all_kl, idx=idx)

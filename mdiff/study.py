@@ -56,10 +56,11 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
     info = models.inspect_pair(spec)
     record: dict[str, Any] = {"pair": spec.name, "config": dataclasses.asdict(scfg), "steps": []}
     if dry_run:
-        for st in plan_steps(spec, info, scfg, out):
+        identity = pair_identity(spec)
+        for st in plan_steps(spec, info, scfg, out, identity):
             sett = step_settings(spec, st)
             status = ("skipped" if st.get("skip") else "to be resolved" if sett is None
-                      else "done" if step_done(out, spec.name, st["step"], sett, pair_identity(spec)) else "to run")
+                      else "done" if step_done(out, spec.name, st["step"], sett, identity) else "to run")
             record["steps"].append({"step": st["step"], "status": status, "why": st["why"], "settings": sett})
         return record
     from mdiff.executors import LocalExecutor
@@ -71,7 +72,7 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
     entries: dict[str, dict] = {}
     failed: list[U.UnitResult] = []
     while True:
-        units = U.plan_units(spec, scfg, out)
+        units = U.plan_units(spec, scfg, out, info)
         rq2 = next(u for u in units if u.step == "rq2")
         if rq2.status == U.DONE and not (out / spec.name / "rq2" / "winners.json").is_file():
             from mdiff.rq2 import freeze_winners
@@ -108,7 +109,7 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise MdiffError(f"study unit {f.key} ({spec.name} {f.step}) failed: {f.error}{more}; everything else is "
                          f"kept, rerun to retry")
-    missing = [u for u in U.plan_units(spec, scfg, out) if u.status in (U.BLOCKED, U.READY)]
+    missing = [u for u in units if u.status in (U.BLOCKED, U.READY)]  # the last plan: nothing was ready
     if missing:
         u = missing[0]
         raise MdiffError(f"study step {u.step} could not be planned: {u.why} (an earlier step did not finish)")

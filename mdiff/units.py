@@ -84,16 +84,16 @@ def parts_dir(out: str | Path, pair: str) -> Path:
     return Path(out) / pair / "parts"
 
 
-def plan_units(spec, scfg, out: str | Path) -> list[Unit]:
+def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
     """The study's units and their status, resolved from the results under ``out`` now."""
     from mdiff import models
     from mdiff.io import pair_identity
     from mdiff.plan import plan_steps, step_done
 
     out = Path(out)
-    info = models.inspect_pair(spec)
+    info = info or models.inspect_pair(spec)
     psha = pair_identity(spec)
-    steps = {st["step"]: st for st in plan_steps(spec, info, scfg, out)}
+    steps = {st["step"]: st for st in plan_steps(spec, info, scfg, out, psha)}
     gpus = 1 if str(scfg.device or "").startswith("cuda") else 0
     units: list[Unit] = []
     status_of: dict[str, str] = {}
@@ -124,7 +124,7 @@ def run_unit(task: UnitTask, progress=None) -> UnitResult:
     try:
         _run(task, progress)
         return UnitResult(task.key, task.step, True, round(time.perf_counter() - t0, 1))
-    except (MdiffError, Exception) as e:  # noqa: BLE001 - reported with the unit's key, never swallowed
+    except Exception as e:  # noqa: BLE001 - reported with the unit's key, never swallowed
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return UnitResult(task.key, task.step, False, round(time.perf_counter() - t0, 1),
                           f"{type(e).__name__}: {msg}" if not isinstance(e, MdiffError) else msg)
