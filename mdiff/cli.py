@@ -68,10 +68,21 @@ def cli_errors(fn):
                           highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("interrupted; rerun the same command to resume", highlight=False, soft_wrap=True)
+            _say_interrupted()
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+_INTERRUPTED_LINE = "interrupted; rerun the same command to resume"
+_said_interrupted = False
+
+
+def _say_interrupted() -> None:
+    global _said_interrupted
+    if not _said_interrupted:
+        _said_interrupted = True
+        console.print(_INTERRUPTED_LINE, highlight=False, soft_wrap=True)
 
 
 def _check_device(device: str | None) -> None:
@@ -765,14 +776,24 @@ def demo_cmd(
 
 
 def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary folders removed, one line printed
+    """SIGTERM unwinds like Ctrl-C: temporary folders removed, one line printed, status 130. Only the first
+    one unwinds: a second TERM (schedulers often send several) must not interrupt the clean-up."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main() -> None:  # console-script entry point
     import signal
+    import sys
 
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # one that arrived outside a command's own handling (start-up, a second signal)
+        _say_interrupted()
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover
