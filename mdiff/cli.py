@@ -6,6 +6,7 @@ traceback, and exit with status 2.
 
 import errno
 import functools
+import inspect
 import json
 import os
 import sys
@@ -319,47 +320,104 @@ def _progress_bar(name: str = "run") -> _LazyProgress:
     return _LazyProgress(name)
 
 
-@app.command("rq1")
-@cli_errors
-def rq1_cmd(
-    pair: PairOpt = "toy-lowrank",
-    layers: Annotated[str, typer.Option(help="all, or a comma list such as 0,4,8 (ranges a-b allowed).")] = "all",
-    stride: Annotated[int, typer.Option(help="Keep every S-th of the chosen layers.")] = 1,
-    hooks: Annotated[str, typer.Option(help="Comma list of resid_pre, resid_post, attn_out, mlp_out.")] = "resid_post",
-    positions: Annotated[str, typer.Option(help="CKA positions: last, or k=K content positions per prompt.")] = "last",
-    split: Annotated[str, typer.Option(help="Prompts used: all, train, select or val.")] = "all",
-    n: Annotated[int | None, typer.Option(help="Use at most N prompts.")] = None,
-    bootstrap: BootstrapOpt = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of splits, positions and bootstrap.")] = 0,
-    batch_size: BatchOpt = 16,
-    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq1/.")] = "results",
-    overwrite: OverwriteOpt = False,
-    engine: EngineOpt = "fast",
-    prompts_file: PromptsFileOpt = None,
-    device: DeviceOpt = None,
-    threads: ThreadsOpt = None,
-):
-    """RQ1 where: CKA and debiased CKA per layer (prompt-bootstrap CIs) and cross-model layer patch KL, both ways."""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
-    from mdiff.models import inspect_pair
-    from mdiff.options import parse_int_list, parse_str_list
-    from mdiff.pairs import resolve_pair
-    from mdiff.positions import parse_positions
-    from mdiff.rq1 import RQ1_HOOKS, RQ1Config, run_rq1
-    from mdiff.stats import check_bootstrap
+# ------------------------------------------------------------------ the RQ commands, built from their configs
+# Each RQ's options live once, in its config dataclass (mdiff.config): flag, help, CLI default, parser, settings
+# key. _rq_command turns them into Typer options, adds the options every run shares (pair, output folder,
+# overwrite, prompts file, threads) and any command-only ones, and does what every RQ command does: check the
+# shared options, resolve the pair, parse the options against its shape, run with a progress bar, print.
+def _option_params(cfg_cls) -> list[inspect.Parameter]:
+    from mdiff import config as C
 
-    check_bootstrap(bootstrap)
-    if stride < 1:
-        raise MdiffError(f"--stride must be ≥ 1, got {stride}")
-    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
-    info = inspect_pair(spec)
-    layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")[::stride]
-    cfg = RQ1Config(layers=layer_list, hooks=parse_str_list(hooks, "--hooks", RQ1_HOOKS),
-                    positions=parse_positions(positions, seed=seed), split=split, n=n, n_boot=bootstrap, seed=seed,
-                    batch_size=batch_size, device=device, engine=engine)
-    with _progress_bar("rq1") as prog:
-        summary = run_rq1(spec, cfg, out_dir, overwrite,
-                          progress=prog.fraction)
+    params = []
+    for f, o in C.cli_fields(cfg_cls):
+        default = C.cli_default(f)
+        typ = o.cli_type if o.cli_type is not None else f.type
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY,
+            default=inspect.Parameter.empty if default is C.NOTSET else default,
+            annotation=Annotated[typ, typer.Option(C.flag_of(f), help=o.help)]))
+    return params
+
+
+_RUN_PARAMS = [
+    inspect.Parameter("pair", inspect.Parameter.KEYWORD_ONLY, default="toy-lowrank", annotation=PairOpt),
+    inspect.Parameter("out_dir", inspect.Parameter.KEYWORD_ONLY, default="results", annotation=Annotated[
+        str, typer.Option("--out", help="Output folder; writes OUT/<pair>/<command>/.")]),
+    inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=OverwriteOpt),
+    inspect.Parameter("prompts_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=PromptsFileOpt),
+    inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ThreadsOpt),
+]
+
+
+def _rq_command(name: str, cfg_cls, runner, *, extra: tuple[inspect.Parameter, ...] = (), adjust=None):
+    """Register ``mdiff <name>``: the config's options + the shared run options + ``extra``; the decorated function
+    prints the summary: ``report(summary, spec, cfg, out_dir, **extra_values)``. ``adjust(values, extras, info)``
+    may combine command-only options into the config's CLI values before they are parsed."""
+
+    def deco(report):
+        params = [*_option_params(cfg_cls), *extra, *_RUN_PARAMS]
+
+        def command(**kw):
+            from mdiff.config import Shape
+            from mdiff.models import inspect_pair
+            from mdiff.pairs import resolve_pair
+            from mdiff.stats import check_bootstrap
+
+            run = {p.name: kw.pop(p.name) for p in _RUN_PARAMS}
+            extras = {p.name: kw.pop(p.name) for p in extra}
+            _setup(run["threads"], seed=kw["seed"], batch_size=kw["batch_size"], device=kw["device"], n=kw["n"])
+            check_bootstrap(kw["n_boot"])
+            spec = with_prompts(resolve_pair(run["pair"], progress=True), run["prompts_file"])
+            info = inspect_pair(spec)
+            if adjust is not None:
+                kw = adjust(kw, extras, info)
+            shape = Shape(info.base.n_layers, info.base.n_heads, info.base.d_model, kw["seed"])
+            cfg = cfg_cls.from_cli(kw, shape)
+            with _progress_bar(name) as prog:
+                summary = runner(spec, cfg, run["out_dir"], run["overwrite"], progress=prog.fraction)
+            report(summary, spec, cfg, run["out_dir"], **extras)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__name__ = report.__name__
+        command.__qualname__ = report.__qualname__
+        command.__doc__ = report.__doc__
+        wrapped = cli_errors(command)
+        app.command(name)(wrapped)
+        return wrapped
+
+    return deco
+
+
+def _lazy(module: str, attr: str):
+    """``module.attr``, imported when called (the CLI starts without torch)."""
+    def call(*a, **k):
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*a, **k)
+    return call
+
+
+def _cfg_cls(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _stride_layers(values, extras, info):
+    if extras["stride"] < 1:
+        raise MdiffError(f"--stride must be ≥ 1, got {extras['stride']}")
+    from mdiff.config import Shape, layer_list
+
+    layers = layer_list(values["layers"], Shape(info.base.n_layers, 1, 1), "--layers")[::extras["stride"]]
+    return {**values, "layers": ",".join(map(str, layers))}
+
+
+@_rq_command("rq1", _cfg_cls("mdiff.rq1", "RQ1Config"), _lazy("mdiff.rq1", "run_rq1"), adjust=_stride_layers, extra=(
+    inspect.Parameter("stride", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
+        int, typer.Option(help="Keep every S-th of the chosen layers.")]),))
+def rq1_cmd(summary, spec, cfg, out_dir, stride):
+    """RQ1 where: CKA and debiased CKA per layer (prompt-bootstrap CIs) and cross-model layer patch KL, both ways."""
     out.print(f"[bold]RQ1 {spec.name}[/] ({summary['hook']}): largest divergence at layers "
               f"{summary['largest_divergence_layers']} (CKA), largest patch KL at {summary['largest_patch_kl_layers']}; "
               f"probe layers {summary['suggested_probe_layers']}, control layer {summary['suggested_control_layer']}; "
@@ -370,69 +428,13 @@ def rq1_cmd(
     out.print(f"wrote {summary['path']}")
 
 
-def _parse_floats(text: str, option: str) -> list[float]:
-    vals = []
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            raise MdiffError(f"{option} {text!r} has an empty item: use a comma list such as 0.3,0.5,1.0")
-        try:
-            vals.append(float(item))
-        except ValueError:
-            raise MdiffError(f"{option}: {item!r} is not a number") from None
-    return vals
-
-
-@app.command("rq2")
-@cli_errors
-def rq2_cmd(
-    pair: PairOpt = "toy-lowrank",
-    layers: Annotated[str, typer.Option(help="Probe layers, comma list (e.g. 24,26).")] = "4",
-    hooks: Annotated[str, typer.Option(help="Comma list of resid_pre, resid_post, attn_out, mlp_out.")] = "resid_post",
-    solvers: Annotated[str, typer.Option(help="Comma list of ridge (shrinks toward the identity), ridge-zero (toward 0), "
-                                             "procrustes, procrustes-scaled, whiten-procrustes, pca-procrustes, "
-                                             "logit-subspace (identity and mean-shift always run); the best is chosen "
-                                             "on the select split, reported on val.")]
-    = "ridge,ridge-zero,procrustes,procrustes-scaled,whiten-procrustes",
-    alphas: Annotated[str, typer.Option(help="Comma list of α values.")] = "1.0",
-    alpha_mode: AlphaModeOpt = "blend",
-    fit_positions: FitPositionsOpt = DEFAULT_FIT_POSITIONS,
-    control_layer: Annotated[int, typer.Option(help="Early-layer control site.")] = 0,
-    n: NOpt = None,
-    bootstrap: BootstrapOpt = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of splits, positions, shuffles and bootstrap.")] = 0,
-    batch_size: BatchOpt = 16,
-    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq2/.")] = "results",
-    freeze: Annotated[bool, typer.Option(help="Also pin each site's winning map and α into rq2/winners.json.")] = False,
-    overwrite: OverwriteOpt = False,
-    engine: EngineOpt = "fast",
-    prompts_file: PromptsFileOpt = None,
-    device: DeviceOpt = None,
-    threads: ThreadsOpt = None,
-):
+@_rq_command("rq2", _cfg_cls("mdiff.rq2", "RQ2Config"), _lazy("mdiff.rq2", "run_rq2"), extra=(
+    inspect.Parameter("freeze", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option(help="Also pin each site's winning map and α into rq2/winners.json.")]),))
+def rq2_cmd(summary, spec, cfg, out_dir, freeze):
     """RQ2 transport: fit linear maps base → tuned per site; how much of the raw cross-patch KL does the map remove?"""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
-    from mdiff.models import inspect_pair
-    from mdiff.options import parse_int_list, parse_str_list
-    from mdiff.pairs import resolve_pair
-    from mdiff.positions import parse_positions
-    from mdiff.rq2 import RQ2_HOOKS, SOLVERS, RQ2Config, freeze_winners, run_rq2
-    from mdiff.stats import check_bootstrap
+    from mdiff.rq2 import freeze_winners
 
-    check_bootstrap(bootstrap)
-    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
-    info = inspect_pair(spec)
-    nl = info.base.n_layers
-    parse_int_list(str(control_layer), "--control-layer", 0, nl - 1, what="layer")
-    cfg = RQ2Config(layers=parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer"),
-                    hooks=parse_str_list(hooks, "--hooks", RQ2_HOOKS),
-                    solvers=parse_str_list(solvers, "--solvers", SOLVERS), alphas=_parse_floats(alphas, "--alphas"),
-                    alpha_mode=alpha_mode, fit_positions=parse_positions(fit_positions, seed=seed),
-                    control_layer=control_layer, n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size,
-                    device=device, engine=engine)
-    with _progress_bar("rq2") as prog:
-        summary = run_rq2(spec, cfg, out_dir, overwrite,
-                          progress=prog.fraction)
     for site in summary["sites"]:
         tag = " (control)" if site["control_site"] else ""
         out.print(f"L{site['layer']} {site['hook']}{tag}: {site['verdict']}")
@@ -443,58 +445,9 @@ def rq2_cmd(
         out.print(f"winners pinned in {freeze_winners(out_dir, spec.name)}")
 
 
-@app.command("rq3")
-@cli_errors
-def rq3_cmd(
-    layer: Annotated[int, typer.Option(help="Layer of the site (e.g. RQ2's best site).")],
-    pair: PairOpt = "toy-lowrank",
-    hook: Annotated[str, typer.Option(help="Hook of the site: resid_pre, resid_post, attn_out or mlp_out.")]
-    = "resid_post",
-    ks: Annotated[str | None, typer.Option(help="Ranks of the correction, e.g. 1,2,4,8,full (default: 1, 2, 4, … "
-                                                "below d_model, and full).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma list of rrr (reduced-rank regression of y−x on x) and "
-                                              "pca-procrustes (Procrustes in the top-k PCA subspace of y−x).")]
-    = "rrr,pca-procrustes",
-    target: Annotated[float | None, typer.Option(help="Target drop, absolute (e.g. 0.3).")] = None,
-    target_frac: Annotated[float | None, typer.Option(help="Target as a fraction of the full-rank drop "
-                                                           "(default 0.9 when --target is not given).")] = None,
-    alpha: Annotated[float, typer.Option(help="α of the patch (raw and mapped at the same α).")] = 1.0,
-    alpha_mode: AlphaModeOpt = "blend",
-    null_draws: Annotated[int, typer.Option(help="Random k-dim subspaces (matched variance) per k for the null.")] = 5,
-    fit_positions: FitPositionsOpt = DEFAULT_FIT_POSITIONS,
-    n: NOpt = None,
-    bootstrap: BootstrapOpt = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of splits, null subspaces and bootstrap.")] = 0,
-    batch_size: BatchOpt = 16,
-    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq3/.")] = "results",
-    overwrite: OverwriteOpt = False,
-    engine: EngineOpt = "fast",
-    prompts_file: PromptsFileOpt = None,
-    device: DeviceOpt = None,
-    threads: ThreadsOpt = None,
-):
+@_rq_command("rq3", _cfg_cls("mdiff.rq3", "RQ3Config"), _lazy("mdiff.rq3", "run_rq3"))
+def rq3_cmd(summary, spec, cfg, out_dir):
     """RQ3 rank: how low-rank is the transport? drop(k) of the rank-k correction W_k = I + U_k V_kᵀ, smallest k."""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
-    from mdiff.models import inspect_pair
-    from mdiff.options import parse_str_list
-    from mdiff.pairs import resolve_pair
-    from mdiff.positions import parse_positions
-    from mdiff.rq3 import METHODS, RQ3Config, parse_ks, run_rq3
-    from mdiff.stats import check_bootstrap
-
-    check_bootstrap(bootstrap)
-    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
-    info = inspect_pair(spec)
-    from mdiff.options import parse_int_list
-
-    parse_int_list(str(layer), "--layer", 0, info.base.n_layers - 1, what="layer")
-    cfg = RQ3Config(layer=layer, hook=hook, ks=parse_ks(ks, info.base.d_model),
-                    methods=parse_str_list(methods, "--methods", METHODS), target=target, target_frac=target_frac,
-                    alpha=alpha, alpha_mode=alpha_mode, n_null=null_draws,
-                    fit_positions=parse_positions(fit_positions, seed=seed), n=n, n_boot=bootstrap, seed=seed,
-                    batch_size=batch_size, device=device, engine=engine)
-    with _progress_bar("rq3") as prog:
-        summary = run_rq3(spec, cfg, out_dir, overwrite, progress=prog.fraction)
     for f in summary["findings"]:
         out.print(f)
     for w in summary.get("warnings", []):
@@ -502,66 +455,25 @@ def rq3_cmd(
     out.print(f"wrote {summary['path']}")
 
 
-@app.command("rq4")
-@cli_errors
-def rq4_cmd(
-    pair: PairOpt = "toy-lowrank",
-    layer: Annotated[int | None, typer.Option(help="Layer whose heads are scanned.")] = None,
-    layers: Annotated[str | None, typer.Option(help="Several layers instead, comma list (ranges a-b, or all).")]
-    = None,
-    k: Annotated[str | None, typer.Option("--k", help="Head-set sizes for top-k vs random-k, e.g. 1,2,4,8 "
-                                                      "(default: powers of two up to the heads per layer).")] = None,
-    site: Annotated[str, typer.Option(help="Head site(s): result (z·W_O with the source's W_O; sees W_O changes) "
-                                           "and/or z (through the target's W_O); comma list.")] = "result",
-    source: Annotated[str, typer.Option(help="Source(s): raw base heads and/or mapped (per-head maps fit on "
-                                             "train); comma list.")] = "raw",
-    random_sets: Annotated[int, typer.Option(help="Random k-sets per k for the null (same layer).")] = 20,
-    control_layer: Annotated[int, typer.Option(help="Control layer, analysed the same way.")] = 0,
-    map_solver: Annotated[str, typer.Option(help="Solver of the per-head maps (--source mapped).")] = "ridge",
-    fit_positions: Annotated[str, typer.Option(help="Positions the per-head maps are fit on (train prompts): last, "
-                                                    "k=K or upto=K.")] = DEFAULT_FIT_POSITIONS,
-    n: NOpt = None,
-    bootstrap: BootstrapOpt = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of splits, random head sets and bootstrap.")] = 0,
-    batch_size: BatchOpt = 16,
-    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/rq4/.")] = "results",
-    overwrite: OverwriteOpt = False,
-    engine: EngineOpt = "fast",
-    prompts_file: PromptsFileOpt = None,
-    device: DeviceOpt = None,
-    threads: ThreadsOpt = None,
-):
-    """RQ4 heads: which attention heads carry the difference? Per-head patching, top-k vs random-k, coverage, heatmaps."""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
-    from mdiff import heads as HD
-    from mdiff.models import inspect_pair
-    from mdiff.options import parse_int_list, parse_str_list
-    from mdiff.pairs import resolve_pair
-    from mdiff.positions import parse_positions
-    from mdiff.rq4 import RQ4Config, run_rq4
-    from mdiff.stats import check_bootstrap
-
-    check_bootstrap(bootstrap)
+def _one_or_several_layers(values, extras, info):
+    layer, layers = extras["layer"], values["layers"]
     if layer is not None and layers is not None:
         raise MdiffError("give --layer L or --layers L1,L2, not both")
-    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
-    info = inspect_pair(spec)
-    nl, nh = info.base.n_layers, info.base.n_heads
-    parse_int_list(str(control_layer), "--control-layer", 0, nl - 1, what="layer")
-    if layers is not None:
-        layer_list = parse_int_list(layers, "--layers", 0, nl - 1, allow_all=True, what="layer")
-    elif layer is not None:
-        layer_list = parse_int_list(str(layer), "--layer", 0, nl - 1, what="layer")
-    else:
-        raise MdiffError(f"give --layer L (0..{nl - 1}) or --layers L1,L2: e.g. RQ1's probe layer")
-    ks = HD.parse_ks(k, nh) if k is not None else [2 ** i for i in range(nh.bit_length()) if 2 ** i <= nh]
-    cfg = RQ4Config(layers=layer_list, ks=ks, sites=parse_str_list(site, "--site", HD.HEAD_SITES),
-                    sources=parse_str_list(source, "--source", HD.SOURCES), random_sets=random_sets,
-                    control_layer=control_layer, map_solver=map_solver,
-                    fit_positions=parse_positions(fit_positions, seed=seed), n=n, n_boot=bootstrap, seed=seed,
-                    batch_size=batch_size, device=device, engine=engine)
-    with _progress_bar("rq4") as prog:
-        summary = run_rq4(spec, cfg, out_dir, overwrite, progress=prog.fraction)
+    if layer is None and layers is None:
+        raise MdiffError(f"give --layer L (0..{info.base.n_layers - 1}) or --layers L1,L2: e.g. RQ1's probe layer")
+    if layer is not None:
+        from mdiff.config import Shape, one_layer
+
+        return {**values, "layers": str(one_layer(layer, Shape(info.base.n_layers, 1, 1), "--layer"))}
+    return values
+
+
+@_rq_command("rq4", _cfg_cls("mdiff.rq4", "RQ4Config"), _lazy("mdiff.rq4", "run_rq4"),
+             adjust=_one_or_several_layers, extra=(
+    inspect.Parameter("layer", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        int | None, typer.Option(help="Layer whose heads are scanned (or --layers for several).")]),))
+def rq4_cmd(summary, spec, cfg, out_dir, layer):
+    """RQ4 heads: which attention heads carry the difference? Per-head patching, top-k vs random-k, coverage, heatmaps."""
     for f in summary["findings"]:
         out.print(f)
     out.print(f"wrote {summary['path']}")

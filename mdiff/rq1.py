@@ -31,6 +31,7 @@ import pandas as pd
 
 from mdiff import activations as A
 from mdiff import behaviour, cka, data, models, patching, stats
+from mdiff import config as C
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import KL_ABS_FLOOR, NOISE_FACTOR, NoiseFloor, is_noise
@@ -59,24 +60,24 @@ def store_condition(side: str) -> str:
     return f"store:{side}"
 
 
-@dataclasses.dataclass
-class RQ1Config:
-    layers: list[int]
-    hooks: list[str]
-    positions: PositionSpec
-    split: str = "all"
-    n: int | None = None
-    n_boot: int = 1000
-    seed: int = 0
-    batch_size: int = 16
-    device: str | None = None
-    behaviour: bool = True
-    engine: str = "fast"
-
-    def settings(self) -> dict[str, Any]:
-        return {"layers": self.layers, "hooks": self.hooks, "positions": self.positions.to_dict(),
-                "split": self.split, "n": self.n, "bootstrap": self.n_boot, "seed": self.seed,
-                "behaviour": self.behaviour, "engine": self.engine}
+@dataclasses.dataclass(frozen=True)
+class RQ1Config(C.RunConfig):
+    """RQ1's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
+    layers: list[int] = C.option(help="all, or a comma list such as 0,4,8 (ranges a-b allowed).", cli_type=str,
+                                 cli_default="all", parse=C.layer_list)
+    hooks: list[str] = C.option(help="Comma list of " + ", ".join(RQ1_HOOKS) + ".", cli_type=str,
+                                cli_default="resid_post", parse=C.choices(RQ1_HOOKS))
+    positions: PositionSpec = C.option(help="CKA positions: last, or k=K content positions per prompt.",
+                                       cli_type=str, cli_default="last", parse=C.positions)
+    split: str = C.option("all", help="Prompts used: all, train, select or val.")
+    n: int | None = C.n_option()
+    n_boot: int = C.bootstrap_option()
+    seed: int = C.seed_option()
+    batch_size: int = C.batch_size_option()
+    device: str | None = C.device_option()
+    behaviour: bool = C.option(True, flag="--behaviour/--no-behaviour",
+                               help="Also record the behaviour diagnostics (soft refusal, style markers, multiple-choice Δ logp) of each model.")
+    engine: str = C.engine_option()
 
 
 def run_rq1(spec: PairSpec, cfg: RQ1Config, out: str | Path, overwrite: bool = False,

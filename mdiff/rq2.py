@@ -38,6 +38,7 @@ import torch
 
 from mdiff import activations as A
 from mdiff import cka, maps, models, patching, stats
+from mdiff import config as C
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor, is_noise
@@ -55,27 +56,29 @@ FIT_METRICS = {"rows": "fit_rows", "prompts": "fit_prompts", "dof": "fit_dof", "
 """maps.fit_summary key → metric name of the per-map fit record (on train)."""
 
 
-@dataclasses.dataclass
-class RQ2Config:
-    layers: list[int]
-    hooks: list[str]
-    solvers: list[str]
-    alphas: list[float]
-    alpha_mode: str = "blend"
-    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions(DEFAULT_FIT_POSITIONS))
-    control_layer: int | None = None
-    n: int | None = None
-    n_boot: int = 1000
-    seed: int = 0
-    batch_size: int = 16
-    device: str | None = None
-    engine: str = "fast"
-
-    def settings(self) -> dict[str, Any]:
-        return {"layers": self.layers, "hooks": self.hooks, "solvers": self.solvers, "alphas": self.alphas,
-                "alpha_mode": self.alpha_mode, "fit_positions": self.fit_positions.to_dict(),
-                "control_layer": self.control_layer, "n": self.n, "bootstrap": self.n_boot, "seed": self.seed,
-                "engine": self.engine}
+@dataclasses.dataclass(frozen=True)
+class RQ2Config(C.RunConfig):
+    """RQ2's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
+    layers: list[int] = C.option(help="Probe layers, comma list (e.g. 24,26).", cli_type=str, cli_default="4",
+                                 parse=C.layer_list)
+    hooks: list[str] = C.option(help="Comma list of " + ", ".join(RQ2_HOOKS) + ".", cli_type=str,
+                                cli_default="resid_post", parse=C.choices(RQ2_HOOKS))
+    solvers: list[str] = C.option(
+        help="Comma list of ridge (shrinks toward the identity), ridge-zero (toward 0), procrustes, procrustes-scaled, "
+             "whiten-procrustes, pca-procrustes, logit-subspace (identity and mean-shift always run); the best is "
+             "chosen on the select split, reported on val.", cli_type=str,
+        cli_default=",".join(DEFAULT_SOLVERS), parse=C.choices(SOLVERS))
+    alphas: list[float] = C.option(help="Comma list of α values.", cli_type=str, cli_default="1.0", parse=C.floats)
+    alpha_mode: str = C.alpha_mode_option()
+    fit_positions: PositionSpec = C.fit_positions_option()
+    control_layer: int | None = C.option(None, help="Early-layer control site (default 0).", cli_type=int,
+                                         cli_default=0, parse=C.one_layer)
+    n: int | None = C.n_option()
+    n_boot: int = C.bootstrap_option()
+    seed: int = C.seed_option()
+    batch_size: int = C.batch_size_option()
+    device: str | None = C.device_option()
+    engine: str = C.engine_option()
 
 
 def check_config(cfg: RQ2Config, n_layers: int) -> None:
@@ -110,7 +113,7 @@ def run_rq2(spec: PairSpec, cfg: RQ2Config, out: str | Path, overwrite: bool = F
     info = models.inspect_pair(spec)
     n_layers = info.base.n_layers
     if cfg.control_layer is None:
-        cfg.control_layer = 0
+        cfg = dataclasses.replace(cfg, control_layer=0)
     check_config(cfg, n_layers)
     writer = ResultWriter(Path(out) / spec.name / "rq2", {"pair": spec.name, **cfg.settings()}, overwrite)
     with writer:

@@ -25,6 +25,7 @@ import torch
 from mdiff import activations as A
 from mdiff import hooks as H
 from mdiff import maps, models, stats
+from mdiff import config as C
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor, is_noise
@@ -63,30 +64,35 @@ def parse_ks(text: str | None, d_model: int) -> list[int | str]:
     return [*ks, *(["full"] if full else [])]
 
 
-@dataclasses.dataclass
-class RQ3Config:
-    layer: int
-    hook: str = "resid_post"
-    ks: list[int | str] | None = None
-    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
-    target: float | None = None
-    target_frac: float | None = None
-    alpha: float = 1.0
-    alpha_mode: str = "blend"
-    n_null: int = 5
-    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions(DEFAULT_FIT_POSITIONS))
-    n: int | None = None
-    n_boot: int = 1000
-    seed: int = 0
-    batch_size: int = 16
-    device: str | None = None
-    engine: str = "fast"
+def _ks(text: str | None, shape: C.Shape, flag: str) -> list[int | str]:
+    return parse_ks(text, shape.d_model)
 
-    def settings(self) -> dict[str, Any]:
-        return {"layer": self.layer, "hook": self.hook, "ks": self.ks, "methods": self.methods, "target": self.target,
-                "target_frac": self.target_frac, "alpha": self.alpha, "alpha_mode": self.alpha_mode,
-                "n_null": self.n_null, "fit_positions": self.fit_positions.to_dict(), "n": self.n,
-                "bootstrap": self.n_boot, "seed": self.seed, "engine": self.engine}
+
+@dataclasses.dataclass(frozen=True)
+class RQ3Config(C.RunConfig):
+    """RQ3's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
+    layer: int = C.option(help="Layer of the site (e.g. RQ2's best site).", parse=C.one_layer)
+    hook: str = C.option("resid_post", help="Hook of the site: " + ", ".join(RQ3_HOOKS) + ".")
+    ks: list[int | str] | None = C.option(None, cli_type=str | None, parse=_ks,
+                                          help="Ranks of the correction, e.g. 1,2,4,8,full (default: 1, 2, 4, … "
+                                               "below d_model, and full).")
+    methods: list[str] = C.option(default_factory=lambda: list(METHODS), cli_type=str, parse=C.choices(METHODS),
+                                  help="Comma list of rrr (reduced-rank regression of y−x on x) and pca-procrustes "
+                                       "(Procrustes in the top-k PCA subspace of y−x).")
+    target: float | None = C.option(None, help="Target drop, absolute (e.g. 0.3).")
+    target_frac: float | None = C.option(None, help="Target as a fraction of the full-rank drop (default 0.9 when "
+                                                    "no absolute target is given).")
+    alpha: float = C.option(1.0, help="α of the patch (raw and mapped at the same α).")
+    alpha_mode: str = C.alpha_mode_option()
+    n_null: int = C.option(5, flag="--null-draws",
+                           help="Random k-dim subspaces (matched variance) per k for the null.")
+    fit_positions: PositionSpec = C.fit_positions_option()
+    n: int | None = C.n_option()
+    n_boot: int = C.bootstrap_option()
+    seed: int = C.seed_option()
+    batch_size: int = C.batch_size_option()
+    device: str | None = C.device_option()
+    engine: str = C.engine_option()
 
 
 def check_config(cfg: RQ3Config, n_layers: int, d_model: int) -> None:
@@ -125,9 +131,9 @@ def run_rq3(spec: PairSpec, cfg: RQ3Config, out: str | Path, overwrite: bool = F
     info = models.inspect_pair(spec)
     d_model = info.base.d_model
     if cfg.ks is None:
-        cfg.ks = default_ks(d_model)
+        cfg = dataclasses.replace(cfg, ks=default_ks(d_model))
     if cfg.target is None and cfg.target_frac is None:
-        cfg.target_frac = 0.9
+        cfg = dataclasses.replace(cfg, target_frac=0.9)
     check_config(cfg, info.base.n_layers, d_model)
     writer = ResultWriter(Path(out) / spec.name / "rq3", {"pair": spec.name, **cfg.settings()}, overwrite)
     with writer:

@@ -25,6 +25,7 @@ import numpy as np
 from mdiff import activations as A
 from mdiff import heads as HD
 from mdiff import models, stats
+from mdiff import config as C
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor
@@ -34,28 +35,39 @@ from mdiff.patching import ENGINES, Patcher
 from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
 
 
-@dataclasses.dataclass
-class RQ4Config:
-    layers: list[int]
-    ks: list[int]
-    sites: list[str] = dataclasses.field(default_factory=lambda: ["result"])
-    sources: list[str] = dataclasses.field(default_factory=lambda: ["raw"])
-    random_sets: int = 20
-    control_layer: int | None = None
-    map_solver: str = "ridge"
-    fit_positions: PositionSpec = dataclasses.field(default_factory=lambda: parse_positions(DEFAULT_FIT_POSITIONS))
-    n: int | None = None
-    n_boot: int = 1000
-    seed: int = 0
-    batch_size: int = 16
-    device: str | None = None
-    engine: str = "fast"
+def _head_ks(text: str | None, shape: C.Shape, flag: str) -> list[int]:
+    if text is None:  # powers of two up to the heads per layer
+        return [2 ** i for i in range(shape.n_heads.bit_length()) if 2 ** i <= shape.n_heads]
+    return HD.parse_ks(text, shape.n_heads, flag)
 
-    def settings(self) -> dict[str, Any]:
-        return {"layers": self.layers, "ks": self.ks, "sites": self.sites, "sources": self.sources,
-                "random_sets": self.random_sets, "control_layer": self.control_layer, "map_solver": self.map_solver,
-                "fit_positions": self.fit_positions.to_dict(), "n": self.n, "bootstrap": self.n_boot,
-                "seed": self.seed, "engine": self.engine}
+
+@dataclasses.dataclass(frozen=True)
+class RQ4Config(C.RunConfig):
+    """RQ4's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
+    layers: list[int] = C.option(help="Layers whose heads are scanned, comma list (ranges a-b, or all).",
+                                 cli_type=str | None, cli_default=None, parse=C.layer_list)
+    ks: list[int] = C.option(flag="--k", cli_type=str | None, cli_default=None, parse=_head_ks,
+                             help="Head-set sizes for top-k vs random-k, e.g. 1,2,4,8 (default: powers of two up to "
+                                  "the heads per layer).")
+    sites: list[str] = C.option(default_factory=lambda: ["result"], flag="--site", cli_type=str,
+                                parse=C.choices(HD.HEAD_SITES),
+                                help="Head site(s): result (z·W_O with the source's W_O; sees W_O changes) and/or z "
+                                     "(through the target's W_O); comma list.")
+    sources: list[str] = C.option(default_factory=lambda: ["raw"], flag="--source", cli_type=str,
+                                  parse=C.choices(HD.SOURCES),
+                                  help="Source(s): raw base heads and/or mapped (per-head maps fit on train); comma "
+                                       "list.")
+    random_sets: int = C.option(20, help="Random k-sets per k for the null (same layer).")
+    control_layer: int | None = C.option(None, help="Control layer, analysed the same way (default 0).",
+                                         cli_type=int, cli_default=0, parse=C.one_layer)
+    map_solver: str = C.option("ridge", help="Solver of the per-head maps (for the mapped source).")
+    fit_positions: PositionSpec = C.fit_positions_option()
+    n: int | None = C.n_option()
+    n_boot: int = C.bootstrap_option()
+    seed: int = C.seed_option()
+    batch_size: int = C.batch_size_option()
+    device: str | None = C.device_option()
+    engine: str = C.engine_option()
 
 
 def check_config(cfg: RQ4Config, n_layers: int, n_heads: int) -> None:
@@ -91,7 +103,7 @@ def run_rq4(spec: PairSpec, cfg: RQ4Config, out: str | Path, overwrite: bool = F
     info = models.inspect_pair(spec)
     n_layers, n_heads = info.base.n_layers, info.base.n_heads
     if cfg.control_layer is None:
-        cfg.control_layer = 0
+        cfg = dataclasses.replace(cfg, control_layer=0)
     check_config(cfg, n_layers, n_heads)
     writer = ResultWriter(Path(out) / spec.name / "rq4", {"pair": spec.name, **cfg.settings()}, overwrite)
     with writer:

@@ -1,5 +1,6 @@
 """RQ2 on toy-lowrank: the planted site is linearly transportable, controls behave, α bookkeeping is honest."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -250,7 +251,7 @@ def test_best_map_is_chosen_on_select_and_reported_on_val():
     b = _best_per_site(val, sel, cfg)[(4, "attn_out")]
     assert (b["solver"], b["fit_rows"], b["drop"]) == ("ridge@decision", "decision", 0.99)
     assert b["mean_shift_drop"]["value"] == 0.65 and b["beats_mean_shift"]  # the same-rows mean shift
-    cfg.solvers = ["procrustes"]  # a solver not asked for is never chosen
+    cfg = dataclasses.replace(cfg, solvers=["procrustes"])  # a solver not asked for is never chosen
     assert _best_per_site(val, sel, cfg)[(4, "attn_out")]["solver"] == "procrustes"
 
 
