@@ -18,7 +18,6 @@ from rich.console import Console
 from mdiff.errors import MdiffError
 from mdiff.options import PromptsFileOpt
 from mdiff.pairs import with_prompts
-from mdiff.positions import DEFAULT_FIT_POSITIONS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -32,19 +31,8 @@ out = Console()
 PairOpt = Annotated[str, typer.Option("--pair", "-p", help="Built-in pair name (see `mdiff pairs`) or a pair .toml file.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="Torch device (default: cuda if available, else cpu).")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice; 1 in tests/CI).")]
-NOpt = Annotated[int | None, typer.Option(help="Use at most N prompts per split.")]
-BootstrapOpt = Annotated[int, typer.Option(help="Bootstrap resamples over prompts for the CIs (≥ 1).")]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings "
                                                  "(the old folder is kept as <name>.prev-N).")]
-AlphaModeOpt = Annotated[str, typer.Option(help="blend: (1−α)·h_tuned + α·source; scale: α·source.")]
-FitPositionsOpt = Annotated[str, typer.Option(
-    help="Positions of the train prompts the maps are fit on: last, k=K, or upto=K (K content positions, fewer "
-         "when a prompt is shorter). Patching and every reported number stay at the decision position on val.")]
-EngineOpt = Annotated[str, typer.Option(help="Patching engine: fast (recomputes only the decision position from the "
-                                             "patched layer; falls back to naive on unsupported models, and says so) "
-                                             "or naive (one full forward per condition). Recorded in config.json.")]
-
 
 _ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
                errno.ENAMETOOLONG, errno.EEXIST}
@@ -479,48 +467,50 @@ def rq4_cmd(summary, spec, cfg, out_dir, layer):
     out.print(f"wrote {summary['path']}")
 
 
-@app.command("study")
-@cli_errors
-def study_cmd(
-    pair: PairOpt = "toy-lowrank",
-    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/{rq1..rq4,report}/.")]
-    = "results",
-    dry_run: Annotated[bool, typer.Option(help="Print the plan (resolving what earlier results decide) and stop.")]
-    = False,
-    n: NOpt = None,
-    bootstrap: BootstrapOpt = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of splits, nulls and bootstrap.")] = 0,
-    batch_size: BatchOpt = 16,
-    overwrite: OverwriteOpt = False,
-    engine: EngineOpt = "fast",
-    prompts_file: PromptsFileOpt = None,
-    device: DeviceOpt = None,
-    threads: ThreadsOpt = None,
-    executor: Annotated[str, typer.Option(help="Where units run: local (here, one after another), ray (a Ray "
-                                               "cluster; pip install 'mdiff\\[ray]'), or slurm (submitit job arrays; "
-                                               "pip install 'mdiff\\[slurm]').")] = "local",
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one).")] = None,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray cluster (default: all).")] = None,
-    slurm_cluster: Annotated[str, typer.Option(help="submitit cluster: slurm, or local (local processes).")]
-    = "slurm",
-    partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
-    timeout_min: Annotated[int, typer.Option(help="SLURM time limit per unit, minutes.")] = 120,
-    mem_gb: Annotated[int, typer.Option(help="SLURM memory per unit, GiB (one model in memory at a time).")] = 64,
-):
+def _signature(fn, params: list[inspect.Parameter]):
+    """Give ``fn(**kw)`` the Typer options ``params`` (built from config fields)."""
+    fn.__signature__ = inspect.Signature(params)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn
+
+
+def _study_params() -> list[inspect.Parameter]:
+    from mdiff.plan import StudyConfig
+
+    return _option_params(StudyConfig)
+
+
+def _study_config(kw: dict):
+    from mdiff.plan import StudyConfig
+    from mdiff.stats import check_bootstrap
+
+    _setup(kw.get("threads"), seed=kw["seed"], batch_size=kw["batch_size"], device=kw["device"], n=kw["n"])
+    check_bootstrap(kw["n_boot"])
+    from mdiff.config import cli_fields
+
+    return StudyConfig(**{f.name: kw[f.name] for f, _ in cli_fields(StudyConfig)})
+
+
+_OUT_STUDY = inspect.Parameter("out_dir", inspect.Parameter.KEYWORD_ONLY, default="results", annotation=Annotated[
+    str, typer.Option("--out", help="Output folder; writes OUT/<pair>/{rq1..rq4,report}/.")])
+_PAIR = next(p for p in _RUN_PARAMS if p.name == "pair")
+
+
+def study_cmd(**kw):
     """The whole study on one pair: RQ1 → RQ2 (probe sites) → RQ3 (best site) → RQ4 (best attention layer) → report.
 
     Resumable: steps already done with the same settings are kept, not redone. The study runs as units of work
     (`mdiff units` shows them): locally, on Ray, or on SLURM; the result folder is the only state.
     """
-    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
+    from mdiff.config import ExecutorConfig, cli_fields
     from mdiff.pairs import resolve_pair
-    from mdiff.stats import check_bootstrap
-    from mdiff.study import StudyConfig, run_study
+    from mdiff.study import run_study
 
-    check_bootstrap(bootstrap)
-    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
-    scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device, engine=engine)
-    if dry_run:
+    scfg = _study_config(kw)
+    excfg = ExecutorConfig(**{f.name: kw[f.name] for f, _ in cli_fields(ExecutorConfig)})
+    out_dir, pair = kw["out_dir"], kw["pair"]
+    spec = with_prompts(resolve_pair(pair, progress=True), kw["prompts_file"])
+    if kw["dry_run"]:
         rec = run_study(spec, scfg, out_dir, dry_run=True)
         out.print(f"[bold]plan for {spec.name}[/] (out: {out_dir}/{spec.name}/)")
         for st in rec["steps"]:
@@ -532,11 +522,9 @@ def study_cmd(
     from mdiff.executors import make_executor
 
     with _progress_bar("study") as prog:
-        ex = make_executor(executor, out_dir, prog.fraction, ray_address=ray_address, num_cpus=num_cpus,
-                           slurm_cluster=slurm_cluster, timeout_min=timeout_min, partition=partition,
-                           mem_gb=mem_gb)
-        rec = run_study(spec, scfg, out_dir, overwrite, say=lambda m: console.print(m, highlight=False),
-                        progress=prog.fraction, executor=ex, pair_ref=pair, threads=threads)
+        ex = make_executor(excfg.executor, out_dir, prog.fraction, **excfg.kwargs())
+        rec = run_study(spec, scfg, out_dir, kw["overwrite"], say=lambda m: console.print(m, highlight=False),
+                        progress=prog.fraction, executor=ex, pair_ref=pair, threads=kw["threads"])
     from mdiff.report import findings, load_results
 
     for f in findings(load_results(out_dir, spec.name)):
@@ -544,39 +532,46 @@ def study_cmd(
     out.print(f"report: {rec['report']} (and summary.md)")
 
 
-@app.command("units")
-@cli_errors
-def units_cmd(
-    pair: PairOpt = "toy-lowrank",
-    out_dir: Annotated[str, typer.Option("--out", help="Output folder of the study.")] = "results",
-    n: NOpt = None,
-    bootstrap: BootstrapOpt = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of splits, nulls and bootstrap.")] = 0,
-    batch_size: BatchOpt = 16,
-    engine: EngineOpt = "fast",
-    device: DeviceOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the units as a JSON list.")] = False,
-):
+def _executor_params() -> list[inspect.Parameter]:
+    from mdiff.config import ExecutorConfig
+
+    return _option_params(ExecutorConfig)
+
+
+study_cmd = app.command("study")(cli_errors(_signature(study_cmd, [
+    _PAIR, _OUT_STUDY,
+    inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option(help="Print the plan (resolving what earlier results decide) and stop.")]),
+    *_study_params(), *(p for p in _RUN_PARAMS if p.name in ("overwrite", "prompts_file", "threads")),
+    *_executor_params()])))
+
+
+def units_cmd(**kw):
     """The study's units of work (one per step) with their keys and status: done, ready, blocked or skipped."""
-    _setup(None, seed=seed, batch_size=batch_size, device=device, n=n)
     from mdiff.pairs import resolve_pair
-    from mdiff.patching import ENGINES
-    from mdiff.stats import check_bootstrap
-    from mdiff.study import StudyConfig
     from mdiff.units import plan_units
 
-    check_bootstrap(bootstrap)
-    if engine not in ENGINES:
-        raise MdiffError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    spec = resolve_pair(pair, progress=True)
-    scfg = StudyConfig(n=n, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=device, engine=engine)
-    units = plan_units(spec, scfg, out_dir)
-    if as_json:
+    scfg = _study_config(kw)
+    from mdiff.patching import ENGINES
+
+    if scfg.engine not in ENGINES:
+        raise MdiffError(f"--engine must be one of {', '.join(ENGINES)}, got {scfg.engine!r}")
+    spec = with_prompts(resolve_pair(kw["pair"], progress=True), kw["prompts_file"])
+    units = plan_units(spec, scfg, kw["out_dir"])
+    if kw["as_json"]:
         print(json.dumps([u.to_dict() for u in units], indent=2, default=str))
         return
-    out.print(f"[bold]units of {spec.name}[/] (out: {out_dir}/{spec.name}/)")
+    out.print(f"[bold]units of {spec.name}[/] (out: {kw['out_dir']}/{spec.name}/)")
     for u in units:
         out.print(f"  {u.step}  {u.key or '-':16}  {u.status:8}  {u.why}", highlight=False, soft_wrap=True, markup=False)
+
+
+units_cmd = app.command("units")(cli_errors(_signature(units_cmd, [
+    _PAIR, inspect.Parameter("out_dir", inspect.Parameter.KEYWORD_ONLY, default="results", annotation=Annotated[
+        str, typer.Option("--out", help="Output folder of the study.")]),
+    *_study_params(), *(p for p in _RUN_PARAMS if p.name == "prompts_file"),
+    inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--json", help="Print the units as a JSON list.")])])))
 
 
 @app.command("report")

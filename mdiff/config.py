@@ -250,3 +250,22 @@ def alpha_mode_option() -> Any:
 
 SHARED = ("n", "n_boot", "seed", "batch_size", "device", "engine")
 """The fields every RQ config and the study's config share (same names, same meaning)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorConfig(RunConfig):
+    """Where the study's units run (:func:`mdiff.executors.make_executor` takes these fields as keywords)."""
+    executor: str = option("local", flag="--executor",
+                           help="Where units run: local (here, one after another), ray (a Ray cluster; pip install "
+                                "'mdiff\\[ray]'), or slurm (submitit job arrays; pip install 'mdiff\\[slurm]').")
+    ray_address: str | None = option(None, cli_type=str | None,
+                                     help="Ray cluster address (default: start a local one).")
+    num_cpus: int | None = option(None, cli_type=int | None, help="CPUs of a local Ray cluster (default: all).")
+    slurm_cluster: str = option("slurm", help="submitit cluster: slurm, or local (local processes).")
+    partition: str | None = option(None, cli_type=str | None, help="SLURM partition.")
+    timeout_min: int = option(120, help="SLURM time limit per unit, minutes.")
+    mem_gb: int = option(64, help="SLURM memory per unit, GiB (one model in memory at a time).")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The executor's keyword arguments (everything but its name)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "executor"}

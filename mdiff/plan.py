@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from mdiff import config as C
 from mdiff.errors import MdiffError
 from mdiff.io import pair_identity
 from mdiff.pairs import PairSpec
@@ -23,31 +24,26 @@ from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
 STEPS = ("rq1", "rq2", "rq3", "rq4")
 
 
-@dataclasses.dataclass
-class StudyConfig:
-    n: int | None = None
-    n_boot: int = 1000
-    seed: int = 0
-    batch_size: int = 16
-    device: str | None = None
-    rq1_hooks: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
-    rq2_hooks: tuple[str, ...] = ("resid_post", "attn_out")
-    alphas: tuple[float, ...] = (0.5, 1.0)
-    random_sets: int = 20
-    rq4_sources: tuple[str, ...] = ("raw", "mapped")
-    engine: str = "fast"
+@dataclasses.dataclass(frozen=True)
+class StudyConfig(C.RunConfig):
+    """The study's options: the ones every RQ shares (declared once in :mod:`mdiff.config`, the same fields as
+    the RQ configs') and the study's fixed choices, which are not CLI options."""
+    n: int | None = C.n_option()
+    n_boot: int = C.bootstrap_option()
+    seed: int = C.seed_option()
+    batch_size: int = C.batch_size_option()
+    device: str | None = C.device_option()
+    rq1_hooks: tuple[str, ...] = C.option(("resid_post", "attn_out", "mlp_out"), cli=False, help="RQ1's hooks.")
+    rq2_hooks: tuple[str, ...] = C.option(("resid_post", "attn_out"), cli=False,
+                                          help="RQ2's hooks (plus the component RQ1 names at a probe layer).")
+    alphas: tuple[float, ...] = C.option((0.5, 1.0), cli=False, help="RQ2's α values.")
+    random_sets: int = C.option(20, cli=False, help="RQ4's random k-sets per k.")
+    rq4_sources: tuple[str, ...] = C.option(("raw", "mapped"), cli=False, help="RQ4's sources.")
+    engine: str = C.engine_option()
 
-    def to_dict(self) -> dict[str, Any]:
-        return _norm(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
-        kw = {}
-        for f in dataclasses.fields(cls):
-            if f.name in d:
-                v = d[f.name]
-                kw[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
+    def shared(self) -> dict[str, Any]:
+        """The options every RQ config takes from the study (:data:`mdiff.config.SHARED`)."""
+        return {k: getattr(self, k) for k in C.SHARED}
 
 
 def _norm(obj: Any) -> Any:

@@ -44,7 +44,7 @@ from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
-from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
+from mdiff.positions import PositionSpec, parse_positions
 
 RQ2_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 SOLVERS = ("identity", "mean-shift", "ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes",

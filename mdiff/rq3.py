@@ -23,16 +23,16 @@ import numpy as np
 import torch
 
 from mdiff import activations as A
+from mdiff import config as C
 from mdiff import hooks as H
 from mdiff import maps, models, stats
-from mdiff import config as C
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher, SitePatch
-from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
+from mdiff.positions import PositionSpec, parse_positions
 
 RQ3_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 METHODS = ("rrr", "pca-procrustes")

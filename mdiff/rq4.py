@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 
 from mdiff import activations as A
+from mdiff import config as C
 from mdiff import heads as HD
 from mdiff import models, stats
-from mdiff import config as C
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher
-from mdiff.positions import DEFAULT_FIT_POSITIONS, PositionSpec, parse_positions
+from mdiff.positions import PositionSpec, parse_positions
 
 
 def _head_ks(text: str | None, shape: C.Shape, flag: str) -> list[int]:
