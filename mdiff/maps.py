@@ -232,13 +232,13 @@ def _check_dense(a: Any, name: str, what: str) -> None:
     if a is None and name == "Y":  # sklearn's wording for a supervised estimator
         raise MapError(f"{what} requires y to be passed, but the target y is None; pass Y, the tuned activations")
     if a is None:
-        raise MapError(f"{name} is None; pass {what} activations as an array or tensor")
+        raise MapError(f"{name} is None; pass activations as a numpy array or torch tensor")
     if sps.issparse(a):
         raise MapError(f"{name} is a scipy sparse matrix, which {what} does not support; pass a dense array")
 
 
-def _to_numpy(a: Any, name: str, ndim: int | None = 2, what: str = "a map") -> np.ndarray:
-    _check_dense(a, name, what)
+def _to_numpy(a: Any, name: str, ndim: int | None = 2) -> np.ndarray:
+    _check_dense(a, name, "a map")
     try:
         return as_float_array(a, name, ndim, purpose="fitting or applying a map")
     except MdiffError as err:
