@@ -51,7 +51,8 @@ Maps (``make_map`` name → class)
 * ``procrustes`` (:class:`ProcrustesMap`): ``W = U Vᵀ`` from the SVD ``X_cᵀY_c = U Σ Vᵀ``, the
   orthogonal (semi-orthogonal when d_in ≠ d_out) W minimising ``‖X_cW − Y_c‖_F`` (the same R as
   ``scipy.linalg.orthogonal_procrustes(X_c, Y_c)``). ``procrustes-scaled`` (``scale=True``) uses
-  ``W = s U Vᵀ`` with the least-squares scale ``s = tr(Σ) / ‖X_c‖²_F``, reported as ``scale_``.
+  ``W = s U Vᵀ`` with the least-squares scale ``s = tr(Σ) / ‖X_cUVᵀ‖²_F``, reported as ``scale_``
+  (the denominator is ``‖X_c‖²_F`` when d_in ≤ d_out, where UVᵀ has orthonormal rows).
 * ``whiten-procrustes`` (:class:`WhitenedProcrustesMap`): shrunk covariances
   ``Σ_x(α) = (1 − α) Σ_x + α μ_x I`` (``Σ_x = X_cᵀX_c/n``, ``μ_x = tr(Σ_x)/d_in``; same for y), with
   α fixed or the Ledoit–Wolf estimate (as sklearn's ``ledoit_wolf_shrinkage``), then
@@ -129,8 +130,17 @@ registry of the classes here; nothing is pickled. ``LogitSubspaceMap`` keeps its
 but not the (large) ``W_U`` parameter, which loads as None.
 
 Inputs may be numpy arrays or torch tensors (any float dtype, any device); fitting copies them to
-CPU numpy. Bad input raises :class:`mdiff.errors.MdiffError` with a one-line message. Nothing here
-prints.
+CPU numpy. Bad input raises :class:`MapError` (an :class:`mdiff.errors.MdiffError` and a ``ValueError``)
+with a one-line message; using a map before ``fit`` raises :class:`MapNotFittedError` (also sklearn's
+``NotFittedError``). Nothing here prints.
+
+scikit-learn
+------------
+Every map is a scikit-learn estimator (``BaseEstimator`` with ``TransformerMixin`` and
+``RegressorMixin``): ``get_params``/``set_params``, ``sklearn.base.clone``, ``check_is_fitted``,
+``predict`` (= ``transform``) and ``fit_transform`` work, and ``score`` is the variance-weighted R²
+above. Y is always 2-D (the ``multi_output`` tag, not ``single_output``); ``tests/test_maps_sklearn.py``
+runs sklearn's estimator checks and lists the ones that do not apply, with reasons.
 """
 
 import importlib.metadata as _md
@@ -145,8 +155,11 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import scipy.linalg as sla
+import scipy.sparse as sps
 import torch
 from jaxtyping import Float, Shaped
+from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin
+from sklearn.exceptions import NotFittedError
 
 from mdiff._arrays import as_float_array, as_float_pair, factorize_groups
 from mdiff.errors import MdiffError
@@ -158,6 +171,8 @@ __all__ = [
     "LogitSubspaceMap",
     "LowRankCorrectionMap",
     "MAP_NAMES",
+    "MapError",
+    "MapNotFittedError",
     "MeanShiftMap",
     "PCAProcrustesMap",
     "ProcrustesMap",
@@ -199,16 +214,44 @@ _VOCAB_CHUNK = 8192
 _M = TypeVar("_M", bound="LinearMap")
 
 
+class MapError(MdiffError, ValueError):
+    """Bad input or parameters for a map: an :class:`~mdiff.errors.MdiffError` (a one-line message for
+    the user) that is also a ``ValueError``, as scikit-learn expects of an estimator."""
+
+
+class MapNotFittedError(MapError, NotFittedError):
+    """A map was used (transform, predict, score, save_map, fit_summary) before ``fit``: also
+    scikit-learn's ``NotFittedError``, so sklearn tools and ``check_is_fitted`` recognise it."""
+
+
 # --------------------------------------------------------------------------------------------
 # input handling
 
 
+def _check_dense(a: Any, name: str, what: str) -> None:
+    if a is None and name == "Y":  # sklearn's wording for a supervised estimator
+        raise MapError(f"{what} requires y to be passed, but the target y is None; pass Y, the tuned activations")
+    if a is None:
+        raise MapError(f"{name} is None; pass activations as a numpy array or torch tensor")
+    if sps.issparse(a):
+        raise MapError(f"{name} is a scipy sparse matrix, which {what} does not support; pass a dense array")
+
+
 def _to_numpy(a: Any, name: str, ndim: int | None = 2) -> np.ndarray:
-    return as_float_array(a, name, ndim, purpose="fitting or applying a map")
+    _check_dense(a, name, "a map")
+    try:
+        return as_float_array(a, name, ndim, purpose="fitting or applying a map")
+    except MdiffError as err:
+        raise MapError(str(err)) from None
 
 
 def _validate_pair(X: Any, Y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    return as_float_pair(X, Y, what, purpose="fitting or applying a map")
+    _check_dense(X, "X", what)
+    _check_dense(Y, "Y", what)
+    try:
+        return as_float_pair(X, Y, what, purpose="fitting or applying a map")
+    except MdiffError as err:
+        raise MapError(str(err)) from None
 
 
 def _resolve_dtype(dtype: str, x: np.ndarray, y: np.ndarray) -> np.dtype:
@@ -244,19 +287,19 @@ def _sumsq(a: np.ndarray) -> float:
 
 def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise MdiffError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise MapError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
 
 
 def _check_int(value: Any, name: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise MdiffError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        raise MapError(f"{name} must be an integer ≥ {low}, got {value!r}")
     return int(value)
 
 
 def _check_fraction(value: Any, name: str, low: float = 0.0, high: float = 1.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= float(value) <= high:
-        raise MdiffError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        raise MapError(f"{name} must be a number in [{low}, {high}], got {value!r}")
     return float(value)
 
 
@@ -265,7 +308,7 @@ def _check_holdout(holdout: Any) -> float | int:
         return float(holdout)
     if isinstance(holdout, (int, np.integer)) and not isinstance(holdout, bool) and holdout >= 1:
         return int(holdout)
-    raise MdiffError(
+    raise MapError(
         f"holdout must be a fraction in (0, 1) or a number of prompts ≥ 1 to hold out for choosing λ, got {holdout!r}"
     )
 
@@ -277,13 +320,13 @@ def _check_alphas(alphas: Any) -> np.ndarray | None:
     if isinstance(alphas, torch.Tensor):
         alphas = alphas.detach().cpu().numpy()
     if isinstance(alphas, bool):
-        raise MdiffError(f"alphas must be None, a number ≥ 0 or a list of them, got {alphas!r}")
+        raise MapError(f"alphas must be None, a number ≥ 0 or a list of them, got {alphas!r}")
     try:
         arr = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
     except (TypeError, ValueError):
-        raise MdiffError(f"alphas must be None, a number ≥ 0 or a list of them, got {alphas!r}") from None
+        raise MapError(f"alphas must be None, a number ≥ 0 or a list of them, got {alphas!r}") from None
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise MdiffError(f"alphas must be None, a number ≥ 0 or a non-empty list of them, got {alphas!r}")
+        raise MapError(f"alphas must be None, a number ≥ 0 or a non-empty list of them, got {alphas!r}")
     return arr
 
 
@@ -377,14 +420,14 @@ def _ridge_direct(
 def _holdout_split(n: int, groups: np.ndarray | None, holdout: float | int, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
     codes, n_groups = (np.arange(n, dtype=np.int64), n) if groups is None else (groups, int(groups.max()) + 1)
     if n_groups < 2:
-        raise MdiffError("choosing λ on a hold-out fold needs at least 2 prompts; pass a fixed alphas value or more data")
+        raise MapError("choosing λ on a hold-out fold needs at least 2 prompts; pass a fixed alphas value or more data")
     n_hold = int(round(holdout * n_groups)) if isinstance(holdout, float) else int(holdout)
     n_hold = min(max(n_hold, 1), n_groups - 1)
     held = np.random.default_rng(seed).permutation(n_groups)[:n_hold]
     mask = np.isin(codes, held)
     train, val = np.flatnonzero(~mask), np.flatnonzero(mask)
     if train.size < 2:
-        raise MdiffError(
+        raise MapError(
             f"the training fold has {train.size} row(s) after holding out {val.size}; lower holdout or add prompts"
         )
     return train, val
@@ -394,14 +437,14 @@ def _group_folds(n: int, groups: np.ndarray | None, cv: int, seed: int | None) -
     """Fold index per row for prompt-grouped K-fold CV (a prompt's rows share a fold); K ≤ the number of prompts."""
     codes, n_groups = (np.arange(n, dtype=np.int64), n) if groups is None else (groups, int(groups.max()) + 1)
     if n_groups < 2:
-        raise MdiffError("choosing λ by cross-validation needs at least 2 prompts; pass a fixed alphas value or more data")
+        raise MapError("choosing λ by cross-validation needs at least 2 prompts; pass a fixed alphas value or more data")
     k = min(int(cv), n_groups)
     fold_of_group = np.empty(n_groups, dtype=np.int64)
     fold_of_group[np.random.default_rng(seed).permutation(n_groups)] = np.arange(n_groups) % k
     folds = fold_of_group[codes]
     for f in range(k):
         if int((folds != f).sum()) < 2:
-            raise MdiffError(f"a cross-validation training fold has fewer than 2 rows; use fewer folds (cv < {k})")
+            raise MapError(f"a cross-validation training fold has fewer than 2 rows; use fewer folds (cv < {k})")
     return folds, k
 
 
@@ -447,7 +490,7 @@ def _holdout_errors(
         del K, U
     del Xt, Yt
     if scale <= 0.0:
-        raise MdiffError("X is constant on the training fold, so ridge has nothing to fit; check the activations")
+        raise MapError("X is constant on the training fold, so ridge has nothing to fit; check the activations")
     alphas = DEFAULT_RELATIVE_ALPHAS * scale if grid is None else grid
     e = np.maximum(e.astype(f64), 0.0)
     tol = float(e.max(initial=0.0) * max(n_tr, d) * np.finfo(dt).eps)
@@ -494,23 +537,23 @@ def _subspace_affine(R: np.ndarray, c: np.ndarray, Q: np.ndarray) -> tuple[np.nd
 
 def _check_unembed(W_U: Any, d: int, q: int) -> tuple[int, int]:
     if not isinstance(W_U, (np.ndarray, torch.Tensor)):
-        raise MdiffError("the logit subspace needs W_U, the tuned model's unembedding (d_model, d_vocab), or a basis")
+        raise MapError("the logit subspace needs W_U, the tuned model's unembedding (d_model, d_vocab), or a basis")
     shape = tuple(W_U.shape)
     if len(shape) != 2 or shape[0] != d:
         hint = "; pass W_U.T" if len(shape) == 2 and shape[1] == d else ""
-        raise MdiffError(f"W_U must have shape (d_model={d}, d_vocab) but has {shape}{hint}")
+        raise MapError(f"W_U must have shape (d_model={d}, d_vocab) but has {shape}{hint}")
     if q > min(shape):
-        raise MdiffError(f"q = {q} exceeds min(d_model, d_vocab) = {min(shape)}")
+        raise MapError(f"q = {q} exceeds min(d_model, d_vocab) = {min(shape)}")
     return shape
 
 
 def _check_basis(basis: Any, d: int, q: int) -> np.ndarray:
     Q = _to_numpy(basis, "basis").astype(np.float64, copy=False)
     if Q.shape[0] != d or Q.shape[1] < q:
-        raise MdiffError(f"basis must have shape (d_model={d}, ≥ q={q}) but has {Q.shape}")
+        raise MapError(f"basis must have shape (d_model={d}, ≥ q={q}) but has {Q.shape}")
     Q = np.ascontiguousarray(Q[:, :q])
     if np.abs(Q.T @ Q - np.eye(q)).max() > 1e-5:
-        raise MdiffError("basis must have orthonormal columns (e.g. from logit_basis or a fitted map's basis_)")
+        raise MapError("basis must have orthonormal columns (e.g. from logit_basis or a fitted map's basis_)")
     return Q
 
 
@@ -563,12 +606,17 @@ def logit_basis(
 # base class
 
 
-class LinearMap:
+class LinearMap(TransformerMixin, RegressorMixin, BaseEstimator):
     """Base class: an affine map ``ŷ = x @ W_ + b_`` fitted from paired activations (X → Y).
 
     Subclasses implement ``_fit`` on (possibly standardised) float arrays and return (W, b) in that
     space; the base class validates input, standardises, folds the standardisation back and stores
     ``W_``, ``b_`` (float64), ``n_features_in_`` and ``n_features_out_``.
+
+    A scikit-learn estimator (``BaseEstimator``): ``get_params``/``set_params`` and
+    ``sklearn.base.clone`` work, ``predict`` is ``transform`` (the regressor API; ``score`` stays the
+    variance-weighted R²) and ``fit_transform(X, Y)`` is ``fit(X, Y).transform(X)``. Targets are
+    always 2-D (``multi_output`` tag, no ``single_output``).
     """
 
     name: ClassVar[str] = ""
@@ -585,33 +633,43 @@ class LinearMap:
         self.standardize = standardize
         self.dtype = dtype
 
+    def __sklearn_tags__(self):  # scikit-learn ≥ 1.6
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = False  # Y must be 2-D (n_samples, d_out)
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return getattr(self, "W_", None) is not None
+
     # ---- parameters -----------------------------------------------------------------------
 
     @classmethod
     def _param_names(cls) -> list[str]:
+        """Constructor parameter names in signature order (``_get_param_names`` sorts them)."""
         sig = inspect.signature(cls.__init__)
         return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind != p.VAR_KEYWORD]
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor parameters (scikit-learn convention)."""
-        return {name: getattr(self, name) for name in self._param_names()}
-
     def set_params(self: _M, **params: Any) -> _M:
-        """Set constructor parameters; returns self."""
+        """Set constructor parameters; returns self. An unknown name raises :class:`MapError`."""
         valid = set(self._param_names())
         for key, value in params.items():
             if key not in valid:
-                raise MdiffError(f"{type(self).__name__} has no parameter {key!r}; valid: {', '.join(sorted(valid))}")
+                raise MapError(f"{type(self).__name__} has no parameter {key!r}; valid: {', '.join(sorted(valid))}")
             setattr(self, key, value)
         return self
 
     def clone(self: _M) -> _M:
-        """A new, unfitted estimator with the same parameters."""
-        return type(self)(**self.get_params())
+        """A new, unfitted estimator with the same parameters (the same objects, not copies:
+        ``sklearn.base.clone`` deep-copies array parameters such as ``W_U``)."""
+        return type(self)(**self.get_params(deep=False))
 
     def __repr__(self) -> str:
         parts = []
-        for key, value in self.get_params().items():
+        for key in self._param_names():
+            value = getattr(self, key)
             if isinstance(value, (np.ndarray, torch.Tensor)):
                 parts.append(f"{key}=<{type(value).__name__} {tuple(value.shape)}>")
             else:
@@ -623,7 +681,7 @@ class LinearMap:
         _check_choice(self.standardize, "standardize", ("none", "x", "y", "both"))
         _check_choice(self.dtype, "dtype", ("auto", "float32", "float64"))
         if self._square and x.shape[1] != y.shape[1]:
-            raise MdiffError(
+            raise MapError(
                 f"{type(self).__name__} needs d_in == d_out (it is built around the identity) but X has "
                 f"{x.shape[1]} and Y {y.shape[1]} features; use ridge or procrustes"
             )
@@ -638,7 +696,10 @@ class LinearMap:
         """Validate, set the standardisation statistics; return the arrays to fit, groups, dtype."""
         x, y = _validate_pair(X, Y, f"{type(self).__name__}.fit")
         self._check_params(x, y)
-        codes = None if groups is None else factorize_groups(groups, x.shape[0])[0]
+        try:
+            codes = None if groups is None else factorize_groups(groups, x.shape[0])[0]
+        except MdiffError as err:
+            raise MapError(str(err)) from None
         dt = _resolve_dtype(self.dtype, x, y)
         self._reset()
         self.n_features_in_ = int(x.shape[1])
@@ -678,7 +739,7 @@ class LinearMap:
             self, with ``W_``, ``b_`` and the class's learned attributes set.
 
         Raises:
-            MdiffError: NaN/inf, mismatched rows, fewer than 2 samples, or invalid parameters.
+            MapError: NaN/inf, mismatched rows, fewer than 2 samples, or invalid parameters.
         """
         x, y, codes, dt = self._prepare(X, Y, groups)
         W, b = self._fit(x, y, codes, dt)
@@ -691,8 +752,8 @@ class LinearMap:
     # ---- applying ---------------------------------------------------------------------------
 
     def _check_fitted(self) -> None:
-        if getattr(self, "W_", None) is None:
-            raise MdiffError(f"{type(self).__name__} is not fitted yet; call fit(X, Y) before transform or score")
+        if not self.__sklearn_is_fitted__():
+            raise MapNotFittedError(f"{type(self).__name__} is not fitted yet; call fit(X, Y) before transform or score")
 
     def transform(
         self, X: Float[np.ndarray, "*batch d_in"] | Float[torch.Tensor, "*batch d_in"]
@@ -707,12 +768,12 @@ class LinearMap:
         if isinstance(X, torch.Tensor):
             t = X.detach()
             if t.ndim < 1 or t.shape[-1] != d:
-                raise MdiffError(f"X has shape {tuple(t.shape)} but the map expects {d} features in the last axis")
+                raise MapError(f"X has shape {tuple(t.shape)} but the map expects {d} features in the last axis")
             if not t.is_floating_point():
                 t = t.to(torch.float32)
             bad = ~torch.isfinite(t)
             if bool(bad.any()):
-                as_float_array(t.cpu().to(torch.float64).numpy(), "X", None, "fitting or applying a map")
+                _to_numpy(t.cpu().to(torch.float64).numpy(), "X", ndim=None)
             cdt = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
             W = torch.from_numpy(self.W_).to(device=t.device, dtype=cdt)
             b = torch.from_numpy(self.b_).to(device=t.device, dtype=cdt)
@@ -720,17 +781,23 @@ class LinearMap:
             return out.to(t.dtype)
         x = _to_numpy(X, "X", ndim=None)
         if x.shape[-1] != d:
-            raise MdiffError(f"X has shape {x.shape} but the map expects {d} features in the last axis")
+            raise MapError(f"X has shape {x.shape} but the map expects {d} features in the last axis")
         if x.dtype == np.float64:
             return x @ self.W_ + self.b_
         return x @ self.W_.astype(np.float32) + self.b_.astype(np.float32)
+
+    def predict(
+        self, X: Float[np.ndarray, "*batch d_in"] | Float[torch.Tensor, "*batch d_in"]
+    ) -> Float[np.ndarray, "*batch d_out"] | Float[torch.Tensor, "*batch d_out"]:
+        """The predicted tuned activations ``x @ W_ + b_``: the same as :meth:`transform` (scikit-learn's regressor API)."""
+        return self.transform(X)
 
     def score(self, X: ArrayX, Y: ArrayY) -> float:
         """Variance-weighted R² of ``transform(X)`` against Y (``r2_score(multioutput="variance_weighted")``)."""
         self._check_fitted()
         x, y = _validate_pair(X, Y, "score")
         if x.shape[1] != self.n_features_in_ or y.shape[1] != self.n_features_out_:
-            raise MdiffError(
+            raise MapError(
                 f"X, Y have {x.shape[1]}, {y.shape[1]} features but the map was fit on "
                 f"{self.n_features_in_} → {self.n_features_out_}"
             )
@@ -771,7 +838,7 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
     ss_res = float(np.square(y64 - pred).sum())
     ss_tot = float(np.square(y64 - y64.mean(axis=0)).sum())
     if ss_tot <= 0.0:
-        raise MdiffError("Y is constant over the samples, so R² is undefined; score on more varied samples")
+        raise MapError("Y is constant over the samples, so R² is undefined; score on more varied samples")
     return 1.0 - ss_res / ss_tot
 
 
@@ -788,7 +855,7 @@ def _jsonable(value: Any, name: str) -> Any:
         arr = np.asarray(value)
         if arr.ndim <= 1 and arr.size <= 10_000 and arr.dtype.kind in "fiub":
             return arr.tolist()
-    raise MdiffError(f"parameter {name} = {type(value).__name__} cannot be stored as JSON")
+    raise MapError(f"parameter {name} = {type(value).__name__} cannot be stored as JSON")
 
 
 # --------------------------------------------------------------------------------------------
@@ -895,7 +962,7 @@ class RidgeMap(LinearMap):
         _check_alphas(self.alphas)
         _check_holdout(self.holdout)
         if not isinstance(self.refit, (bool, np.bool_)):
-            raise MdiffError(f"refit must be True or False, got {self.refit!r}")
+            raise MapError(f"refit must be True or False, got {self.refit!r}")
         if self.cv is not None:
             _check_int(self.cv, "cv", low=2)
         self._prior_matrix(x.shape[1], y.shape[1])
@@ -905,16 +972,16 @@ class RidgeMap(LinearMap):
         p = self.prior
         if isinstance(p, str):
             if p == "matrix":
-                raise MdiffError("this ridge map was loaded with a matrix prior, which is not saved; "
+                raise MapError("this ridge map was loaded with a matrix prior, which is not saved; "
                                  "set_params(prior=W0) before refitting")
             _check_choice(p, "prior", ("zero", "identity"))
             if p == "identity" and d_in != d_out:
-                raise MdiffError(f"prior='identity' needs d_in == d_out but X has {d_in} and Y {d_out} features; "
+                raise MapError(f"prior='identity' needs d_in == d_out but X has {d_in} and Y {d_out} features; "
                                  "use prior='zero' or pass a prior matrix")
             return None if p == "zero" else "identity"
         W0 = _to_numpy(p, "prior").astype(np.float64, copy=False)
         if W0.shape != (d_in, d_out):
-            raise MdiffError(f"the prior matrix must have shape (d_in={d_in}, d_out={d_out}) but has {W0.shape}")
+            raise MapError(f"the prior matrix must have shape (d_in={d_in}, d_out={d_out}) but has {W0.shape}")
         return W0
 
     def _fit(self, x, y, groups, dt):
@@ -991,7 +1058,7 @@ class RidgeMap(LinearMap):
         if grid is None:
             scale = float(x.var(axis=0, dtype=f64).sum()) * n / d  # mean eigenvalue of X_cᵀX_c, all rows
             if scale <= 0.0:
-                raise MdiffError("X is constant, so ridge has nothing to fit; check the activations")
+                raise MapError("X is constant, so ridge has nothing to fit; check the activations")
             grid = DEFAULT_RELATIVE_ALPHAS * scale
         errs = np.zeros(grid.size)
         ss_val = 0.0
@@ -1031,7 +1098,7 @@ class ProcrustesMap(LinearMap):
     def _check_params(self, x, y):
         super()._check_params(x, y)
         if not isinstance(self.scale, (bool, np.bool_)):
-            raise MdiffError(f"scale must be True or False, got {self.scale!r}")
+            raise MapError(f"scale must be True or False, got {self.scale!r}")
 
     def _fit(self, x, y, groups, dt):
         Xc, mx = _centre(x, dt)
@@ -1040,9 +1107,11 @@ class ProcrustesMap(LinearMap):
         self.singular_values_ = s.astype(np.float64)
         self.scale_ = 1.0
         if self.scale:
-            xx = _sumsq(Xc)
+            # least-squares s for fixed R: tr(RᵀX_cᵀY_c)/‖X_cR‖²_F; ‖X_cR‖_F = ‖X_c‖_F when R has
+            # orthonormal rows (d_in ≤ d_out), but with d_in > d_out R projects X_c onto d_out axes.
+            xx = _sumsq(Xc) if x.shape[1] <= y.shape[1] else _sumsq(Xc @ R)
             if xx <= 0.0:
-                raise MdiffError("X is constant, so the Procrustes scale is undefined; check the activations")
+                raise MapError("X is constant, so the Procrustes scale is undefined; check the activations")
             self.scale_ = float(s.sum(dtype=np.float64)) / xx
         W = R.astype(np.float64) * self.scale_
         self.dof_ = _stiefel_dof(x.shape[1], y.shape[1]) + (1.0 / y.shape[1] if self.scale else 0.0)
@@ -1078,7 +1147,7 @@ class WhitenedProcrustesMap(LinearMap):
         super()._check_params(x, y)
         if self.shrinkage != "ledoit-wolf":
             if isinstance(self.shrinkage, str):
-                raise MdiffError(f"shrinkage must be a number in [0, 1] or 'ledoit-wolf', got {self.shrinkage!r}")
+                raise MapError(f"shrinkage must be a number in [0, 1] or 'ledoit-wolf', got {self.shrinkage!r}")
             _check_fraction(self.shrinkage, "shrinkage")
 
     def _side(self, Xc: np.ndarray, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -1090,12 +1159,12 @@ class WhitenedProcrustesMap(LinearMap):
         e = np.maximum(e.astype(np.float64), 0.0) / n
         mu = float(e.sum()) / d
         if mu <= 0.0:
-            raise MdiffError(f"{which} is constant, so its covariance cannot be whitened; check the activations")
+            raise MapError(f"{which} is constant, so its covariance cannot be whitened; check the activations")
         shrunk = (1.0 - alpha) * e + alpha * mu
         eps = np.finfo(Xc.dtype).eps
         if shrunk.min() <= shrunk.max() * eps * math.sqrt(d):
             rank = int((e > e.max() * d * eps).sum())
-            raise MdiffError(
+            raise MapError(
                 f"the shrunk covariance of {which} is numerically singular in {Xc.dtype} (rank {rank} of {d} "
                 f"before shrinkage {alpha:g}); use a larger shrinkage, 'ledoit-wolf', or dtype='float64'"
             )
@@ -1142,7 +1211,7 @@ class PCAProcrustesMap(LinearMap):
         super()._check_params(x, y)
         q = _check_int(self.q, "q")
         if q > min(x.shape[1], y.shape[1]):
-            raise MdiffError(f"q = {q} exceeds the smaller width min(d_in, d_out) = {min(x.shape[1], y.shape[1])}")
+            raise MapError(f"q = {q} exceeds the smaller width min(d_in, d_out) = {min(x.shape[1], y.shape[1])}")
 
     def _fit(self, x, y, groups, dt):
         q = int(self.q)
@@ -1420,13 +1489,13 @@ def make_map(name: str, **kw: Any) -> LinearMap:
     ``"lowrank"`` 5-fold CV for its ridge.
     """
     if name not in _FACTORY:
-        raise MdiffError(f"unknown map {name!r}; choose one of {', '.join(MAP_NAMES)}")
+        raise MapError(f"unknown map {name!r}; choose one of {', '.join(MAP_NAMES)}")
     cls, defaults = _FACTORY[name]
     params = {**defaults, **kw}
     valid = set(cls._param_names())
     unknown = sorted(set(params) - valid)
     if unknown:
-        raise MdiffError(f"map {name!r} has no parameter {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        raise MapError(f"map {name!r} has no parameter {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     return cls(**params)
 
 
@@ -1444,7 +1513,7 @@ def shuffled_pairs_permutation(
     counts = np.bincount(codes, minlength=n_groups)
     s = int(counts.max())
     if 2 * s > n:
-        raise MdiffError(
+        raise MapError(
             f"one prompt holds {s} of {n} rows, so its rows cannot all be paired with other prompts; add prompts"
         )
     order = np.random.default_rng(random_state).permutation(n_groups)
@@ -1487,7 +1556,7 @@ def fit_shuffled(
     """
     est = estimator.clone() if isinstance(estimator, LinearMap) else estimator()
     if not isinstance(est, LinearMap):
-        raise MdiffError(f"estimator must be a LinearMap or a factory returning one, got {type(est).__name__}")
+        raise MapError(f"estimator must be a LinearMap or a factory returning one, got {type(est).__name__}")
     y = _to_numpy(Y, "Y")
     perm = shuffled_pairs_permutation(y.shape[0], groups, random_state)
     est.fit(X, y[perm], groups)
@@ -1510,7 +1579,7 @@ def fit_lowrank_path(
     try:
         template = LowRankCorrectionMap(**{**kw, "rank": "full"})
     except TypeError as err:
-        raise MdiffError(f"fit_lowrank_path got an unknown argument ({err})") from None
+        raise MapError(f"fit_lowrank_path got an unknown argument ({err})") from None
     for r in ranks:
         if r != "full":
             _check_int(r, "rank")
@@ -1579,7 +1648,7 @@ def save_map(linear_map: LinearMap, path_prefix: str | os.PathLike[str]) -> tupl
     from safetensors.numpy import save as st_save
 
     if not isinstance(linear_map, LinearMap):
-        raise MdiffError(f"save_map needs an mdiff.maps estimator, got {type(linear_map).__name__}")
+        raise MapError(f"save_map needs an mdiff.maps estimator, got {type(linear_map).__name__}")
     linear_map._check_fitted()
     st_path, json_path = _paths(path_prefix)
     st_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1609,29 +1678,29 @@ def load_map(path_prefix: str | os.PathLike[str]) -> LinearMap:
     st_path, json_path = _paths(path_prefix)
     for p in (json_path, st_path):
         if not p.is_file():
-            raise MdiffError(f"{p} does not exist; pass the prefix given to save_map (without extension)")
+            raise MapError(f"{p} does not exist; pass the prefix given to save_map (without extension)")
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise MdiffError(f"{json_path} is not valid JSON ({err}); re-save the map") from None
+        raise MapError(f"{json_path} is not valid JSON ({err}); re-save the map") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise MdiffError(f"{json_path} is not an mdiff map file (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+        raise MapError(f"{json_path} is not an mdiff map file (format {doc.get('format') if isinstance(doc, dict) else None!r})")
     if doc.get("format_version") != FORMAT_VERSION:
-        raise MdiffError(f"{json_path} has map format version {doc.get('format_version')}; this mdiff reads {FORMAT_VERSION}")
+        raise MapError(f"{json_path} has map format version {doc.get('format_version')}; this mdiff reads {FORMAT_VERSION}")
     cls = _CLASSES.get(doc.get("class"))
     if cls is None:
-        raise MdiffError(f"{json_path} holds unknown map class {doc.get('class')!r}; known: {', '.join(_CLASSES)}")
+        raise MapError(f"{json_path} holds unknown map class {doc.get('class')!r}; known: {', '.join(_CLASSES)}")
     try:
         est = cls(**doc.get("params", {}))
     except TypeError as err:
-        raise MdiffError(f"{json_path} has parameters {cls.__name__} does not accept ({err})") from None
+        raise MapError(f"{json_path} has parameters {cls.__name__} does not accept ({err})") from None
     try:
         arrays = load_file(str(st_path))
     except Exception as err:  # safetensors raises its own error types
-        raise MdiffError(f"{st_path} is not a readable safetensors file ({err}); re-save the map") from None
+        raise MapError(f"{st_path} is not a readable safetensors file ({err}); re-save the map") from None
     missing = sorted(set(doc.get("arrays", [])) - set(arrays))
     if missing or "W_" not in arrays or "b_" not in arrays:
-        raise MdiffError(f"{st_path} lacks arrays {', '.join(missing or ['W_', 'b_'])}; re-save the map")
+        raise MapError(f"{st_path} lacks arrays {', '.join(missing or ['W_', 'b_'])}; re-save the map")
     for key in ("x_mean_", "x_scale_", "y_mean_", "y_scale_", *cls._array_attrs):
         setattr(est, key, None)
     for key, value in arrays.items():
@@ -1640,7 +1709,7 @@ def load_map(path_prefix: str | os.PathLike[str]) -> LinearMap:
         setattr(est, key, value)
     W, b = est.W_, est.b_
     if W.ndim != 2 or b.shape != (W.shape[1],) or W.shape != (est.n_features_in_, est.n_features_out_):
-        raise MdiffError(f"{st_path} has W_ {W.shape} and b_ {b.shape}, inconsistent with {json_path}; re-save the map")
+        raise MapError(f"{st_path} has W_ {W.shape} and b_ {b.shape}, inconsistent with {json_path}; re-save the map")
     return est
 
 
