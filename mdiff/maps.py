@@ -148,7 +148,7 @@ import scipy.linalg as sla
 import torch
 from jaxtyping import Float, Shaped
 
-from mdiff._arrays import as_float_array, as_float_pair, factorize_groups
+from mdiff.arrays import as_float_array, as_float_pair, factorize_groups
 from mdiff.errors import MdiffError
 
 __all__ = [
