@@ -82,7 +82,8 @@ class RQ2Config(C.RunConfig):
 
 
 def check_config(cfg: RQ2Config, n_layers: int) -> None:
-    check_layers([*cfg.layers, *([cfg.control_layer] if cfg.control_layer is not None else [])], n_layers)
+    check_layers(cfg.layers, n_layers)
+    check_layers([cfg.control_layer] if cfg.control_layer is not None else [], n_layers, option="control_layer")
     for h in cfg.hooks:
         if h not in RQ2_HOOKS:
             raise MdiffError(f"unknown hook {h!r} for RQ2: choose from {', '.join(RQ2_HOOKS)}")
@@ -92,7 +93,7 @@ def check_config(cfg: RQ2Config, n_layers: int) -> None:
     if cfg.alpha_mode not in ("blend", "scale"):
         raise MdiffError(f"{{option}} must be blend or scale, got {cfg.alpha_mode!r}", option="alpha_mode")
     if not cfg.alphas:
-        raise MdiffError("{option} is empty: give blend weights such as 0.25,0.5,1", option="alphas")
+        raise MdiffError("{option} is empty: give α values such as 0.5,1", option="alphas")
     if cfg.engine not in patching.ENGINES:
         raise MdiffError(f"{{option}} must be one of {', '.join(patching.ENGINES)}, got {cfg.engine!r}",
                          option="engine")

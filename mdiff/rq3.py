@@ -96,7 +96,7 @@ class RQ3Config(C.RunConfig):
 
 
 def check_config(cfg: RQ3Config, n_layers: int, d_model: int) -> None:
-    check_layers([cfg.layer], n_layers)
+    check_layers([cfg.layer], n_layers, option="layer")
     if cfg.hook not in RQ3_HOOKS:
         raise MdiffError(f"{{option}}: unknown hook {cfg.hook!r} for RQ3; choose from {', '.join(RQ3_HOOKS)}",
                          option="hook")

@@ -73,7 +73,8 @@ class RQ4Config(C.RunConfig):
 def check_config(cfg: RQ4Config, n_layers: int, n_heads: int) -> None:
     if not cfg.layers:
         raise MdiffError("{option} is empty: give the layers to scan, e.g. 2 or 0,2,4", option="layers")
-    check_layers([*cfg.layers, *([cfg.control_layer] if cfg.control_layer is not None else [])], n_layers)
+    check_layers(cfg.layers, n_layers)
+    check_layers([cfg.control_layer] if cfg.control_layer is not None else [], n_layers, option="control_layer")
     if not cfg.ks:
         raise MdiffError("{option} is empty: give head counts such as 1,2,4", option="ks")
     for k in cfg.ks:

@@ -167,3 +167,15 @@ def test_no_module_imports_a_private_name_of_another():
     modules = {p.stem for p in PKG.glob("*.py")}
     bad = [f"mdiff/{p.name}:{b}" for p in sorted(PKG.glob("*.py")) for b in private_imports(p, modules)]
     assert not bad, "private names used across mdiff modules (make them public):\n" + "\n".join(bad)
+
+
+def test_a_bad_control_layer_is_named_as_such():
+    from mdiff.rq4 import RQ4Config
+    from mdiff.rq4 import check_config as rq4_check
+
+    with pytest.raises(MdiffError) as ei:
+        rq4_check(RQ4Config(layers=[1], ks=[1], control_layer=9), 4, 4)
+    assert str(ei.value) == "control_layer: layer 9 is out of range 0..3"
+    with pytest.raises(MdiffError) as ei:
+        check_config(RQ3Config(layer=7), 4, 64)
+    assert str(ei.value) == "layer: layer 7 is out of range 0..3"

@@ -119,7 +119,7 @@ def test_bad_input(toys, tmp_path, args, needle):
 
 def test_freeze_without_results(tmp_path):
     r = runner.invoke(app, ["freeze", "--pair", "toy-lowrank", "--out", str(tmp_path)])
-    assert r.exit_code == 2 and "run `mdiff rq2" in r.output
+    assert r.exit_code == 2 and "run RQ2 on pair 'toy-lowrank' first" in r.output, r.output
 
 
 # --------------------------------------------------------------------------- F9: fewer train prompts than dimensions
