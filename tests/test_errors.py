@@ -87,19 +87,29 @@ def test_cli_names_the_flag_in_one_line(toys, tmp_path, args, line):
 
 
 # --------------------------------------------------------------------------- guards
+def _flag_declarations(source: str) -> set[tuple[int, int]]:
+    """Where ``flag="--x"`` declares a config field's CLI flag as data (:mod:`mdiff.config`): not a message."""
+    return {(kw.value.lineno, kw.value.col_offset) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) for kw in node.keywords
+            if kw.arg == "flag" and isinstance(kw.value, ast.Constant)}
+
+
 def flags_in_strings(source: str) -> list[tuple[int, str]]:
-    """``(line, flag)`` for every CLI-flag-like word inside a string literal (comments are not strings)."""
+    """``(line, flag)`` for every CLI-flag-like word inside a string literal (comments are not strings), except
+    a config field's ``flag="--x"`` declaration."""
     hits = []
+    declared = _flag_declarations(source)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.STRING:
+        if tok.type == tokenize.STRING and tok.start not in declared:
             for m in FLAG.finditer(tok.string):
                 hits.append((tok.start[0] + tok.string[:m.start()].count("\n"), m.group()))
     return hits
 
 
 def test_the_flag_scanner_reads_strings_not_comments():
-    src = 'x = 1  # --out in a comment\ny = f"rerun with {a} --overwrite"\n"""doc\n--layers"""\nz = "a---b --n"\n'
-    assert flags_in_strings(src) == [(2, "--overwrite"), (4, "--layers"), (5, "--n")]
+    src = ('x = 1  # --out in a comment\ny = f"rerun with {a} --overwrite"\n"""doc\n--layers"""\nz = "a---b --n"\n'
+           'k = option(5, flag="--null-draws", help="draws (--null-draws)")\n')
+    assert flags_in_strings(src) == [(2, "--overwrite"), (4, "--layers"), (5, "--n"), (6, "--null-draws")]
 
 
 def test_no_cli_flag_in_library_strings():
