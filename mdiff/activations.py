@@ -330,7 +330,7 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
         if parent.exists():
             if not parent.is_dir():
                 raise MdiffError(f"cannot write activations under {parent}: it is a file, not a folder; "
-                                 f"choose another --out")
+                                 "choose another output folder ({option})", option="out")
             break
     sfile = path / "settings.json"
     if sfile.exists():
@@ -339,8 +339,8 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
         except ValueError:
             old = None
         if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
-            raise MdiffError(f"{sfile} is not an mdiff collection's settings file; choose another --out "
-                             f"or remove that folder")
+            raise MdiffError(f"{sfile} is not an mdiff collection's settings file; choose another output folder "
+                             "({option}) or remove that folder", option="out")
         if old.get("fingerprint") != fingerprint and not replace:
             diff = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
             if diff == ["weights"]:  # the same collection but the model's files changed
@@ -349,10 +349,10 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
                 raise MdiffError(
                     f"{path} holds activations of other weights of the {side} model ({settings.get('model')}: "
                     f"{describe_weights_change(old['settings'].get('weights'), settings['weights'])} since they "
-                    f"were collected); rerun with --overwrite to collect them from the current weights")
+                    "were collected); rerun with {option} to collect them from the current weights", option="overwrite")
             raise MdiffError(
                 f"{path} already holds activations collected with other settings (differs in: {', '.join(diff)}); "
-                f"choose another --out, or --overwrite to collect them again")
+                "choose another output folder, or rerun with {option} to collect them again", option="overwrite")
         if old.get("fingerprint") != fingerprint:
             _clear_collection(path)
 
@@ -456,7 +456,7 @@ class ActivationSet:
                 raise MdiffError(f"{fpath} is missing from the collection; run the same command again to collect it")
             if "sha256" not in sh:
                 raise MdiffError(f"{self.path} was collected by an older mdiff without checksums; run again with "
-                                 f"--overwrite to collect it anew")
+                                 "{option} to collect it anew", option="overwrite")
             if _file_sha256(fpath) != sh["sha256"]:
                 raise MdiffError(f"{fpath} is damaged (its sha256 does not match the manifest); run the same command "
                                  f"again to collect that shard anew")
@@ -469,13 +469,14 @@ class ActivationSet:
                 raise
             except Exception as e:  # noqa: BLE001 - a damaged file that still matches its checksum
                 raise MdiffError(f"{fpath} cannot be read ({str(e).splitlines()[0][:120]}); run again with "
-                                 f"--overwrite to collect it anew") from None
+                                 "{option} to collect it anew", option="overwrite") from None
             bad = _nonfinite_rows(t)
             if bad:
                 rows = [row0 + r for r in bad]
                 raise MdiffError(f"{fpath} holds NaN/inf in {key} at {len(rows)} row(s) "
                                  f"{rows[:8]}{' ...' if len(rows) > 8 else ''} (rows of the collection); run again "
-                                 f"with --overwrite to collect it anew, in float32 if the model overflows")
+                                 "with {option} to collect it anew, in float32 if the model overflows",
+                                 option="overwrite")
             parts.append(t)
             row0 += len(t)
         return torch.cat(parts)
@@ -498,7 +499,7 @@ def prepare_pair_prompts(spec, info, positions, split: str | None, split_seed: i
     prompts = data.select_split(data.pair_prompts(spec), split, split_seed)
     if n is not None:
         if n < 1:
-            raise MdiffError(f"--n must be ≥ 1, got {n}")
+            raise MdiffError(f"{{option}} must be ≥ 1, got {n}", option="n")
         prompts = prompts[:n]
     btok = models.load_tokenizer(spec.base, spec.base_revision, "base")
     ttok = models.load_tokenizer(spec.tuned, spec.tuned_revision, "tuned")

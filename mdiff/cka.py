@@ -82,7 +82,7 @@ import torch
 from jaxtyping import Float, Int, Real, Shaped
 from scipy import sparse
 
-from mdiff._arrays import as_float_pair, factorize_groups
+from mdiff.arrays import as_float_pair, factorize_groups
 from mdiff.errors import MdiffError
 
 __all__ = [

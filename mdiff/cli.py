@@ -16,7 +16,6 @@ import typer
 from rich.console import Console
 
 from mdiff.errors import MdiffError
-from mdiff.options import PromptsFileOpt
 from mdiff.pairs import with_prompts
 
 app = typer.Typer(
@@ -33,9 +32,21 @@ DeviceOpt = Annotated[str | None, typer.Option(help="Torch device (default: cuda
 ThreadsOpt = Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice; 1 in tests/CI).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings "
                                                  "(the old folder is kept as <name>.prev-N).")]
+PromptsFileOpt = Annotated[str | None, typer.Option(
+    "--prompts", help="JSONL prompt set to use instead of the pair's own (e.g. the file `mdiff prompts` writes).")]
+
 
 _ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
                errno.ENAMETOOLONG, errno.EEXIST}
+
+
+FLAG_NAMES = {"n_boot": "--bootstrap", "n_null": "--null-draws", "out": "--out", "prompts_file": "--prompts",
+              "sites": "--site", "sources": "--source"}
+"""Settings whose flag is not ``--`` + the setting name with ``_`` → ``-`` (how library errors name an input)."""
+
+
+def _flag(option: str) -> str:
+    return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
 
 
 def cli_errors(fn):
@@ -47,7 +58,7 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MdiffError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {e.render(_flag)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:
             if e.errno not in _ENV_ERRNOS:

@@ -24,14 +24,14 @@ from mdiff.errors import MdiffError
 from mdiff.report import PAGE_CSS, RQS, load_results, md_table
 from mdiff.rq1 import CROSS_B2T
 
-_COL = figures._COLOURS
+_COL = figures.COLOURS
 
 
 def _need(res: dict, pair: str) -> None:
     missing = [r for r in RQS if r not in res]
     if missing:
-        raise MdiffError(f"pair {pair!r} has no {', '.join(missing)} results: run `mdiff study --pair {pair}` first "
-                         f"(or `mdiff compare --run-missing`)")
+        raise MdiffError(f"pair {pair!r} has no {', '.join(missing)} results: run its study first, or rerun the "
+                         "comparison with {option} to run it", option="run_missing")
 
 
 def pair_facts(pair: str, res: dict) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def run_compare(pairs: list[str], out: str | Path, run_missing: bool = False, st
     from plotly.offline import get_plotlyjs
 
     if len(pairs) < 2 or len(set(pairs)) != len(pairs):
-        raise MdiffError(f"--pairs needs at least two different pairs, got {pairs}")
+        raise MdiffError(f"{{option}} needs at least two different pairs, got {pairs}", option="pairs")
     out = Path(out)
     results = {}
     for p in pairs:

@@ -204,7 +204,9 @@ def floats(text: str | None, shape: Shape, flag: str) -> list[float] | None:
 def positions(text: str | None, shape: Shape, flag: str) -> PositionSpec | None:
     if text is None:
         return None
-    return parse_positions(text, seed=shape.seed)
+    from mdiff.options import setting_name
+
+    return parse_positions(text, seed=shape.seed, option=setting_name(flag))
 
 
 # ------------------------------------------------------------------ the options every RQ shares

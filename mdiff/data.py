@@ -300,7 +300,7 @@ class DatasetSource:
     """Where a prompt set comes from when it is a dataset, and how its rows become prompts."""
 
     dataset: str
-    """Hub id (``org/name``); a local copy in the same schema is given with ``--dataset-dir``."""
+    """Hub id (``org/name``); a local copy in the same schema is given as ``dataset_dir``."""
     split: str = "train"
     revision: str | None = None
     prompt_field: str = "prompt"
@@ -374,8 +374,8 @@ def source_from_dict(d: dict[str, Any], where: str = "prompts") -> DatasetSource
 def _offline_hint(src: DatasetSource, err: str) -> MdiffError:
     return MdiffError(
         f"could not read dataset {src.dataset!r} (split {src.split!r}): {err[:160]}; without the hub, download a "
-        f"copy elsewhere (`hf download {src.dataset} --repo-type dataset --local-dir DIR`) and pass "
-        f"--dataset-dir DIR to `mdiff prompts`")
+        f"copy elsewhere (huggingface_hub.snapshot_download({src.dataset!r}, repo_type='dataset', local_dir=DIR)) "
+        "and give that folder DIR as {option}", option="dataset_dir")
 
 
 def _files_fingerprint(folder: Path) -> str:
@@ -407,7 +407,8 @@ def read_source(src: DatasetSource, dataset_dir: str | Path | None = None) -> tu
     if dataset_dir is not None:
         folder = Path(dataset_dir).expanduser()
         if not folder.is_dir():
-            raise MdiffError(f"--dataset-dir {folder} is not a folder (give a local copy of {src.dataset})")
+            raise MdiffError(f"{{option}} {folder} is not a folder (give a local copy of {src.dataset})",
+                             option="dataset_dir")
         try:
             ds = datasets.load_dataset(str(folder), split=src.split)
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot read it"
@@ -502,7 +503,7 @@ def materialise_source(pair_name: str, src: DatasetSource, dataset_dir: str | Pa
         if old.get("origin", {}).get("fingerprint") == prov["origin"]["fingerprint"]:
             return path, old
         raise MdiffError(f"{path} was materialised from other data (fingerprint {old.get('origin', {}).get('fingerprint')}"
-                         f"); remove it or write elsewhere with --out FILE")
+                         "); remove it, or give another output file ({option})", option="out")
     path.parent.mkdir(parents=True, exist_ok=True)
     import os
 
@@ -521,6 +522,6 @@ def pair_prompts(spec) -> list[Prompt]:
     src = getattr(spec, "prompt_source", None)
     if src is None:
         raise MdiffError(f"pair {spec.name!r} has no prompt set: add prompts = \"file.jsonl\" to the pair file "
-                         f"or pass --prompts FILE")
+                         "or give a JSONL prompt set ({option} FILE)", option="prompts_file")
     path, _ = materialise_source(spec.name, source_from_dict(src, f"pair {spec.name} prompts"))
     return load_prompts(path)

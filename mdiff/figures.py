@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
 def write_html(fig: go.Figure, path: str | Path) -> Path:
@@ -35,7 +35,7 @@ def lines_with_ci(df: pd.DataFrame, group: str, title: str, y_title: str) -> go.
     """One line per ``group`` value over ``layer``, with a CI band from ``ci_low``/``ci_high``."""
     fig = go.Figure()
     for i, (key, g) in enumerate(df.sort_values("layer").groupby(group, sort=False)):
-        c = _COLOURS[i % len(_COLOURS)]
+        c = COLOURS[i % len(COLOURS)]
         _band(fig, g["layer"], g["ci_low"], g["ci_high"], c, str(key))
         fig.add_trace(go.Scatter(
             x=g["layer"], y=g["value"], mode="lines+markers", name=str(key), line=dict(color=c), legendgroup=str(key),
@@ -71,7 +71,7 @@ def drop_figure(metrics: pd.DataFrame, pair: str, alpha_mode: str) -> go.Figure:
     for i, ((solver, alpha), g) in enumerate(d.groupby(["solver", "alpha"], sort=True)):
         fig.add_trace(go.Bar(
             x=g["site"], y=g["value"], name=f"{solver} (α={alpha:g})",
-            marker_color=_COLOURS[i % len(_COLOURS)],
+            marker_color=COLOURS[i % len(COLOURS)],
             error_y=dict(type="data", symmetric=False, array=(g["ci_high"] - g["value"]).fillna(0),
                          arrayminus=(g["value"] - g["ci_low"]).fillna(0)),
             hovertemplate="%{x}: drop %{y:.3f}<extra>" + f"{solver} α={alpha:g}" + "</extra>"))
@@ -141,7 +141,7 @@ def coverage_figure(metrics: pd.DataFrame, pair: str, site: str, source: str) ->
     d = metrics[(metrics["site"] == site) & (metrics["source"] == source) & (metrics["split"] == "val")]
     fig = go.Figure()
     for i, (L, g) in enumerate(d.groupby("layer", sort=True)):
-        c = _COLOURS[i % len(_COLOURS)]
+        c = COLOURS[i % len(COLOURS)]
         top = g[(g["metric"] == "coverage") & (g["set"] == "top")].sort_values("k")
         if top["value"].isna().all():
             continue
@@ -172,7 +172,7 @@ def rank_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
     d = metrics[metrics["metric"] == "drop"]
     site = ""
     for i, (method, g) in enumerate(d.groupby("method", sort=True)):
-        c = _COLOURS[i % len(_COLOURS)]
+        c = COLOURS[i % len(COLOURS)]
         site = f"L{int(g['layer'].iloc[0])} {g['hook'].iloc[0]}"
         fin = g[g["k"] != "full"].assign(kk=lambda x: x["k"].astype(int)).sort_values("kk")
         nl = metrics[(metrics["metric"] == "drop_null_mean") & (metrics["method"] == method)].assign(

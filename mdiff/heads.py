@@ -40,14 +40,14 @@ SOURCES = ("raw", "mapped")
 EFFECT_FLOOR = 1e-10  # default tolerance; runs pass their measured one (mdiff.noise): at or below it, nothing to cover
 
 
-def parse_ks(text: str, n_heads: int, option: str = "--k") -> list[int]:
+def parse_ks(text: str, n_heads: int, option: str = "k") -> list[int]:
     """``"1,2,4,8"`` → ``[1, 2, 4, 8]``; every k a whole number in ``1..n_heads`` (clear errors otherwise)."""
     from mdiff.options import parse_int_list
 
     try:
         return parse_int_list(text, option, 1, n_heads, what="head count")
     except MdiffError as e:
-        raise MdiffError(f"{e} (this model has {n_heads} heads per layer)") from None
+        raise MdiffError(f"{e.message} (this model has {n_heads} heads per layer)", option=e.option) from None
 
 
 # --------------------------------------------------------------------------- reading heads
@@ -107,7 +107,7 @@ class HeadMaps:
                 kw = {"prior": prior[h].double().numpy()}
             elif self.solver == "ridge" and d_head != d:
                 raise MdiffError("the ridge head maps shrink toward the raw patch: pass the base W_O as prior "
-                                 "for the result site, or use --map-solver ridge-zero")
+                                 "for the result site, or set {option} to ridge-zero", option="map_solver")
             est = maps.make_map(self.solver, **kw)
             if "random_state" in est.get_params():
                 est.set_params(random_state=self.random_state)

@@ -134,13 +134,14 @@ def check_destination(path: Path, settings: dict[str, Any], overwrite: bool) -> 
     why = "is a link" if path.is_symlink() else _not_ours(path)
     if why is not None:
         raise MdiffError(f"{path} exists but {why}, so mdiff did not write it and will not touch it; "
-                         f"move it elsewhere, or use another --out")
+                         "move it elsewhere, or choose another output folder ({option})", option="out")
     old = json.loads((path / "config.json").read_text(encoding="utf-8"))["settings"]
     if overwrite or old == _norm(settings):
         return  # the same run again: its results are replaced (an identical old run is dropped, any other kept)
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != _norm(settings).get(k))
     raise MdiffError(f"{path} holds results of a run with other settings (differs in: {', '.join(diff)}); "
-                     f"use another --out, or --overwrite (the old folder is kept as {next_prev(path).name})")
+                     f"choose another output folder, or rerun with {{option}} to replace them (the old folder is kept "
+                     f"as {next_prev(path).name})", option="overwrite")
 
 
 def _norm(obj: Any) -> Any:
@@ -217,7 +218,8 @@ def remove_stale_tmp(folder: Path, name: str | None = None) -> list[Path]:
 
 
 def _write_error(path: Path, e: OSError) -> MdiffError:
-    return MdiffError(f"cannot write results under {path}: {e.strerror or e}; choose another --out")
+    return MdiffError(f"cannot write results under {path}: {e.strerror or e}; choose another output folder "
+                      "({option})", option="out")
 
 
 class ResultWriter:
@@ -240,7 +242,7 @@ class ResultWriter:
             if parent.exists() or parent.is_symlink():
                 if not parent.is_dir():
                     raise MdiffError(f"cannot write results under {parent}: it is a file, not a folder; "
-                                     f"choose another --out")
+                                     "choose another output folder ({option})", option="out")
                 break
         check_destination(self.path, settings, overwrite)
         self.settings = settings

@@ -161,7 +161,7 @@ from jaxtyping import Float, Shaped
 from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin
 from sklearn.exceptions import NotFittedError
 
-from mdiff._arrays import as_float_array, as_float_pair, factorize_groups
+from mdiff.arrays import as_float_array, as_float_pair, factorize_groups
 from mdiff.errors import MdiffError
 
 __all__ = [

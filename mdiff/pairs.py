@@ -1,6 +1,6 @@
 """Naming a (base, tuned) pair: the built-in registry and TOML pair files.
 
-A pair is given on the command line as ``--pair NAME`` (a built-in) or ``--pair path/to/pair.toml``::
+A pair is given by name (a built-in, see :func:`list_pairs`) or as the path of a TOML pair file::
 
     # pair.toml
     name = "my-pair"                 # optional, defaults to the file name
@@ -10,7 +10,7 @@ A pair is given on the command line as ``--pair NAME`` (a built-in) or ``--pair 
     dtype = "bfloat16"               # optional: float32 (default), bfloat16, float16
     prompts = "prompts.jsonl"        # optional JSONL prompt set, or a dataset source (a table):
     # [prompts]
-    # dataset = "kz-transformers/kk-socio-cultural-bench-mc"   # hub id; a local copy: mdiff prompts --dataset-dir
+    # dataset = "kz-transformers/kk-socio-cultural-bench-mc"   # hub id; a local copy: dataset_dir of `mdiff prompts`
     # split = "train"
     # revision = "..."               # optional: pin the dataset version
     # fields = {prompt = "question", category = "category", choices = ["A", "B", "C", "D"], answer = "answer"}
@@ -96,7 +96,7 @@ def pair_names() -> list[str]:
 
 
 def resolve_pair(pair: str, build: bool = True, progress: bool = False) -> PairSpec:
-    """Turn ``--pair`` (a built-in name or a TOML path) into a :class:`PairSpec`.
+    """Turn a pair name (a built-in name or a TOML path) into a :class:`PairSpec`.
 
     Toy pairs are built (offline, deterministically, cached) when ``build`` is true.
     """
@@ -222,12 +222,13 @@ def load_pair_file(path: str | Path) -> PairSpec:
 
 
 def with_prompts(spec: PairSpec, path: str | Path | None) -> PairSpec:
-    """``spec`` with its prompt set replaced by the JSONL file ``path`` (``--prompts FILE``); ``None``: unchanged."""
+    """``spec`` with its prompt set replaced by the JSONL file ``path`` (``prompts_file``); ``None``: unchanged."""
     if path is None:
         return spec
     p = Path(path).expanduser()
     if not p.is_file():
-        raise MdiffError(f"--prompts {path}: no such file (give a JSONL prompt set, e.g. from `mdiff prompts`)")
+        raise MdiffError(f"{{option}} {path}: no such file (give a JSONL prompt set, e.g. from `mdiff prompts`)",
+                         option="prompts_file")
     return dataclasses.replace(spec, prompts=str(p.resolve()), prompt_source=None)
 
 

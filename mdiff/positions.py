@@ -46,17 +46,18 @@ class PositionSpec:
         return dataclasses.asdict(self)
 
 
-def parse_positions(text: str, seed: int = 0, exclude_last: int = 1) -> PositionSpec:
-    """``last``, ``k=K`` or ``upto=K`` (K ≥ 1)."""
+def parse_positions(text: str, seed: int = 0, exclude_last: int = 1, option: str = "positions") -> PositionSpec:
+    """``last``, ``k=K`` or ``upto=K`` (K ≥ 1); errors name ``option`` (the setting, e.g. ``fit_positions``)."""
     t = text.strip().lower()
     if t == "last":
         return PositionSpec("last", 1, exclude_last, seed)
     m = _K.match(t)
     if not m:
-        raise MdiffError(f"--positions {text!r} not understood: use 'last', 'k=K' (e.g. k=16) or 'upto=K'")
+        raise MdiffError(f"{{option}} {text!r} not understood: use 'last', 'k=K' (e.g. k=16) or 'upto=K'",
+                         option=option)
     k = int(m.group(2))
     if k < 1:
-        raise MdiffError(f"--positions k=K needs K ≥ 1, got {k}")
+        raise MdiffError(f"{{option}} {text!r} needs K ≥ 1, got {k}", option=option)
     if exclude_last < 0:
         raise MdiffError(f"exclude_last must be ≥ 0, got {exclude_last}")
     return PositionSpec(m.group(1), k, exclude_last, seed)

@@ -25,7 +25,7 @@ def _last_logits(model, ids: list[list[int]], batch_size: int = 32):
 def next_token_comparison(spec: PairSpec, n: int = 32, device: str | None = None) -> dict[str, Any]:
     """KL between the base and tuned next-token distributions at the last prompt position (shared vocabulary)."""
     if n < 1:
-        raise MdiffError(f"--n must be ≥ 1, got {n}")
+        raise MdiffError(f"{{option}} must be ≥ 1, got {n}", option="n")
     prompts = data.pair_prompts(spec)[:n]
     info = models.inspect_pair(spec)
     base = models.load_model(spec, "base", device=device)

@@ -284,7 +284,7 @@ def build_report(out: str | Path, pair: str) -> Path:
 
     res = load_results(out, pair)
     if not res:
-        raise MdiffError(f"no results for pair {pair!r} under {Path(out) / pair}: run `mdiff study --pair {pair}` first")
+        raise MdiffError(f"no results for pair {pair!r} under {Path(out) / pair}: run the study on pair {pair!r} first")
     d = Path(out) / pair / "report"
     d.mkdir(parents=True, exist_ok=True)
     fnd = findings(res)

@@ -92,7 +92,8 @@ def run_rq1(spec: PairSpec, cfg: RQ1Config, out: str | Path, overwrite: bool = F
         if h not in RQ1_HOOKS:
             raise MdiffError(f"unknown hook {h!r} for RQ1: choose from {', '.join(RQ1_HOOKS)}")
     if cfg.engine not in patching.ENGINES:
-        raise MdiffError(f"--engine must be one of {', '.join(patching.ENGINES)}, got {cfg.engine!r}")
+        raise MdiffError(f"{{option}} must be one of {', '.join(patching.ENGINES)}, got {cfg.engine!r}",
+                         option="engine")
     settings = {"pair": spec.name, **cfg.settings()}
     rq1_dir = Path(out) / spec.name / "rq1"
     writer = ResultWriter(rq1_dir, settings, overwrite)  # refuses before any work if it would overwrite
@@ -238,14 +239,14 @@ def _run(spec, cfg, info, out, writer, say):
     if self_max > SELF_PATCH_TOL:
         raise MdiffError(f"self-patch sanity check failed: patching each model with its own activations gave KL "
                          f"{self_max:.3g} > {SELF_PATCH_TOL:g} (must be exactly 0): the hooks or the patching engine "
-                         f"change what they should not; rerun with --engine naive to compare")
+                         "change what they should not; rerun with {option} naive to compare", option="engine")
     if (noise.roundtrip_max or 0.0) > noise.roundtrip_tolerance:
         raise MdiffError(f"activation-store check failed: patching each model with its own stored activations gave "
                          f"KL {noise.roundtrip_max:.3g}, above this run's arithmetic noise "
                          f"(tolerance {noise.roundtrip_tolerance:.3g}: {NOISE_FACTOR:g} x the KL of one rounding error, "
                          f"{noise.rounding_max:.3g}); "
                          f"the store does not hold these models' activations (weights changed since it was "
-                         f"collected?): rerun into a fresh --out")
+                         "collected?): rerun into a fresh output folder ({option})", option="out")
     config = run_config(
         writer, spec, info, sv.size, prep_cka.tokenized_with, cfg.seed, prompts=prep_cka.summary(),
         prompt_ids=prep_cka.prompt_ids, split=cfg.split,

@@ -82,7 +82,8 @@ class RQ2Config(C.RunConfig):
 
 
 def check_config(cfg: RQ2Config, n_layers: int) -> None:
-    check_layers([*cfg.layers, *([cfg.control_layer] if cfg.control_layer is not None else [])], n_layers)
+    check_layers(cfg.layers, n_layers)
+    check_layers([cfg.control_layer] if cfg.control_layer is not None else [], n_layers, option="control_layer")
     for h in cfg.hooks:
         if h not in RQ2_HOOKS:
             raise MdiffError(f"unknown hook {h!r} for RQ2: choose from {', '.join(RQ2_HOOKS)}")
@@ -90,11 +91,12 @@ def check_config(cfg: RQ2Config, n_layers: int) -> None:
         if s not in SOLVERS:
             raise MdiffError(f"unknown solver {s!r}: choose from {', '.join(SOLVERS)}")
     if cfg.alpha_mode not in ("blend", "scale"):
-        raise MdiffError(f"--alpha-mode must be blend or scale, got {cfg.alpha_mode!r}")
+        raise MdiffError(f"{{option}} must be blend or scale, got {cfg.alpha_mode!r}", option="alpha_mode")
     if not cfg.alphas:
-        raise MdiffError("--alphas is empty")
+        raise MdiffError("{option} is empty: give α values such as 0.5,1", option="alphas")
     if cfg.engine not in patching.ENGINES:
-        raise MdiffError(f"--engine must be one of {', '.join(patching.ENGINES)}, got {cfg.engine!r}")
+        raise MdiffError(f"{{option}} must be one of {', '.join(patching.ENGINES)}, got {cfg.engine!r}",
+                         option="engine")
     for a in cfg.alphas:
         if not (0 < a <= (1 if cfg.alpha_mode == "blend" else 10)):
             raise MdiffError(f"alpha {a} out of range: blend needs 0 < α ≤ 1, scale 0 < α ≤ 10")
@@ -401,7 +403,7 @@ def _fit_warning(fits: dict[str, dict], chosen: str | None = None) -> str | None
     return (f"the maps were fit on {f['rows']} rows ({f['prompts']} train prompts) for d = {f['d_in']} dimensions, "
             f"so a full linear map is underdetermined; only the regularised solvers (ridge toward the identity, "
             f"λ by prompt-grouped CV) are trustworthy here.{which} More rows help: more train prompts, or more fit "
-            f"positions per prompt (--fit-positions upto=K with a larger K, or longer prompts)")
+            f"positions per prompt (fit_positions upto=K with a larger K, or longer prompts)")
 
 
 def _positions_text(p) -> str:
@@ -459,7 +461,7 @@ def freeze_winners(out: str | Path, pair: str) -> Path:
     d = Path(out) / pair / "rq2"
     sfile = d / "summary.json"
     if not sfile.is_file():
-        raise MdiffError(f"no RQ2 results at {d}: run `mdiff rq2 --pair {pair}` first")
+        raise MdiffError(f"no RQ2 results at {d}: run RQ2 on pair {pair!r} first")
     s = json.loads(sfile.read_text())
     cfg = json.loads((d / "config.json").read_text())
     winners = {}

@@ -58,9 +58,9 @@ def parse_ks(text: str | None, d_model: int) -> list[int | str]:
     items = [x.strip() for x in text.split(",")]
     full = "full" in (x.lower() for x in items)
     rest = ",".join(x for x in items if x.lower() != "full")
-    ks: list[int | str] = parse_int_list(rest, "--ks", 1, d_model, what="rank k") if rest else []
+    ks: list[int | str] = parse_int_list(rest, "ks", 1, d_model, what="rank k") if rest else []
     if not ks and not full:
-        raise MdiffError("--ks is empty: give ranks such as 1,2,4,8,full")
+        raise MdiffError("{option} is empty: give ranks such as 1,2,4,8,full", option="ks")
     return [*ks, *(["full"] if full else [])]
 
 
@@ -96,32 +96,34 @@ class RQ3Config(C.RunConfig):
 
 
 def check_config(cfg: RQ3Config, n_layers: int, d_model: int) -> None:
-    check_layers([cfg.layer], n_layers)
+    check_layers([cfg.layer], n_layers, option="layer")
     if cfg.hook not in RQ3_HOOKS:
-        raise MdiffError(f"--hook: unknown hook {cfg.hook!r} for RQ3; choose from {', '.join(RQ3_HOOKS)}")
+        raise MdiffError(f"{{option}}: unknown hook {cfg.hook!r} for RQ3; choose from {', '.join(RQ3_HOOKS)}",
+                         option="hook")
     for m in cfg.methods:
         if m not in METHODS:
-            raise MdiffError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+            raise MdiffError(f"{{option}}: unknown method {m!r}; choose from {', '.join(METHODS)}", option="methods")
     if not cfg.methods:
-        raise MdiffError("--methods is empty: choose from " + ", ".join(METHODS))
+        raise MdiffError("{option} is empty: choose from " + ", ".join(METHODS), option="methods")
     for k in cfg.ks or []:
         if k != "full" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_model):
-            raise MdiffError(f"--ks: rank {k!r} is out of range 1..{d_model} (d_model) or 'full'")
+            raise MdiffError(f"{{option}}: rank {k!r} is out of range 1..{d_model} (d_model) or 'full'", option="ks")
     if cfg.target is not None and cfg.target_frac is not None:
-        raise MdiffError("give --target (an absolute drop) or --target-frac (a fraction of the full-rank drop), "
-                         "not both")
+        raise MdiffError("give an absolute target drop or a fraction of the full-rank drop ({option}), not both",
+                         option="target_frac")
     if cfg.target is not None and not 0 < cfg.target <= 1:
-        raise MdiffError(f"--target is a drop in (0, 1], got {cfg.target}")
+        raise MdiffError(f"{{option}} is a drop in (0, 1], got {cfg.target}", option="target")
     if cfg.target_frac is not None and not 0 < cfg.target_frac <= 1:
-        raise MdiffError(f"--target-frac is a fraction in (0, 1], got {cfg.target_frac}")
+        raise MdiffError(f"{{option}} is a fraction in (0, 1], got {cfg.target_frac}", option="target_frac")
     if cfg.alpha_mode not in H.MODES:
-        raise MdiffError(f"--alpha-mode must be blend or scale, got {cfg.alpha_mode!r}")
+        raise MdiffError(f"{{option}} must be blend or scale, got {cfg.alpha_mode!r}", option="alpha_mode")
     if not 0 < cfg.alpha <= (1 if cfg.alpha_mode == "blend" else 10):
-        raise MdiffError(f"--alpha {cfg.alpha} out of range: blend needs 0 < α ≤ 1, scale 0 < α ≤ 10")
+        raise MdiffError(f"{{option}} {cfg.alpha} out of range: blend needs 0 < α ≤ 1, scale 0 < α ≤ 10",
+                         option="alpha")
     if isinstance(cfg.n_null, bool) or not isinstance(cfg.n_null, int) or cfg.n_null < 0:
-        raise MdiffError(f"--null-draws must be a whole number ≥ 0, got {cfg.n_null!r}")
+        raise MdiffError(f"{{option}} must be a whole number ≥ 0, got {cfg.n_null!r}", option="n_null")
     if cfg.engine not in ENGINES:
-        raise MdiffError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+        raise MdiffError(f"{{option}} must be one of {', '.join(ENGINES)}, got {cfg.engine!r}", option="engine")
     stats.check_bootstrap(cfg.n_boot)
 
 
@@ -309,7 +311,7 @@ def _summary(spec, cfg, per_method, nothing, kl_raw) -> dict[str, Any]:
         warnings.append(f"{site}: the rank-k maps were fit on {fit['rows']} rows ({fit['prompts']} train prompts) for "
                         f"d = {fit['d_in']} dimensions, so the full-rank correction is underdetermined and its drop "
                         f"(the target's reference) is shrunk toward the mean shift; more rows help: more train "
-                        f"prompts or more fit positions per prompt (--fit-positions upto=K with a larger K)")
+                        f"prompts or more fit positions per prompt (fit_positions upto=K with a larger K)")
     if nothing:
         findings.append(f"{site}: nothing to drop: patching base activations here does not change the tuned model "
                         f"(KL_raw = {kl_raw:.2g} nats)")

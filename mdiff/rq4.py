@@ -72,28 +72,32 @@ class RQ4Config(C.RunConfig):
 
 def check_config(cfg: RQ4Config, n_layers: int, n_heads: int) -> None:
     if not cfg.layers:
-        raise MdiffError("no layers to scan: give --layer L or --layers L1,L2")
-    check_layers([*cfg.layers, *([cfg.control_layer] if cfg.control_layer is not None else [])], n_layers)
+        raise MdiffError("{option} is empty: give the layers to scan, e.g. 2 or 0,2,4", option="layers")
+    check_layers(cfg.layers, n_layers)
+    check_layers([cfg.control_layer] if cfg.control_layer is not None else [], n_layers, option="control_layer")
     if not cfg.ks:
-        raise MdiffError("--k is empty: give head counts such as 1,2,4")
+        raise MdiffError("{option} is empty: give head counts such as 1,2,4", option="ks")
     for k in cfg.ks:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_heads:
-            raise MdiffError(f"--k: head count {k!r} is out of range 1..{n_heads} (this model has {n_heads} heads "
-                             "per layer)")
+            raise MdiffError(f"{{option}}: head count {k!r} is out of range 1..{n_heads} (this model has {n_heads} "
+                             "heads per layer)", option="ks")
     for s in cfg.sites:
         if s not in HD.HEAD_SITES:
-            raise MdiffError(f"--site: unknown head site {s!r}; choose from {', '.join(HD.HEAD_SITES)}")
+            raise MdiffError(f"{{option}}: unknown head site {s!r}; choose from {', '.join(HD.HEAD_SITES)}",
+                             option="sites")
     for s in cfg.sources:
         if s not in HD.SOURCES:
-            raise MdiffError(f"--source: unknown source {s!r}; choose from {', '.join(HD.SOURCES)}")
+            raise MdiffError(f"{{option}}: unknown source {s!r}; choose from {', '.join(HD.SOURCES)}",
+                             option="sources")
     if isinstance(cfg.random_sets, bool) or not isinstance(cfg.random_sets, int) or cfg.random_sets < 1:
-        raise MdiffError(f"--random-sets must be a whole number ≥ 1, got {cfg.random_sets!r}")
+        raise MdiffError(f"{{option}} must be a whole number ≥ 1, got {cfg.random_sets!r}", option="random_sets")
     if cfg.engine not in ENGINES:
-        raise MdiffError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+        raise MdiffError(f"{{option}} must be one of {', '.join(ENGINES)}, got {cfg.engine!r}", option="engine")
     from mdiff.maps import MAP_NAMES
 
     if cfg.map_solver not in MAP_NAMES:
-        raise MdiffError(f"--map-solver: unknown solver {cfg.map_solver!r}; choose from {', '.join(MAP_NAMES)}")
+        raise MdiffError(f"{{option}}: unknown solver {cfg.map_solver!r}; choose from {', '.join(MAP_NAMES)}",
+                         option="map_solver")
     stats.check_bootstrap(cfg.n_boot)
 
 
@@ -367,6 +371,6 @@ def load_summary(out: str | Path, pair: str) -> dict[str, Any]:
 
     f = Path(out) / pair / "rq4" / "summary.json"
     if not f.is_file():
-        raise MdiffError(f"no RQ4 results at {f.parent}: run `mdiff rq4 --pair {pair}` first")
+        raise MdiffError(f"no RQ4 results at {f.parent}: run RQ4 on pair {pair!r} first")
     return json.loads(f.read_text())
 

@@ -1,8 +1,8 @@
 """What a study costs at 8B width: RQ1 on the full-width Llama-3.1 fixture, measured step by step.
 
-``mdiff bench --scale`` runs :func:`mdiff.rq1.run_rq1` on ``llama31-fixture`` (d_model 4096, d_ff 14,336,
-128,256 / 159,766-id vocabularies, 2 layers, bf16) and records, for every step RQ1 reports (loading,
-collection, behaviour diagnostics, patching, ...):
+The scale benchmark (``mdiff bench`` with ``scale`` on) runs :func:`mdiff.rq1.run_rq1` on ``llama31-fixture``
+(d_model 4096, d_ff 14,336, 128,256 / 159,766-id vocabularies, 2 layers, bf16) and records, for every step RQ1
+reports (loading, collection, behaviour diagnostics, patching, ...):
 
 * wall time;
 * peak resident memory (RSS) of the process during the step (Linux: ``VmHWM``, reset between steps
@@ -154,7 +154,7 @@ def run_scale(pair: str = "llama31-fixture", n: int = 16, out: str | Path = "res
     from mdiff.rq1 import RQ1Config, run_rq1
 
     if n < 2:
-        raise MdiffError(f"--prompts must be ≥ 2 for the scale benchmark, got {n}")
+        raise MdiffError(f"the scale benchmark needs at least 2 prompts, got {n}")
     device = device or models.default_device()
     say("building/loading the fixture", 0.0)
     spec = resolve_pair(pair, progress=False)

@@ -12,13 +12,13 @@ from mdiff.errors import MdiffError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 RESERVED_NAMES = ("compare",)
-"""Folder names of ``--out`` that are not pairs (``mdiff compare`` writes ``OUT/compare/``)."""
+"""Folder names under the output folder ``OUT`` that are not pairs (``mdiff compare`` writes ``OUT/compare/``)."""
 
 
 def check_pair_name(name: Any, where: str = "pair") -> str:
     """A pair name becomes the folder ``OUT/<name>/``: a plain name (letters, digits, ``.``, ``_``, ``-``).
 
-    Anything else (``../x``, ``/abs/path``, ``a/b``, ``..``) could write outside ``--out``, so it is refused.
+    Anything else (``../x``, ``/abs/path``, ``a/b``, ``..``) could write outside ``OUT``, so it is refused.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".") or ".." in name \
             or name.lower() in RESERVED_NAMES:

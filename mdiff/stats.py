@@ -7,7 +7,7 @@ from mdiff.errors import MdiffError
 
 def check_bootstrap(n_boot: int) -> int:
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise MdiffError(f"--bootstrap must be a whole number ≥ 1, got {n_boot!r}")
+        raise MdiffError(f"{{option}} must be a whole number ≥ 1, got {n_boot!r}", option="n_boot")
     return int(n_boot)
 
 

@@ -68,7 +68,7 @@ class UnitTask:
     overwrite: bool = False
     threads: int | None = None
     prompts: str | None = None
-    """The prompt set the study runs on (``--prompts FILE``), when it is not the pair's own."""
+    """The prompt set the study runs on (a JSONL file), when it is not the pair's own."""
 
 
 @dataclasses.dataclass

@@ -203,7 +203,7 @@ def test_refuses_to_mix_collections(store, lr, change, needle):
         A.collect(model, prep, change.get("side", "base"), path=root / "full", **kw)
     msg = str(ei.value)
     assert "already holds activations collected with other settings" in msg and needle in msg
-    assert "--overwrite to collect them again" in msg
+    assert "rerun with overwrite to collect them again" in msg and ei.value.option == "overwrite"
     assert needle in msg.split("differs in: ")[1].split(")")[0].split(", ")
     assert "\n" not in msg
     assert _snapshot(root / "full") == before
@@ -436,7 +436,7 @@ def test_other_weights_are_refused_naming_the_file(store, lr, tmp_path):
     with pytest.raises(MdiffError) as e:
         A.collect(model, prep, "base", path=d, **{**kw, "meta": {**META, "weights": new}})
     assert str(e.value) == (f"{d} holds activations of other weights of the base model (base-dir: model.safetensors "
-                            f"(bytes, modified time) since they were collected); rerun with --overwrite to collect "
+                            f"(bytes, modified time) since they were collected); rerun with overwrite to collect "
                             f"them from the current weights")
     res = A.collect(model, prep, "base", path=d, replace=True, **{**kw, "meta": {**META, "weights": new}})
     assert res.skipped_shards == 0 and A.ActivationSet(d).settings["weights"] == new

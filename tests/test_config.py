@@ -96,15 +96,22 @@ def test_from_cli_parses_against_the_pair_shape():
     c = RQ1Config.from_cli(vals, SHAPE)
     assert c.layers == list(range(6)) and c.hooks == ["resid_post", "mlp_out"]
     assert c.positions == parse_positions("k=2", seed=3)  # sampled positions follow the run's seed
-    with pytest.raises(MdiffError, match=r"--layers.*out of range 0\.\.5"):
+    with pytest.raises(MdiffError, match=r"^layers: .*out of range 0\.\.5") as ei:  # the CLI shows --layers
         RQ1Config.from_cli({**vals, "layers": "0,6"}, SHAPE)
-    with pytest.raises(MdiffError, match="--hooks.*'z'"):
+    assert ei.value.render(cli._flag).startswith("--layers: ")
+    with pytest.raises(MdiffError, match="^hooks: .*'z'"):
         RQ1Config.from_cli({**vals, "hooks": "z"}, SHAPE)
+    with pytest.raises(MdiffError, match="^positions 'k=0' needs K"):
+        RQ1Config.from_cli({**vals, "positions": "k=0"}, SHAPE)
     c4 = RQ4Config.from_cli({"layers": "2", "ks": None, "sites": "result", "sources": "raw", "random_sets": 3,
                              "control_layer": 0, "map_solver": "ridge", "fit_positions": "upto=16", "n": None,
                              "n_boot": 10, "seed": 0, "batch_size": 4, "device": None, "engine": "fast"}, SHAPE)
     assert c4.ks == [1, 2, 4] and c4.layers == [2]  # powers of two up to the 4 heads
     c3 = RQ3Config.from_cli({"layer": 5, "ks": "2,full"}, SHAPE)
     assert c3.layer == 5 and c3.ks == [2, "full"]
-    with pytest.raises(MdiffError, match="--layer"):
+    with pytest.raises(MdiffError, match="^layer: ") as ei:
         RQ3Config.from_cli({"layer": 6}, SHAPE)
+    assert ei.value.render(cli._flag).startswith("--layer: ")
+    with pytest.raises(MdiffError, match="^fit_positions 'upto=0' needs K") as ei:
+        RQ3Config.from_cli({"layer": 5, "fit_positions": "upto=0"}, SHAPE)
+    assert ei.value.render(cli._flag).startswith("--fit-positions ")

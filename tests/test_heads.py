@@ -21,7 +21,8 @@ from mdiff.positions import parse_positions
 def test_parse_ks_errors_name_the_option_and_head_count(text, needle):
     with pytest.raises(MdiffError, match=needle) as e:
         HD.parse_ks(text, 4)
-    assert "--k" in str(e.value) and "4 heads per layer" in str(e.value)
+    assert e.value.option == "k" and str(e.value).startswith("k") and "4 heads per layer" in str(e.value)
+    assert e.value.render(lambda o: "--" + o).startswith("--k")  # the CLI shows its own flag
 
 
 def test_parse_ks_ok():

@@ -125,7 +125,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 def test_out_that_is_a_file_or_escapes(tmp_path):
     f = tmp_path / "results"
     f.write_text("I am a file")
-    with pytest.raises(MdiffError, match="it is a file, not a folder; choose another --out"):
+    with pytest.raises(MdiffError, match=r"it is a file, not a folder; choose another output folder \(out\)"):
         ResultWriter(f / "pair" / "rq1", {})
     with pytest.raises(MdiffError, match="goes up with '..'"):
         ResultWriter(tmp_path / "out" / ".." / ".." / "x" / "rq1", {})
@@ -166,7 +166,7 @@ def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "mkdir", denied)
-    with pytest.raises(MdiffError, match=r"cannot write results under .*Permission denied; choose another --out"):
+    with pytest.raises(MdiffError, match=r"cannot write results under .*Permission denied; choose another output folder"):
         ResultWriter(tmp_path / "ro" / "pair" / "rq1", {})
 
 

@@ -120,7 +120,8 @@ def test_offline_error_names_the_dataset_and_the_local_copy(cache):
     with pytest.raises(MdiffError) as e:
         data.materialise_source("cognitive", _src("cognitive"))
     msg = str(e.value)
-    assert "\n" not in msg and "HuggingFaceH4/MATH-500" in msg and "--dataset-dir" in msg
+    assert "\n" not in msg and "HuggingFaceH4/MATH-500" in msg and msg.endswith("give that folder DIR as dataset_dir")
+    assert e.value.option == "dataset_dir"
 
 
 def test_wrong_schema_names_the_missing_column(cache, math_dir):
@@ -160,7 +161,7 @@ def test_prompts_override_and_missing_file(tmp_path):
     spec = with_prompts(BUILTIN["cultural"], str(p))
     assert spec.prompts == str(p.resolve()) and spec.prompt_source is None
     assert [x.id for x in data.pair_prompts(spec)] == ["a"]
-    with pytest.raises(MdiffError, match="--prompts .*no such file"):
+    with pytest.raises(MdiffError, match="^prompts_file .*no such file"):
         with_prompts(BUILTIN["cultural"], str(tmp_path / "nope.jsonl"))
 
 

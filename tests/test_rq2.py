@@ -119,7 +119,7 @@ def test_bad_input(toys, tmp_path, args, needle):
 
 def test_freeze_without_results(tmp_path):
     r = runner.invoke(app, ["freeze", "--pair", "toy-lowrank", "--out", str(tmp_path)])
-    assert r.exit_code == 2 and "run `mdiff rq2" in r.output
+    assert r.exit_code == 2 and "run RQ2 on pair 'toy-lowrank' first" in r.output, r.output
 
 
 # --------------------------------------------------------------------------- F9: fewer train prompts than dimensions
@@ -186,7 +186,7 @@ def test_rq2_warns_when_rows_are_fewer_than_dimensions(linear, tmp_path):
     s = json.loads((tmp_path / "toy-linear" / "rq2" / "summary.json").read_text())
     site = next(x for x in s["sites"] if x["layer"] == truth["layer"])
     assert site["fit_warning"] and "40 rows" in site["fit_warning"] and "d = 64" in site["fit_warning"]
-    assert "--fit-positions" in site["fit_warning"] and any(w.startswith("L4 attn_out") for w in s["warnings"])
+    assert "fit_positions upto=K" in site["fit_warning"] and any(w.startswith("L4 attn_out") for w in s["warnings"])
     assert all(f["rows"] == 40 for f in site["fits"].values())
     assert "warning: L4 attn_out: the maps were fit on 40 rows" in " ".join(r.output.split())  # printed too
 

@@ -145,7 +145,8 @@ def test_compare_shows_what_was_measured(studies):
 
 def test_compare_without_a_study_says_what_to_run(toys, tmp_path):
     r = runner.invoke(app, ["compare", "--pairs", "toy-lowrank,toy-distributed", "--out", str(tmp_path)])
-    assert r.exit_code == 2 and "mdiff study --pair toy-lowrank" in r.output, r.output
+    assert r.exit_code == 2 and "pair 'toy-lowrank' has no" in r.output and "run its study first" in r.output
+    assert "rerun the comparison with --run-missing" in r.output, r.output
 
 
 def test_every_rq_config_carries_the_provenance_contract(studies):
