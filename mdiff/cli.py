@@ -621,6 +621,38 @@ def compare_cmd(
     out.print(f"compare report: {path}")
 
 
+def _benchmarks_dir():
+    """``experiments/benchmarks/`` of the source checkout this ``mdiff`` runs from (absent from an installed wheel)."""
+    from pathlib import Path
+
+    import mdiff
+
+    return Path(mdiff.__file__).resolve().parents[1] / "experiments" / "benchmarks"
+
+
+def _load_harness(name: str):
+    """Import ``experiments/benchmarks/<name>.py`` as module ``name``, that folder on ``sys.path``.
+
+    Imported by name, not from a file spec: the memory child (multiprocessing spawn) re-imports the module by name
+    and inherits this process's ``sys.path``.
+    """
+    import importlib
+    from pathlib import Path
+
+    folder = _benchmarks_dir()
+    if not (folder / f"{name}.py").is_file():
+        raise MdiffError("the benchmark harness (experiments/benchmarks/) ships with mdiff's source checkout, not the "
+                         "installed package: clone the mdiff repository, `pip install -e .` in it and rerun "
+                         "`mdiff bench` there")
+    if not any(Path(p or ".").resolve() == folder for p in sys.path):
+        sys.path.insert(0, str(folder))
+    mod = importlib.import_module(name)
+    if Path(mod.__file__ or "").resolve().parent != folder:
+        raise MdiffError(f"module {name!r} was imported from {mod.__file__}, not from the benchmark harness in "
+                         f"{folder}; rerun `mdiff bench` in a fresh process")
+    return mod
+
+
 @app.command("bench")
 @cli_errors
 def bench_cmd(
@@ -642,25 +674,23 @@ def bench_cmd(
 ):
     """Benchmark the patching engine against the naive loop (RQ4 head grid + RQ2 α sweep both ways)."""
     _setup(threads, batch_size=batch_size, device=device)
+    harness = _load_harness("scale" if scale else "engines")  # experiments/benchmarks/{engines,scale}.py
     if scale:
-        from mdiff.scale import format_scale, run_scale, write_scale
-
         with _progress_bar("bench --scale") as prog:
-            res = run_scale("llama31-fixture" if pair == "toy-lowrank" else pair, n=prompts or 16, out=out_dir,
-                            device=device, say=prog.fraction)
-        out.print(format_scale(res), highlight=False, soft_wrap=True)
-        out.print(f"wrote {write_scale(res, os.path.join(out_dir, 'bench-scale'))}", highlight=False)
+            res = harness.run_scale("llama31-fixture" if pair == "toy-lowrank" else pair, n=prompts or 16,
+                                    out=out_dir, device=device, say=prog.fraction)
+        out.print(harness.format_scale(res), highlight=False, soft_wrap=True)
+        out.print(f"wrote {harness.write_scale(res, os.path.join(out_dir, 'bench-scale'))}", highlight=False)
         return
-    from mdiff.bench import format_table, run_bench
     from mdiff.pairs import resolve_pair
 
     if repeats < 1:
         raise MdiffError(f"--repeats must be ≥ 1, got {repeats}")
     spec = resolve_pair(pair, progress=True)
     with _progress_bar("bench") as prog:
-        res = run_bench(spec, n_prompts=prompts, layer=layer, repeats=repeats, batch_size=batch_size,
-                        say=prog.fraction, memory=memory, device=device)
-    out.print(format_table(res), highlight=False, soft_wrap=True)
+        res = harness.run_bench(spec, n_prompts=prompts, layer=layer, repeats=repeats, batch_size=batch_size,
+                                say=prog.fraction, memory=memory, device=device)
+    out.print(harness.format_table(res), highlight=False, soft_wrap=True)
 
 
 @app.command("freeze")

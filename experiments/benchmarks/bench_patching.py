@@ -1,9 +1,9 @@
 """Benchmark mdiff's patching engines: naive (one full forward per condition) vs fast (decision position only).
 
-Runs :func:`mdiff.bench.run_bench` (workloads, timing and memory method in its docstring) and prints
-:func:`mdiff.bench.format_table`; exits 1 when the fast engine misses a target: speed-up on the RQ4 grid
-(``--target-speedup``, default 30×), ``max |KL_fast − KL_naive|`` (1e-5) or peak memory (1.5× the naive one).
-Usage::
+Runs :func:`engines.run_bench` (``engines.py`` in this folder; workloads, timing and memory method in its
+docstring) and prints :func:`engines.format_table`; exits 1 when the fast engine misses a target: speed-up on
+the RQ4 grid (``--target-speedup``, default 30×), ``max |KL_fast − KL_naive|`` (1e-5) or peak memory (1.5× the
+naive one). Usage::
 
     python experiments/benchmarks/bench_patching.py [--pair toy-lowrank --prompts N --layer L --repeats 3 --threads 1]
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mdiff.bench import format_table, run_bench
+    from engines import format_table, run_bench  # sibling module: these scripts run from their folder
 
     r = run_bench(args.pair, args.prompts, args.layer, args.repeats, args.batch_size, memory=not args.no_memory,
                   say=lambda msg, frac: print(f"[{frac:4.0%}] {msg}", file=sys.stderr))

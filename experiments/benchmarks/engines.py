@@ -1,5 +1,9 @@
 """Benchmark of the patching engines (``mdiff bench``): naive vs fast on identical inputs, in one process.
 
+Part of the benchmark harness in ``experiments/benchmarks/`` (source checkout only, not the installed package):
+``mdiff bench`` puts this folder on ``sys.path`` and imports this file as ``engines``;
+``bench_patching.py`` next to it imports it as a sibling.
+
 Workloads, on a pair's prompt set (all of it by default, split ``all``), at one layer (default the
 last-but-one), prepared as RQ1/RQ2/RQ4 prepare them (:func:`mdiff.activations.prepare_pair_prompts`, the
 decision position of each prompt) with one model in memory at a time:
@@ -167,11 +171,26 @@ def _peak_child(pair, side: str, payload: str, engine: str, device: str, threads
         conn.close()
 
 
+def _importable_by_child() -> None:
+    """spawn pickles ``_peak_child`` by module name: a fresh interpreter must import this file as ``__name__``.
+
+    The child gets the parent's ``sys.path``, so this file's folder goes on it (``mdiff bench`` already puts it
+    there; a script run from the folder has it as ``sys.path[0]``; ``__main__`` is re-run by spawn itself).
+    """
+    here = Path(__file__).resolve().parent
+    if __name__ not in ("__main__", Path(__file__).stem):
+        raise MdiffError(f"the benchmark harness was imported as {__name__!r}: import it as {Path(__file__).stem!r} "
+                         f"with {here} on sys.path, so the memory child process can import it too")
+    if not any(Path(p or ".").resolve() == here for p in sys.path):
+        sys.path.insert(0, str(here))
+
+
 def _measure_peak(pair, side: str, payload: str, engine: str, device: str) -> dict[str, Any]:
     import multiprocessing as mp
 
     import torch
 
+    _importable_by_child()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_peak_child, args=(pair, side, payload, engine, device, torch.get_num_threads(), child))
@@ -348,7 +367,7 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m mdiff.bench
+if __name__ == "__main__":  # pragma: no cover - python experiments/benchmarks/engines.py
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 

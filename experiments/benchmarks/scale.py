@@ -12,6 +12,9 @@ reports (loading, collection, behaviour diagnostics, patching, ...):
 
 It also times one MLP-sized matmul in bfloat16 and in float32 on the device, to say which compute
 dtype is faster there. The targets (issue F8) are checked and reported, not assumed.
+
+Part of the benchmark harness in ``experiments/benchmarks/`` (source checkout only, not the installed package):
+``mdiff bench --scale`` puts this folder on ``sys.path`` and imports this file as ``scale``.
 """
 
 import json
