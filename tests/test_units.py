@@ -142,7 +142,7 @@ def test_done_comes_from_complete_folders_and_parts(local, tmp_path):
 
     from mdiff.pairs import resolve_pair
     from mdiff.study import StudyConfig
-    from mdiff.units import DONE, READY, part_path, plan_units, read_part
+    from mdiff.units import DONE, READY, UnitTask, part_path, plan_units, read_part, run_unit
 
     out = tmp_path / "out"
     shutil.copytree(local / "toy-lowrank", out / "toy-lowrank")
@@ -150,6 +150,13 @@ def test_done_comes_from_complete_folders_and_parts(local, tmp_path):
     spec, scfg = resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100)
     units = {u.step: u for u in plan_units(spec, scfg, out)}
     assert all(u.status == DONE and not u.part for u in units.values())
+    # a unit run again after its step was committed (an engine's retry) only writes its part (and RQ2's winners)
+    (out / "toy-lowrank" / "rq2" / "winners.json").unlink()
+    before = (out / "toy-lowrank" / "rq2" / "config.json").read_bytes()
+    res = run_unit(UnitTask("toy-lowrank", scfg.to_dict(), str(out), "rq2", units["rq2"].key))
+    assert res.ok and (out / "toy-lowrank" / "rq2" / "config.json").read_bytes() == before, res
+    assert (out / "toy-lowrank" / "rq2" / "winners.json").is_file()
+    assert json.loads(part_path(out, "toy-lowrank", units["rq2"].key).read_text())["adopted"] is True
     r = _study(out)
     assert r.output.count("already done") == 4 and "running" not in r.output
     ident = json.loads((out / "toy-lowrank" / "rq1" / "config.json").read_text())["pair_identity"]
