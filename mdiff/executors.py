@@ -7,8 +7,9 @@ engines' own retries (Ray task retries, SLURM requeue on preemption) only save t
 the next plan finds missing and runs again.
 
 * ``local`` (default): one after another in this process (the study's progress bar works);
-* ``ray`` (extra ``mdiff[ray]``): one Ray task per unit with ``num_gpus`` from the unit, retried when a
-  worker dies; units asking for more GPUs than the cluster has are refused up front (Ray would wait forever);
+* ``ray`` (extra ``mdiff[ray]``): one Ray task per unit with ``num_gpus`` from the unit, retried (``max_retries``)
+  when its worker dies; units asking for more GPUs than any node of the cluster has are refused up front (Ray
+  would wait forever);
 * ``slurm`` (extra ``mdiff[slurm]``): one submitit job array per wave; ``cluster="local"`` runs the same
   jobs as local processes (tests), ``"slurm"`` submits them; a preempted job is requeued by submitit.
 """
@@ -45,7 +46,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise MdiffError("--executor ray needs Ray: pip install 'mdiff[ray]'") from None
+            raise MdiffError("the ray executor needs Ray: pip install 'mdiff[ray]'") from None
         self.ray = ray
         if not ray.is_initialized():
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -58,13 +59,15 @@ class RayExecutor:
 
     def run(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:
         ray = self.ray
-        have = float(ray.cluster_resources().get("GPU", 0))
-        # a unit without --device runs on CUDA when its worker has one: ask Ray for the GPU then, so that Ray
+        # a task runs on one node: the most GPUs a unit can get is the most that one live node has
+        have = max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        # a unit without a device runs on CUDA when its worker has one: ask Ray for the GPU then, so that Ray
         # counts it (Ray does not hide GPUs from tasks that ask for none)
         gpus = [_gpus_of(t, self.gpus_per_unit, default=1 if have >= 1 else 0) for t in tasks]
         if any(g > have for g in gpus):
-            raise MdiffError(f"units ask for {max(gpus)} GPU(s) each but the Ray cluster has {have:g}: run on a "
-                             "cluster with GPUs, or on CPU (--device cpu)")
+            raise MdiffError(f"units ask for {max(gpus)} GPU(s) each but no node of the Ray cluster has more than "
+                             f"{have:g}: run on a cluster with GPUs, or on the CPU (device cpu), or ask for fewer GPUs "
+                             "per unit")
         remote = ray.remote(run_unit)
         refs = [remote.options(num_cpus=1, num_gpus=g, max_retries=self.max_retries).remote(t)
                 for t, g in zip(tasks, gpus, strict=True)]
@@ -73,7 +76,8 @@ class RayExecutor:
             try:
                 out.append(ray.get(ref))
             except Exception as e:  # noqa: BLE001 - a worker lost for good: reported with the unit's key
-                out.append(UnitResult(t.key, t.step, False, 0.0, f"the Ray worker failed: {str(e).splitlines()[0]}"))
+                out.append(UnitResult(t.key, t.step, False, 0.0, f"its Ray task failed (retried up to "
+                                      f"{self.max_retries} time(s)): {_first_line(e)}"))
         return out
 
 
@@ -88,7 +92,7 @@ class SlurmExecutor:
         try:
             import submitit
         except ImportError:
-            raise MdiffError("--executor slurm needs submitit: pip install 'mdiff[slurm]'") from None
+            raise MdiffError("the slurm executor needs submitit: pip install 'mdiff[slurm]'") from None
         self.submitit, self.folder, self.cluster = submitit, Path(folder), cluster
         self.timeout_min, self.partition, self.gpus_per_unit, self.max_tries = (timeout_min, partition,
                                                                                  gpus_per_unit, max_tries)
@@ -110,15 +114,16 @@ class SlurmExecutor:
             ex.update_parameters(**params)
             jobs = ex.map_array(_CheckpointableUnit(), list(tasks))
         except Exception as e:  # noqa: BLE001 - no SLURM here, a bad parameter...: one line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise MdiffError(f"--executor slurm could not submit the units ({first}); on a machine without SLURM "
-                             f"use --slurm-cluster local, or --executor local") from None
+            raise MdiffError(f"the slurm executor could not submit the units ({_first_line(e)}); on a machine "
+                             "without SLURM run them as local processes (submitit's local cluster) or here (the "
+                             "local executor)") from None
         out = []
         for t, job in zip(tasks, jobs, strict=True):
             try:
                 out.append(job.result())
             except Exception as e:  # noqa: BLE001 - a job lost for good: reported with the unit's key
-                out.append(UnitResult(t.key, t.step, False, 0.0, f"the SLURM job failed: {str(e).splitlines()[-1]}"))
+                what = "local submitit job" if self.cluster == "local" else "SLURM job"
+                out.append(UnitResult(t.key, t.step, False, 0.0, f"its {what} {job.job_id} failed: {_job_error(e, job)}"))
         return out
 
 
@@ -135,8 +140,23 @@ class _CheckpointableUnit:
         return submitit.helpers.DelayedSubmission(self, task)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _job_error(e: BaseException, job) -> str:
+    """One line for a lost submitit job: why it has no result (its process died), or its error's last line."""
+    from submitit.core.utils import UncompletedJobError
+
+    if isinstance(e, UncompletedJobError):
+        log = getattr(getattr(job, "paths", None), "stdout", None)
+        return "it ended without a result (its process died or was killed)" + (f"; its log: {log}" if log else "")
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def _gpus_of(task: UnitTask, override: int | None, default: int = 0) -> int:
-    """GPUs a unit asks for: ``override``, else 1 for ``--device cuda...``, 0 for another device, and ``default``
+    """GPUs a unit asks for: ``override``, else 1 for a CUDA device, 0 for another device, and ``default``
     when no device was given (the worker's choice)."""
     if override is not None:
         return int(override)
@@ -158,4 +178,4 @@ def make_executor(name: str, out: str | Path, progress: Callable[[str, float], N
     if name == "slurm":
         return SlurmExecutor(Path(out) / "_submitit", slurm_cluster, timeout_min, partition, gpus_per_unit,
                              mem_gb=mem_gb)
-    raise MdiffError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    raise MdiffError(f"the executor must be one of {', '.join(EXECUTORS)}, got {name!r}")

@@ -50,11 +50,17 @@ def _norm(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+RESULT_FILES = ("config.json", "metrics.csv", "summary.json")
+"""The files every step writes and the later steps (and the report) read: a step folder without one is not done."""
+
+
 def step_done(out: Path, pair: str, rq: str, settings: dict, identity: str | None = None) -> bool:
-    """True when ``OUT/<pair>/<rq>/`` holds a finished run with exactly these settings and, when given, of the
-    same pair identity (:func:`mdiff.io.pair_identity`: models, weights, dtype, prompt set...)."""
-    cfg = out / pair / rq / "config.json"
-    if not cfg.is_file():
+    """True when ``OUT/<pair>/<rq>/`` holds a finished, complete run (:data:`RESULT_FILES`) with exactly these
+    settings and, when given, of the same pair identity (:func:`mdiff.io.pair_identity`: models, weights, dtype,
+    prompt set...). Whoever wrote it (a study's unit, or the RQ's own command) does not matter."""
+    d = Path(out) / pair / rq
+    cfg = d / "config.json"
+    if not all((d / f).is_file() for f in RESULT_FILES):
         return False
     try:
         c = json.loads(cfg.read_text())

@@ -11,9 +11,11 @@ Plan (every choice is written into ``OUT/<pair>/study.json``):
    is largest, with RQ1's control layer as the control; raw and mapped sources at the ``result`` site
    (both sites' all-heads effects are always measured).
 
-Resumable: a step whose results folder already holds a run with exactly the planned settings is not
-run again (each step writes atomically, so an interrupted step leaves no half folder and simply runs
-again). ``dry_run`` prints the plan, resolving what earlier results already determine.
+Resumable: a step whose results folder already holds a complete run with exactly the planned settings and
+models is done and not run again, whether the study or the RQ's own command wrote it (the study then writes the
+unit's missing part, :mod:`mdiff.units`). Each step writes atomically, so an interrupted step leaves no half
+folder, only a temporary one that its next run removes, and simply runs again. ``dry_run`` prints the plan,
+resolving what earlier results already determine.
 """
 
 import dataclasses
@@ -25,7 +27,7 @@ from typing import Any
 from mdiff import models
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
-from mdiff.io import pair_identity
+from mdiff.io import pair_identity, remove_stale_tmp
 from mdiff.pairs import PairSpec
 from mdiff.plan import (  # noqa: F401 - the plan's public names are the study's too
     STEPS,
@@ -71,6 +73,7 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
         ref = str(Path(ref).resolve())  # workers elsewhere resolve paths against their own working directory
     entries: dict[str, dict] = {}
     failed: list[U.UnitResult] = []
+    identity = pair_identity(spec)
     while True:
         units = U.plan_units(spec, scfg, out, info)
         rq2 = next(u for u in units if u.step == "rq2")
@@ -78,6 +81,9 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
             from mdiff.rq2 import freeze_winners
 
             freeze_winners(out, spec.name)  # a run killed between RQ2's commit and its winners: pin them now
+        for u in units:  # done without a part: written by hand (`mdiff rq1`) or killed before its part
+            if u.status == U.DONE and not u.part:
+                U.write_part(out, spec.name, u.key, u.step, u.settings, identity, adopted=True)
         for u in units:
             if u.status == U.SKIPPED and u.step not in entries:
                 entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "skipped"}
@@ -104,6 +110,8 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
         record["steps"] = [entries[s] for s in STEPS if s in entries]
         if (out / spec.name).is_dir():  # a first unit that failed leaves no folder behind: keep it that way
             atomic_write_text(out / spec.name / "study.json", json.dumps(record, indent=2, default=str))
+    for d in (out / spec.name, U.parts_dir(out, spec.name)):  # what units killed mid-write left (never a result)
+        remove_stale_tmp(d)
     if failed:
         f = failed[0]
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""

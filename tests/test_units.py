@@ -63,26 +63,117 @@ def test_plan_keys_and_status(local, tmp_path):
     assert r.exit_code == 0 and [u["status"] for u in json.loads(r.output)] == ["done"] * 4, r.output
 
 
-def test_ray_study_equals_local_byte_for_byte(local, tmp_path):
+def _no_tmp(out: Path) -> None:
+    """No half-written results: no temporary folder or file of a killed unit is left anywhere."""
+    left = [p for p in out.rglob(".*") if ".tmp-" in p.name]
+    assert not left, f"left behind: {left}"
+
+
+def _all_done_with_parts(out: Path) -> None:
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig
+    from mdiff.units import DONE, plan_units, read_part
+
+    ident = json.loads((out / "toy-lowrank" / "rq1" / "config.json").read_text())["pair_identity"]
+    for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100), out):
+        assert u.status == DONE and u.part, u
+        assert read_part(out, "toy-lowrank", u.key, u.step, u.settings, ident)["adopted"] is False
+
+
+def test_ray_study_with_a_killed_worker_equals_local_byte_for_byte(local, tmp_path, monkeypatch):
+    """RQ4's Ray worker dies mid-step (the test-only hook in mdiff.units): Ray retries the unit, the study
+    completes in one run, and every RQ's results are the local run's bytes."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'mdiff[ray]' (make test does)")
+    from mdiff.units import TEST_DIE_VAR
+
+    ray.shutdown()  # the local cluster is started below, with the hook in its workers' environment
+    died = tmp_path / "died"
+    monkeypatch.setenv(TEST_DIE_VAR, f"rq4:{died}")
     try:
-        _study(tmp_path, "--executor", "ray", "--num-cpus", "2")
-        _same_results(local, tmp_path)
+        _study(tmp_path / "out", "--executor", "ray", "--num-cpus", "2")
+        assert died.exists()  # the worker did die once
+        _same_results(local, tmp_path / "out")
+        _no_tmp(tmp_path / "out")
+        _all_done_with_parts(tmp_path / "out")
         # units asking for GPUs that a CPU-only cluster lacks are refused at once (Ray would wait forever)
         from mdiff.executors import RayExecutor
         from mdiff.units import UnitTask
 
         task = UnitTask("toy-lowrank", {"device": "cuda"}, str(tmp_path), "rq1", "0" * 16)
-        with pytest.raises(MdiffError, match="GPU"):
+        with pytest.raises(MdiffError, match="GPU") as e:
             RayExecutor().run([task])
+        assert "\n" not in str(e.value) and "--" not in str(e.value)
     finally:
         ray.shutdown()
 
 
-def test_submitit_local_cluster_equals_local(local, tmp_path):
+def test_submitit_killed_job_is_reported_and_a_rerun_equals_local(local, tmp_path, monkeypatch):
+    """RQ4's submitit job dies mid-step: the study reports it in one line naming the unit, keeps everything else
+    and leaves no half result; the same command again runs only RQ4 and ends with the local run's bytes."""
     pytest.importorskip("submitit", reason="submitit is not installed: pip install 'mdiff[slurm]' (make test does)")
-    _study(tmp_path / "out", "--executor", "slurm", "--slurm-cluster", "local", "--timeout-min", "20")
-    _same_results(local, tmp_path / "out")
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig
+    from mdiff.units import DONE, READY, TEST_DIE_VAR, plan_units
+
+    out, died = tmp_path / "out", tmp_path / "died"
+    args = ["study", *ARGS, "--out", str(out), "--executor", "slurm", "--slurm-cluster", "local", "--timeout-min", "20"]
+    monkeypatch.setenv(TEST_DIE_VAR, f"rq4:{died}")
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and died.exists(), r.output
+    units = {u.step: u for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100), out)}
+    assert {s: u.status for s, u in units.items()} == {"rq1": DONE, "rq2": DONE, "rq3": DONE, "rq4": READY}
+    err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and units["rq4"].key in err[0] and "(toy-lowrank rq4)" in err[0], r.output
+    assert "ended without a result" in err[0] and "Traceback" not in r.output
+    assert not (out / "toy-lowrank" / "rq4").exists()
+    _no_tmp(out)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "rq4: running" in r.output and "rq1: already done" in r.output
+    _same_results(local, out)
+    _no_tmp(out)
+    _all_done_with_parts(out)
+
+
+def test_done_comes_from_complete_folders_and_parts(local, tmp_path):
+    """A part is the unit's receipt, the step folder its result: a folder written without a part (by hand) is done
+    and the study writes its part; a part whose folder is gone or incomplete is not done; a wrong part is ignored."""
+    import shutil
+
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig
+    from mdiff.units import DONE, READY, UnitTask, part_path, plan_units, read_part, run_unit
+
+    out = tmp_path / "out"
+    shutil.copytree(local / "toy-lowrank", out / "toy-lowrank")
+    shutil.rmtree(out / "toy-lowrank" / "parts")  # as if each RQ had been run by hand with the study's settings
+    spec, scfg = resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100)
+    units = {u.step: u for u in plan_units(spec, scfg, out)}
+    assert all(u.status == DONE and not u.part for u in units.values())
+    # a unit run again after its step was committed (an engine's retry) only writes its part (and RQ2's winners)
+    (out / "toy-lowrank" / "rq2" / "winners.json").unlink()
+    before = (out / "toy-lowrank" / "rq2" / "config.json").read_bytes()
+    res = run_unit(UnitTask("toy-lowrank", scfg.to_dict(), str(out), "rq2", units["rq2"].key))
+    assert res.ok and (out / "toy-lowrank" / "rq2" / "config.json").read_bytes() == before, res
+    assert (out / "toy-lowrank" / "rq2" / "winners.json").is_file()
+    assert json.loads(part_path(out, "toy-lowrank", units["rq2"].key).read_text())["adopted"] is True
+    r = _study(out)
+    assert r.output.count("already done") == 4 and "running" not in r.output
+    ident = json.loads((out / "toy-lowrank" / "rq1" / "config.json").read_text())["pair_identity"]
+    for u in units.values():
+        part = read_part(out, "toy-lowrank", u.key, u.step, u.settings, ident)
+        assert part is not None and part["adopted"] is True and part["folder"] == u.step
+    _same_results(local, out)
+    # a part without its folder, or with an incomplete one, is not done
+    (out / "toy-lowrank" / "rq4" / "metrics.csv").unlink()
+    shutil.rmtree(out / "toy-lowrank" / "rq3")
+    now = {u.step: u for u in plan_units(spec, scfg, out)}
+    assert (now["rq3"].status, now["rq4"].status) == (READY, READY) and now["rq1"].status == DONE
+    assert part_path(out, "toy-lowrank", now["rq3"].key).is_file()
+    # a part that records another unit is ignored, never trusted
+    p = part_path(out, "toy-lowrank", now["rq1"].key)
+    p.write_text(p.read_text().replace('"rq1"', '"rq2"'))
+    assert next(u for u in plan_units(spec, scfg, out) if u.step == "rq1").part is False
 
 
 def test_a_failing_unit_is_reported_and_nothing_else_is_lost(local, tmp_path, monkeypatch):
