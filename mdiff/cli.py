@@ -40,13 +40,36 @@ _ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
                errno.ENAMETOOLONG, errno.EEXIST}
 
 
-FLAG_NAMES = {"n_boot": "--bootstrap", "n_null": "--null-draws", "out": "--out", "prompts_file": "--prompts",
-              "sites": "--site", "sources": "--source"}
-"""Settings whose flag is not ``--`` + the setting name with ``_`` → ``-`` (how library errors name an input)."""
+_FIXED_FLAGS = {"out": "--out", "prompts_file": "--prompts"}
+"""Run options that are not config fields, whose flag is not ``--`` + the setting name."""
+
+
+@functools.cache
+def flag_names() -> dict[str, str]:
+    """Setting name → CLI flag, where the flag is not ``--`` + the name with ``_`` → ``-``: read from the config
+    dataclasses' declarations (:mod:`mdiff.config`), so each flag is written once. A setting two commands spell
+    differently (RQ3's ``--ks``, RQ4's ``--k``) keeps the default spelling."""
+    from mdiff.config import ExecutorConfig, cli_fields, flag_of
+    from mdiff.plan import StudyConfig
+    from mdiff.rq1 import RQ1Config
+    from mdiff.rq2 import RQ2Config
+    from mdiff.rq3 import RQ3Config
+    from mdiff.rq4 import RQ4Config
+
+    seen: dict[str, set[str]] = {}
+    for cls in (RQ1Config, RQ2Config, RQ3Config, RQ4Config, StudyConfig, ExecutorConfig):
+        for f, _ in cli_fields(cls):
+            seen.setdefault(f.name, set()).add(flag_of(f).split("/", 1)[0])
+    names = {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and next(iter(v)) != _default_flag(k)}
+    return {**names, **_FIXED_FLAGS}
+
+
+def _default_flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
 
 
 def _flag(option: str) -> str:
-    return FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
+    return flag_names().get(option, _default_flag(option))
 
 
 def cli_errors(fn):

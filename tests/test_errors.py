@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import mdiff
-from mdiff.cli import FLAG_NAMES, _flag, app
+from mdiff.cli import _flag, app, flag_names
 from mdiff.errors import MdiffError
 from mdiff.options import check_layers
 from mdiff.rq3 import RQ3Config, check_config
@@ -54,7 +54,9 @@ def test_cli_flag_names():
     assert _flag("alpha_mode") == "--alpha-mode" and _flag("random_sets") == "--random-sets"
     assert _flag("n_boot") == "--bootstrap" and _flag("n_null") == "--null-draws"
     assert _flag("prompts_file") == "--prompts" and _flag("sites") == "--site"
-    assert set(FLAG_NAMES.values()) <= {"--bootstrap", "--null-draws", "--out", "--prompts", "--site", "--source"}
+    assert flag_names() == {"n_boot": "--bootstrap", "n_null": "--null-draws", "sites": "--site", "sources": "--source",
+                            "out": "--out", "prompts_file": "--prompts"}  # read from the configs
+    assert _flag("ks") == "--ks"  # RQ3 --ks, RQ4 --k: ambiguous, the default spelling
 
 
 # --------------------------------------------------------------------------- library calls name the setting
