@@ -581,7 +581,7 @@ study_cmd = app.command("study")(cli_errors(_signature(study_cmd, [
 
 
 def units_cmd(**kw):
-    """The study's units of work (one per step) with their keys and status: done, ready, blocked or skipped."""
+    """The study's units of work (one per step): key, status (done, ready, blocked or skipped) and receipt (part)."""
     from mdiff.pairs import resolve_pair
     from mdiff.units import plan_units
 
@@ -597,7 +597,9 @@ def units_cmd(**kw):
         return
     out.print(f"[bold]units of {spec.name}[/] (out: {kw['out_dir']}/{spec.name}/)")
     for u in units:
-        out.print(f"  {u.step}  {u.key or '-':16}  {u.status:8}  {u.why}", highlight=False, soft_wrap=True, markup=False)
+        receipt = "part" if u.part else "-"
+        out.print(f"  {u.step}  {u.key or '-':16}  {u.status:8}  {receipt:4}  {u.why}", highlight=False, soft_wrap=True,
+                  markup=False)
 
 
 units_cmd = app.command("units")(cli_errors(_signature(units_cmd, [
