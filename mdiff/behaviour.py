@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mdiff import schema as S
 from mdiff.data import pad_left
 from mdiff.errors import MdiffError
 
@@ -227,14 +228,14 @@ def diagnostics(model, tokenizer, side: str, prompts, prompt_ids: list[list[int]
         with np.errstate(invalid="ignore"):
             soft = np.nanmax(np.where(np.isnan(r), -np.inf, r), 1) - np.nanmax(np.where(np.isnan(u), -np.inf, u), 1)
         soft = soft[np.isfinite(soft)]
-        rows.append({"metric": "soft_refusal", "condition": cond, "values": soft})
+        rows.append({"metric": S.SOFT_REFUSAL, "condition": cond, "values": soft})
         gen = greedy(model, prompt_ids, settings["max_new_tokens"], pad_id, vocab)
         per100 = []
         for g in gen:
             text = tokenizer.decode(g, skip_special_tokens=True).lower()
             hits = sum(text.count(mk.lower()) for mk in settings["markers"])
             per100.append(100.0 * hits / max(1, len(g)))
-        rows.append({"metric": "style_markers_per_100", "condition": cond, "values": np.array(per100)})
+        rows.append({"metric": S.STYLE_MARKERS, "condition": cond, "values": np.array(per100)})
         deltas, at = [], 0
         for p, _, conts in items:
             lps, at = mc_both[k][at:at + len(conts)], at + len(conts)
@@ -243,5 +244,5 @@ def diagnostics(model, tokenizer, side: str, prompts, prompt_ids: list[list[int]
             sc = np.array([x.sum() for x in lps]) / np.array([max(1, len(c)) for c in conts])
             j = p.choices.index(str(p.answer))
             deltas.append(sc[j] - np.delete(sc, j).mean())
-        rows.append({"metric": "mc_delta_logp_per_token", "condition": cond, "values": np.array(deltas)})
+        rows.append({"metric": S.MC_DELTA_LOGP, "condition": cond, "values": np.array(deltas)})
     return rows

@@ -19,10 +19,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from mdiff import figures
+from mdiff import schema as S
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
 from mdiff.report import PAGE_CSS, RQS, load_results, md_table
-from mdiff.rq1 import CROSS_B2T
 
 _COL = figures.COLOURS
 
@@ -140,11 +140,11 @@ def compare_figures(pairs: list[str], results: dict[str, dict]) -> list[tuple[st
         return pd.concat([pick(results[p]["rq1"]["metrics"]).assign(pair=p) for p in pairs])
 
     figs = [("fig-cmp-cka", "CKA curves overlaid", figures.lines_with_ci(
-                rq1_curves(lambda m: m[(m.metric == "cka") & (m.hook == "resid_post")]), "pair",
+                rq1_curves(lambda m: m[(m.metric == S.CKA) & (m.hook == "resid_post")]), "pair",
                 "CKA per layer (resid_post, 95% CI)", "linear CKA")),
             ("fig-cmp-patch-kl", "Patch KL overlaid", figures.lines_with_ci(
-                rq1_curves(lambda m: m[(m.metric == "patch_kl") & (m.hook == "resid_post")
-                                       & (m.condition == CROSS_B2T)]), "pair",
+                rq1_curves(lambda m: m[(m.metric == S.PATCH_KL) & (m.hook == "resid_post")
+                                       & (m.condition == S.CROSS_B2T)]), "pair",
                 "Cross-patch KL base→tuned per layer (resid_post, 95% CI)", "KL (nats)"))]
     f = go.Figure()
     for i, p in enumerate(pairs):
@@ -159,7 +159,7 @@ def compare_figures(pairs: list[str], results: dict[str, dict]) -> list[tuple[st
     f = go.Figure()
     for i, p in enumerate(pairs):
         m = results[p]["rq3"]["metrics"]
-        d = m[(m.metric == "drop") & (m.k.astype(str) != "full")]
+        d = m[(m.metric == S.DROP) & (m.k.astype(str) != "full")]
         if "method" in d:
             d = d[d.method == ("rrr" if (d.method == "rrr").any() else d.method.iloc[0])]
         d = d.assign(kk=d.k.astype(int)).sort_values("kk")
@@ -175,9 +175,9 @@ def compare_figures(pairs: list[str], results: dict[str, dict]) -> list[tuple[st
         m = results[p]["rq4"]["metrics"]
         s4 = results[p]["rq4"]["summary"]
         main = [e["layer"] for e in s4["layers"] if not e["control_layer"]]
-        d = m[(m.metric == "coverage") & (m.set == "top") & (m.site == "result") & (m.source == "raw")
+        d = m[(m.metric == S.COVERAGE) & (m.set == "top") & (m.site == "result") & (m.source == "raw")
               & (m.layer.isin(main[:1]))].sort_values("k")
-        nl = m[(m.metric == "null_median") & (m.site == "result") & (m.source == "raw") & (m.layer.isin(main[:1]))]
+        nl = m[(m.metric == S.NULL_MEDIAN) & (m.site == "result") & (m.source == "raw") & (m.layer.isin(main[:1]))]
         f.add_trace(go.Scatter(x=d.k, y=d.value, name=f"{p} top-k (L{main[0] if main else '?'})",
                                mode="lines+markers", line=dict(color=_COL[i]),
                                error_y=dict(type="data", symmetric=False, array=(d.ci_high - d.value).fillna(0),

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from mdiff import schema as S
+
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
@@ -48,14 +50,14 @@ def lines_with_ci(df: pd.DataFrame, group: str, title: str, y_title: str) -> go.
 
 
 def cka_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
-    d = metrics[metrics["metric"].isin(["cka", "cka_debiased"])].copy()
-    d["series"] = d["metric"].map({"cka": "linear CKA", "cka_debiased": "debiased CKA"}) + " · " + d["hook"]
+    d = metrics[metrics["metric"].isin([S.CKA, S.CKA_DEBIASED])].copy()
+    d["series"] = d["metric"].map({S.CKA: "linear CKA", S.CKA_DEBIASED: "debiased CKA"}) + " · " + d["hook"]
     return lines_with_ci(d, "series", f"{pair}: base vs tuned representation similarity per layer "
                                       f"(95% CI: prompt bootstrap / prompt jackknife)", "CKA")
 
 
 def patch_kl_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
-    d = metrics[(metrics["metric"] == "patch_kl")].copy()
+    d = metrics[(metrics["metric"] == S.PATCH_KL)].copy()
     d["series"] = d["condition"] + " · " + d["hook"]
     return lines_with_ci(d, "series", f"{pair}: cross-model layer patch, KL(P_target_clean ‖ P_target_patched) "
                                       f"at the decision position (shared vocab; 95% prompt-bootstrap CI)", "KL (nats)")
@@ -63,10 +65,10 @@ def patch_kl_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
 
 def drop_figure(metrics: pd.DataFrame, pair: str, alpha_mode: str) -> go.Figure:
     """Drop per site and solver (bars with 95% CI), one panel row per α."""
-    d = metrics[(metrics["metric"] == "drop")].copy()
+    d = metrics[(metrics["metric"] == S.DROP)].copy()
     d["site"] = "L" + d["layer"].astype(int).astype(str) + " " + d["hook"]
-    d["solver"] = d["condition"].str.split("|").str[0]
-    d["alpha"] = d["condition"].str.extract(r"alpha=([0-9.]+)")[0].astype(float)
+    parts = S.rq2_condition_parts(d["condition"])
+    d["solver"], d["alpha"] = parts["solver"], parts["alpha"]
     fig = go.Figure()
     for i, ((solver, alpha), g) in enumerate(d.groupby(["solver", "alpha"], sort=True)):
         fig.add_trace(go.Bar(
@@ -84,11 +86,11 @@ def drop_figure(metrics: pd.DataFrame, pair: str, alpha_mode: str) -> go.Figure:
 
 def r2_vs_drop_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
     """Val R² of each map against its drop at the largest α."""
-    r2 = metrics[metrics["metric"] == "r2_val"][["layer", "hook", "condition", "value"]].rename(
+    r2 = metrics[metrics["metric"] == S.R2_VAL][["layer", "hook", "condition", "value"]].rename(
         columns={"value": "r2", "condition": "solver"})
-    d = metrics[metrics["metric"] == "drop"].copy()
-    d["solver"] = d["condition"].str.split("|").str[0]
-    d["alpha"] = d["condition"].str.extract(r"alpha=([0-9.]+)")[0].astype(float)
+    d = metrics[metrics["metric"] == S.DROP].copy()
+    parts = S.rq2_condition_parts(d["condition"])
+    d["solver"], d["alpha"] = parts["solver"], parts["alpha"]
     d = d[d["alpha"] == d["alpha"].max()]
     j = r2.merge(d[["layer", "hook", "solver", "value"]], on=["layer", "hook", "solver"])
     fig = go.Figure(go.Scatter(
@@ -101,7 +103,7 @@ def r2_vs_drop_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
 
 def head_heatmap(metrics: pd.DataFrame, pair: str, site: str, source: str, split: str = "val") -> go.Figure:
     """Layer × head heatmap of single-head effects (KL nats), diverging scale centred at 0, hover ``L{l}H{h}``."""
-    d = metrics[(metrics["metric"] == "effect") & (metrics["set"] == "single") & (metrics["site"] == site)
+    d = metrics[(metrics["metric"] == S.EFFECT) & (metrics["set"] == "single") & (metrics["site"] == site)
                 & (metrics["source"] == source) & (metrics["split"] == split)].copy()
     d["head"] = d["heads"].astype(int)
     layers = sorted(d["layer"].astype(int).unique())
@@ -113,9 +115,8 @@ def head_heatmap(metrics: pd.DataFrame, pair: str, site: str, source: str, split
         z[i, j], lo[i, j], hi[i, j] = r.value, r.ci_low, r.ci_high
     text = [[f"L{L}H{h}" for h in heads] for L in layers]
     # ranking stability (RQ4 runs record it): share of select-split resamples whose top-k holds the head
-    from mdiff.heads import TOPK_FREQ
 
-    f = metrics[(metrics["metric"] == TOPK_FREQ) & (metrics["site"] == site) & (metrics["source"] == source)] \
+    f = metrics[(metrics["metric"] == S.TOPK_FREQ) & (metrics["site"] == site) & (metrics["source"] == source)] \
         if "metric" in metrics else metrics.iloc[0:0]
     for r in f.sort_values("k").itertuples():
         L, h = int(r.layer), int(r.heads)
@@ -142,14 +143,14 @@ def coverage_figure(metrics: pd.DataFrame, pair: str, site: str, source: str) ->
     fig = go.Figure()
     for i, (L, g) in enumerate(d.groupby("layer", sort=True)):
         c = COLOURS[i % len(COLOURS)]
-        top = g[(g["metric"] == "coverage") & (g["set"] == "top")].sort_values("k")
+        top = g[(g["metric"] == S.COVERAGE) & (g["set"] == "top")].sort_values("k")
         if top["value"].isna().all():
             continue
-        null = g[(g["set"] == "top") & g["metric"].isin(["null_q05", "null_median", "null_q95"])]
+        null = g[(g["set"] == "top") & g["metric"].isin([S.NULL_Q05, S.NULL_MEDIAN, S.NULL_Q95])]
         nb = null.pivot_table(index="k", columns="metric", values="value").sort_index()
         name = f"L{int(L)}"
-        _band(fig, nb.index, nb["null_q05"], nb["null_q95"], c, name)
-        fig.add_trace(go.Scatter(x=nb.index, y=nb["null_median"], mode="lines", line=dict(color=c, dash="dot"),
+        _band(fig, nb.index, nb[S.NULL_Q05], nb[S.NULL_Q95], c, name)
+        fig.add_trace(go.Scatter(x=nb.index, y=nb[S.NULL_MEDIAN], mode="lines", line=dict(color=c, dash="dot"),
                                  name=f"{name} random-k median (5–95% band)", legendgroup=name))
         fig.add_trace(go.Scatter(
             x=top["k"], y=top["value"], mode="lines+markers", name=f"{name} top-k", line=dict(color=c),
@@ -169,13 +170,13 @@ def coverage_figure(metrics: pd.DataFrame, pair: str, site: str, source: str) ->
 def rank_figure(metrics: pd.DataFrame, pair: str) -> go.Figure:
     """drop(k) of the rank-k correction per method (95% CI), the random-subspace null range, full rank dashed."""
     fig = go.Figure()
-    d = metrics[metrics["metric"] == "drop"]
+    d = metrics[metrics["metric"] == S.DROP]
     site = ""
     for i, (method, g) in enumerate(d.groupby("method", sort=True)):
         c = COLOURS[i % len(COLOURS)]
         site = f"L{int(g['layer'].iloc[0])} {g['hook'].iloc[0]}"
         fin = g[g["k"] != "full"].assign(kk=lambda x: x["k"].astype(int)).sort_values("kk")
-        nl = metrics[(metrics["metric"] == "drop_null_mean") & (metrics["method"] == method)].assign(
+        nl = metrics[(metrics["metric"] == S.DROP_NULL_MEAN) & (metrics["method"] == method)].assign(
             kk=lambda x: x["k"].astype(int)).sort_values("kk")
         if len(nl):
             _band(fig, nl["kk"], nl["ci_low"], nl["ci_high"], c, method)

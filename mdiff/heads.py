@@ -31,6 +31,7 @@ from torch import Tensor
 
 from mdiff import hooks as H
 from mdiff import maps
+from mdiff import schema as S
 from mdiff.activations import gather_all
 from mdiff.errors import MdiffError
 from mdiff.patching import HeadPatch, Patcher
@@ -170,8 +171,8 @@ def rank_heads(single: np.ndarray) -> list[int]:
     return [int(h) for h in sorted(range(len(m)), key=lambda h: (-m[h], h))]
 
 
-TOPK_FREQ = "topk_frequency"
-"""Metric name: share of select-split resamples whose top-k (column ``k``) contains the head."""
+TOPK_FREQ = S.TOPK_FREQ
+"""Metric name (:data:`mdiff.schema.TOPK_FREQ`): share of select-split resamples whose top-k contains the head."""
 STABLE_FREQ = 0.9
 """A top-k set is *stable* when each of its heads is in the top-k in at least this share of prompt resamples."""
 

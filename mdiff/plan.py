@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from mdiff import config as C
+from mdiff import schema as S
 from mdiff.errors import MdiffError
 from mdiff.io import pair_identity
 from mdiff.pairs import PairSpec
@@ -93,10 +94,9 @@ def _rq1_tolerance(out: Path, pair: str) -> float:
 def best_attention_layer(out: Path, pair: str, exclude: int | None = None) -> int | None:
     """The layer with the largest base→tuned cross-patch KL at attn_out in RQ1's metrics (None when every
     attn_out patch is within RQ1's noise tolerance)."""
-    from mdiff.rq1 import CROSS_B2T
 
     m = pd.read_csv(out / pair / "rq1" / "metrics.csv")
-    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == CROSS_B2T)]
+    a = m[(m.metric == S.PATCH_KL) & (m.hook == "attn_out") & (m.condition == S.CROSS_B2T)]
     if exclude is not None and (a.layer != exclude).any():
         a = a[a.layer != exclude]
     if not len(a) or not (a.value > _rq1_tolerance(out, pair)).any():
@@ -106,10 +106,9 @@ def best_attention_layer(out: Path, pair: str, exclude: int | None = None) -> in
 
 def _quietest_attention_layer(out: Path, pair: str, exclude: int) -> int:
     """The layer (other than ``exclude``) whose attn_out cross-patch changes the output least."""
-    from mdiff.rq1 import CROSS_B2T
 
     m = pd.read_csv(out / pair / "rq1" / "metrics.csv")
-    a = m[(m.metric == "patch_kl") & (m.hook == "attn_out") & (m.condition == CROSS_B2T) & (m.layer != exclude)]
+    a = m[(m.metric == S.PATCH_KL) & (m.hook == "attn_out") & (m.condition == S.CROSS_B2T) & (m.layer != exclude)]
     return int(a.loc[a.value.idxmin(), "layer"]) if len(a) else exclude
 
 

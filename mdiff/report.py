@@ -17,9 +17,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from mdiff import figures
+from mdiff import schema as S
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
-from mdiff.rq1 import CROSS_B2T, CROSS_T2B
+from mdiff.schema import CROSS_B2T, CROSS_T2B
 
 RQS = ("rq1", "rq2", "rq3", "rq4")
 
@@ -73,8 +74,8 @@ def findings(res: dict[str, dict]) -> list[Finding]:
                                       "≈ 0): RQ1 finds no difference."))
         else:
             mm = m[(m.hook == hook)]
-            ck = mm[mm.metric == "cka"].set_index("layer")
-            kl = mm[(mm.metric == "patch_kl") & (mm.condition == CROSS_B2T)].set_index("layer")
+            ck = mm[mm.metric == S.CKA].set_index("layer")
+            kl = mm[(mm.metric == S.PATCH_KL) & (mm.condition == CROSS_B2T)].set_index("layer")
             Lc, Lk = int(ck.value.idxmin()), int(kl.value.idxmax())
             top = s["largest_patch_kl_layers"][:2]
             out.append(Finding(
@@ -172,8 +173,8 @@ def rq1_table(r: dict) -> pd.DataFrame:
             x = g[(g.metric == metric) & ((g.condition == cond) if cond else True)]
             return x.iloc[0] if len(x) else None
 
-        ck, dk = get("cka"), get("cka_debiased")
-        bt, tb = get("patch_kl", CROSS_B2T), get("patch_kl", CROSS_T2B)
+        ck, dk = get(S.CKA), get(S.CKA_DEBIASED)
+        bt, tb = get(S.PATCH_KL, CROSS_B2T), get(S.PATCH_KL, CROSS_T2B)
         rows.append({"layer": L,
                      "CKA [95% CI]": "" if ck is None else f"{ck.value:.3f} [{ck.ci_low:.3f}, {ck.ci_high:.3f}]",
                      "debiased CKA": "" if dk is None else f"{dk.value:.3f}",

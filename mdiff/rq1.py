@@ -32,32 +32,18 @@ import pandas as pd
 from mdiff import activations as A
 from mdiff import behaviour, cka, data, models, patching, stats
 from mdiff import config as C
+from mdiff import schema as S
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import KL_ABS_FLOOR, NOISE_FACTOR, NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.positions import PositionSpec, parse_positions
+from mdiff.schema import CKA_COND, CROSS_B2T, CROSS_T2B, cross_condition, self_condition, store_condition
 
 RQ1_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 SELF_PATCH_TOL = KL_ABS_FLOOR
-CROSS_B2T, CROSS_T2B = "base->tuned", "tuned->base"
-CKA_COND = "base_vs_tuned"
 COMPONENT_HOOKS = {"attn_out": "attention", "mlp_out": "MLP"}
-
-
-def cross_condition(source: str, target: str) -> str:
-    return f"{source}->{target}"
-
-
-def self_condition(side: str) -> str:
-    """The target patched with its own engine-computed clean values (must be exactly 0)."""
-    return f"self:{side}"
-
-
-def store_condition(side: str) -> str:
-    """The target patched with its own activations read back from the store (arithmetic noise only)."""
-    return f"store:{side}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,17 +195,17 @@ def _run(spec, cfg, info, out, writer, say):
         for L in layers:
             X, Y = bstore.load(h, L).double().numpy(), tstore.load(h, L).double().numpy()
             b = cka.bootstrap_cka(X, Y, groups=groups, weights=omega)
-            rows.append({"layer": L, "hook": h, "condition": CKA_COND, "metric": "cka", "value": b.value,
+            rows.append({"layer": L, "hook": h, "condition": CKA_COND, "metric": S.CKA, "value": b.value,
                          "ci_low": b.ci_low, "ci_high": b.ci_high, "n": n_prompts, "n_rows": len(X)})
             if len(X) >= 4 and n_prompts >= 3:
                 j = cka.jackknife_debiased_cka(X, Y, groups=groups)
-                rows.append({"layer": L, "hook": h, "condition": CKA_COND, "metric": "cka_debiased",
+                rows.append({"layer": L, "hook": h, "condition": CKA_COND, "metric": S.CKA_DEBIASED,
                              "value": j.value, "ci_low": j.ci_low, "ci_high": j.ci_high, "n": n_prompts,
                              "n_rows": len(X)})
     idx = stats.resample_indices(len(prep_dec), cfg.n_boot, cfg.seed + 1)
     for r in kl_rows:
         mean, lo, hi = stats.bootstrap_mean(r["values"], idx=idx)
-        rows.append({"layer": r["layer"], "hook": r["hook"], "condition": r["condition"], "metric": "patch_kl",
+        rows.append({"layer": r["layer"], "hook": r["hook"], "condition": r["condition"], "metric": S.PATCH_KL,
                      "value": mean, "ci_low": lo, "ci_high": hi, "n": len(r["values"]),
                      "max": float(np.max(r["values"]))})
     for r in beh_rows:
@@ -279,11 +265,11 @@ def _series(metrics: pd.DataFrame, hook: str, metric: str, condition: str, layer
 
 def _hook_view(metrics: pd.DataFrame, hook: str, layers: list[int], tol: float) -> dict[str, Any]:
     """One hook's layer profile: CKA, patch KL both ways with CIs, its largest and first divergent layers."""
-    ck = _series(metrics, hook, "cka", CKA_COND, layers)
-    kl = _series(metrics, hook, "patch_kl", CROSS_B2T, layers)
-    lo = _series(metrics, hook, "patch_kl", CROSS_B2T, layers, "ci_low")
-    hi = _series(metrics, hook, "patch_kl", CROSS_B2T, layers, "ci_high")
-    kl_r = _series(metrics, hook, "patch_kl", CROSS_T2B, layers)
+    ck = _series(metrics, hook, S.CKA, CKA_COND, layers)
+    kl = _series(metrics, hook, S.PATCH_KL, CROSS_B2T, layers)
+    lo = _series(metrics, hook, S.PATCH_KL, CROSS_B2T, layers, "ci_low")
+    hi = _series(metrics, hook, S.PATCH_KL, CROSS_B2T, layers, "ci_high")
+    kl_r = _series(metrics, hook, S.PATCH_KL, CROSS_T2B, layers)
     effect = [L for L in layers if not is_noise(kl[L], tol)]
     return {
         "cka": {int(L): float(ck[L]) for L in layers},
@@ -368,7 +354,7 @@ def summarize(metrics: pd.DataFrame, spec: PairSpec, layers: list[int], hooks: l
         "noise": noise.to_dict() if noise is not None else {"kl_tolerance": tol},
         "findings": _findings(views, comps, first, tol),
     }
-    beh = metrics[metrics["metric"].isin(["soft_refusal", "style_markers_per_100", "mc_delta_logp_per_token"])]
+    beh = metrics[metrics["metric"].isin(S.BEHAVIOUR_METRICS)]
     if len(beh):
         out["behaviour"] = {f"{r.metric}|{r.condition}": {"value": r.value, "ci": [r.ci_low, r.ci_high], "n": int(r.n)}
                             for r in beh.itertuples()}

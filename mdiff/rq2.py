@@ -39,6 +39,7 @@ import torch
 from mdiff import activations as A
 from mdiff import cka, maps, models, patching, stats
 from mdiff import config as C
+from mdiff import schema as S
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor, is_noise
@@ -246,7 +247,7 @@ def _run(spec, cfg, info, out, writer, say):
         raw = kl_sel[(L, h, "raw", a)]
         nothing = is_noise(float(raw.mean()), tol)
         d = float("nan") if nothing else float((raw.mean() - kl.mean()) / raw.mean())
-        r = {"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}", "metric": "drop_select",
+        r = {"layer": L, "hook": h, "condition": S.rq2_condition(tag, a, cfg.alpha_mode), "metric": S.DROP_SELECT,
              "value": d, "n": len(kl), "split": "select", "solver": tag, "alpha": a, "nothing_to_drop": nothing}
         rows.append(r)
         sel_rows.append(r)
@@ -255,8 +256,8 @@ def _run(spec, cfg, info, out, writer, say):
     idx = stats.resample_indices(len(prep_dec), cfg.n_boot, cfg.seed + 1)
     drop_rows = []
     for (L, h, tag, a), kl in kl_store.items():
-        rows.append({"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}",
-                     "metric": "kl_raw" if tag == "raw" else "kl_mapped",
+        rows.append({"layer": L, "hook": h, "condition": S.rq2_condition(tag, a, cfg.alpha_mode),
+                     "metric": S.KL_RAW if tag == "raw" else S.KL_MAPPED,
                      **dict(zip(("value", "ci_low", "ci_high"), stats.bootstrap_mean(kl, idx=idx), strict=True)),
                      "n": len(kl), "split": "val"})
         if tag == "raw":
@@ -264,7 +265,7 @@ def _run(spec, cfg, info, out, writer, say):
         raw = kl_store[(L, h, "raw", a)]
         nothing = is_noise(float(raw.mean()), tol)
         d, lo, hi = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, kl, idx=idx)
-        r = {"layer": L, "hook": h, "condition": f"{tag}|alpha={a}|{cfg.alpha_mode}", "metric": "drop",
+        r = {"layer": L, "hook": h, "condition": S.rq2_condition(tag, a, cfg.alpha_mode), "metric": S.DROP,
              "value": d, "ci_low": lo, "ci_high": hi, "n": len(kl), "solver": tag, "alpha": a,
              "nothing_to_drop": nothing, "split": "val"}
         rows.append(r)
@@ -310,8 +311,8 @@ def _run(spec, cfg, info, out, writer, say):
             raw, mapped = rev_kls[2 * i], rev_kls[2 * i + 1]
             nothing = is_noise(float(raw.mean()), rev_tol)
             d, lo, hi = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, mapped, idx=idx)
-            rows.append({"layer": L, "hook": h, "condition": f"reverse:{solver}|alpha={a}|{cfg.alpha_mode}",
-                         "metric": "drop", "value": d, "ci_low": lo, "ci_high": hi, "n": len(raw),
+            rows.append({"layer": L, "hook": h, "condition": S.rq2_condition(f"reverse:{solver}", a, cfg.alpha_mode),
+                         "metric": S.DROP, "value": d, "ci_low": lo, "ci_high": hi, "n": len(raw),
                          "solver": f"reverse:{solver}", "alpha": a, "nothing_to_drop": nothing, "split": "val"})
             b["reverse_drop"] = {"value": d, "ci": [lo, hi], "nothing_to_drop": nothing}
 

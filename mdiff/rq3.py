@@ -26,6 +26,7 @@ from mdiff import activations as A
 from mdiff import config as C
 from mdiff import hooks as H
 from mdiff import maps, models, stats
+from mdiff import schema as S
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor, is_noise
@@ -225,7 +226,7 @@ def _run(spec, cfg, info, writer, say):
                 mp = path[k]
                 tags.append(f"{method}|k={k}")
                 conds.append(cond(mp.transform(X_dec)))
-                rows.append({"condition": f"{method}|k={k}", "metric": "r2_val", "value": float(mp.score(X_va, Y_va)),
+                rows.append({"condition": f"{method}|k={k}", "metric": S.R2_VAL, "value": float(mp.score(X_va, Y_va)),
                              "n": len(Y_va), "method": method, "k": str(k), "rank_used": int(mp.rank_)})
                 if k == "full":
                     continue
@@ -243,7 +244,7 @@ def _run(spec, cfg, info, writer, say):
     idx = stats.resample_indices(len(raw), cfg.n_boot, cfg.seed + 1)
     nothing = is_noise(float(raw.mean()), noise.tolerance)
     v, lo, hi = stats.bootstrap_mean(raw, idx=idx)
-    rows.append({"condition": "raw", "metric": "kl_raw", "value": v, "ci_low": lo, "ci_high": hi, "n": len(raw)})
+    rows.append({"condition": "raw", "metric": S.KL_RAW, "value": v, "ci_low": lo, "ci_high": hi, "n": len(raw)})
     per_method = {}
     for method in cfg.methods:
         ranks = list(dict.fromkeys([*cfg.ks, "full"]))
@@ -252,11 +253,11 @@ def _run(spec, cfg, info, writer, say):
         for k in ranks:
             t = f"{method}|k={k}"
             v, lo, hi = stats.bootstrap_mean(by_tag[t], idx=idx)
-            rows.append({"condition": t, "metric": "kl_mapped", "value": v, "ci_low": lo, "ci_high": hi,
+            rows.append({"condition": t, "metric": S.KL_MAPPED, "value": v, "ci_low": lo, "ci_high": hi,
                          "n": len(raw), "method": method, "k": str(k)})
             d = (float("nan"),) * 3 if nothing else stats.bootstrap_ratio_drop(raw, by_tag[t], idx=idx)
             drops[k] = d
-            rows.append({"condition": t, "metric": "drop", "value": d[0], "ci_low": d[1], "ci_high": d[2],
+            rows.append({"condition": t, "metric": S.DROP, "value": d[0], "ci_low": d[1], "ci_high": d[2],
                          "n": len(raw), "method": method, "k": str(k), "nothing_to_drop": nothing})
             if k == "full" or cfg.n_null == 0:
                 continue
@@ -266,7 +267,7 @@ def _run(spec, cfg, info, writer, say):
             nulls[k] = {"mean": float(np.nanmean(nd_arr)) if not nothing else float("nan"),
                         "min": float(np.nanmin(nd_arr)) if not nothing else float("nan"),
                         "max": float(np.nanmax(nd_arr)) if not nothing else float("nan"), "n": cfg.n_null}
-            rows.append({"condition": f"{method}|null|k={k}", "metric": "drop_null_mean", "value": nulls[k]["mean"],
+            rows.append({"condition": f"{method}|null|k={k}", "metric": S.DROP_NULL_MEAN, "value": nulls[k]["mean"],
                          "ci_low": nulls[k]["min"], "ci_high": nulls[k]["max"], "n": cfg.n_null, "method": method,
                          "k": str(k), "nothing_to_drop": nothing})
         full = drops["full"][0]

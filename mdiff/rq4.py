@@ -26,6 +26,7 @@ from mdiff import activations as A
 from mdiff import config as C
 from mdiff import heads as HD
 from mdiff import models, stats
+from mdiff import schema as S
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor
@@ -192,7 +193,7 @@ def _run(spec, cfg, info, writer, say):
                 kl = kl_val[check.index((L, site))][0]
                 v, lo, hi = stats.bootstrap_mean(kl, idx=idx)
                 eff[site] = v
-                rows.append({"layer": L, "hook": site, "condition": "raw|all", "metric": "effect_all_site_check",
+                rows.append({"layer": L, "hook": site, "condition": "raw|all", "metric": S.EFFECT_ALL_SITE_CHECK,
                              "value": v, "ci_low": lo, "ci_high": hi, "n": len(kl), "split": "val", "site": site,
                              "source": "raw"})
             site_check[L] = {"effect_all_result": eff["result"], "effect_all_z": eff["z"],
@@ -246,16 +247,16 @@ def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel, tol, n_
     stab = HD.rank_stability(kl_sel, cfg.ks, idx_sel)
     for h in range(n_heads):
         v, lo, hi = stats.bootstrap_mean(kl_sel[h], idx=idx_sel)
-        rows.append({"condition": f"{source}|head:{h}", "metric": "effect", "value": v, "ci_low": lo, "ci_high": hi,
+        rows.append({"condition": f"{source}|head:{h}", "metric": S.EFFECT, "value": v, "ci_low": lo, "ci_high": hi,
                      "n": kl_sel.shape[1], "split": "select", "k": 1, "heads": str(h), "set": "single",
                      "rank": ranking.index(h) + 1})
         for k in cfg.ks:
-            rows.append({"condition": f"{source}|head:{h}", "metric": HD.TOPK_FREQ, "value": stab.head_freq[k][h],
+            rows.append({"condition": f"{source}|head:{h}", "metric": S.TOPK_FREQ, "value": stab.head_freq[k][h],
                          "n": stab.n_resamples, "split": "select", "k": k, "heads": str(h), "set": "single"})
     all_kl = kl[0]
     a, alo, ahi = stats.bootstrap_mean(all_kl, idx=idx)
     nothing = a <= tol
-    rows.append({"condition": f"{source}|all", "metric": "effect", "value": a, "ci_low": alo, "ci_high": ahi,
+    rows.append({"condition": f"{source}|all", "metric": S.EFFECT, "value": a, "ci_low": alo, "ci_high": ahi,
                  "n": len(all_kl), "split": "val", "k": n_heads, "heads": _fmt_heads(sets["all"][0]),
                  "set": "all"})
 
@@ -263,9 +264,9 @@ def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel, tol, n_
         v, lo, hi = stats.bootstrap_mean(kl_s, idx=idx)
         c = HD.coverage(kl_s, all_kl, idx, floor=tol)
         base = {"split": "val", "k": k, "heads": _fmt_heads(s), "set": kind, "n": len(kl_s)}
-        rows.append({"condition": f"{source}|{name}", "metric": "effect", "value": v, "ci_low": lo, "ci_high": hi,
+        rows.append({"condition": f"{source}|{name}", "metric": S.EFFECT, "value": v, "ci_low": lo, "ci_high": hi,
                      **base})
-        rows.append({"condition": f"{source}|{name}", "metric": "coverage", "value": c.value, "ci_low": c.ci_low,
+        rows.append({"condition": f"{source}|{name}", "metric": S.COVERAGE, "value": c.value, "ci_low": c.ci_low,
                      "ci_high": c.ci_high, **base})
         return v, c
 
@@ -284,7 +285,7 @@ def _analyse_layer(kl_sel, kl, sets, source, cfg, n_heads, idx, idx_sel, tol, n_
         pct = HD.null_percentile(c_top.value, null) if k < n_heads else float("nan")  # k = all: no null
         finite = [v for v in null if np.isfinite(v)]
         q = (np.quantile(finite, [0.05, 0.5, 0.95]).tolist() if finite else [float("nan")] * 3)
-        for metric, val in (("null_percentile", pct), ("null_q05", q[0]), ("null_median", q[1]),
+        for metric, val in ((S.NULL_PERCENTILE, pct), (S.NULL_Q05, q[0]), (S.NULL_MEDIAN, q[1]),
                             ("null_q95", q[2]), ("null_mean", float(np.mean(finite)) if finite else float("nan"))):
             rows.append({"condition": f"{source}|top-{k}", "metric": metric, "value": val, "n": len(null),
                          "split": "val", "k": k, "heads": _fmt_heads(top[k]), "set": "top"})

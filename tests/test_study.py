@@ -157,3 +157,19 @@ def test_every_rq_config_carries_the_provenance_contract(studies):
         assert cfg["provenance"]["git_commit"] and cfg["pair"]["name"] == "toy-lowrank"
         if rq != "rq1":
             assert cfg["val_prompt_ids"] and cfg["val"]["n_prompts"] == len(cfg["val_prompt_ids"])
+
+
+def test_results_follow_the_declared_schema(studies):
+    """Every metric the readers rely on is in each RQ's metrics.csv, under the schema's names."""
+    from mdiff import schema as S
+
+    for pair in ("toy-lowrank", "toy-distributed"):
+        for rq, declared in S.METRICS.items():
+            m = S.read_metrics(studies, pair, rq)
+            optional = {S.EFFECT_ALL_SITE_CHECK} | set(S.BEHAVIOUR_METRICS)  # written only where they apply
+            assert declared - optional <= set(m.metric), (pair, rq, declared - set(m.metric))
+        m = S.read_metrics(studies, pair, "rq2")
+        parts = S.rq2_condition_parts(S.select(m, S.DROP).condition)
+        drop = S.select(m, S.DROP)
+        assert (parts.solver == drop.solver).all() and (parts.alpha == drop.alpha).all()
+        assert set(S.select(S.read_metrics(studies, pair, "rq1"), S.PATCH_KL).condition) >= {S.CROSS_B2T, S.CROSS_T2B}
