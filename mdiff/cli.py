@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from mdiff.config import ExecutorConfig, RQ1Config, RQ2Config, RQ3Config, RQ4Config, StudyConfig
 from mdiff.errors import MdiffError
 from mdiff.pairs import with_prompts
 
@@ -49,12 +50,7 @@ def flag_names() -> dict[str, str]:
     """Setting name → CLI flag, where the flag is not ``--`` + the name with ``_`` → ``-``: read from the config
     dataclasses' declarations (:mod:`mdiff.config`), so each flag is written once. A setting two commands spell
     differently (RQ3's ``--ks``, RQ4's ``--k``) keeps the default spelling."""
-    from mdiff.config import ExecutorConfig, cli_fields, flag_of
-    from mdiff.plan import StudyConfig
-    from mdiff.rq1 import RQ1Config
-    from mdiff.rq2 import RQ2Config
-    from mdiff.rq3 import RQ3Config
-    from mdiff.rq4 import RQ4Config
+    from mdiff.config import cli_fields, flag_of
 
     seen: dict[str, set[str]] = {}
     for cls in (RQ1Config, RQ2Config, RQ3Config, RQ4Config, StudyConfig, ExecutorConfig):
@@ -420,12 +416,6 @@ def _lazy(module: str, attr: str):
     return call
 
 
-def _cfg_cls(module: str, name: str):
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
 def _stride_layers(values, extras, info):
     if extras["stride"] < 1:
         raise MdiffError(f"--stride must be ≥ 1, got {extras['stride']}")
@@ -435,7 +425,7 @@ def _stride_layers(values, extras, info):
     return {**values, "layers": ",".join(map(str, layers))}
 
 
-@_rq_command("rq1", _cfg_cls("mdiff.rq1", "RQ1Config"), _lazy("mdiff.rq1", "run_rq1"), adjust=_stride_layers, extra=(
+@_rq_command("rq1", RQ1Config, _lazy("mdiff.rq1", "run_rq1"), adjust=_stride_layers, extra=(
     inspect.Parameter("stride", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
         int, typer.Option(help="Keep every S-th of the chosen layers.")]),))
 def rq1_cmd(summary, spec, cfg, out_dir, stride):
@@ -450,7 +440,7 @@ def rq1_cmd(summary, spec, cfg, out_dir, stride):
     out.print(f"wrote {summary['path']}")
 
 
-@_rq_command("rq2", _cfg_cls("mdiff.rq2", "RQ2Config"), _lazy("mdiff.rq2", "run_rq2"), extra=(
+@_rq_command("rq2", RQ2Config, _lazy("mdiff.rq2", "run_rq2"), extra=(
     inspect.Parameter("freeze", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option(help="Also pin each site's winning map and α into rq2/winners.json.")]),))
 def rq2_cmd(summary, spec, cfg, out_dir, freeze):
@@ -467,7 +457,7 @@ def rq2_cmd(summary, spec, cfg, out_dir, freeze):
         out.print(f"winners pinned in {freeze_winners(out_dir, spec.name)}")
 
 
-@_rq_command("rq3", _cfg_cls("mdiff.rq3", "RQ3Config"), _lazy("mdiff.rq3", "run_rq3"))
+@_rq_command("rq3", RQ3Config, _lazy("mdiff.rq3", "run_rq3"))
 def rq3_cmd(summary, spec, cfg, out_dir):
     """RQ3 rank: how low-rank is the transport? drop(k) of the rank-k correction W_k = I + U_k V_kᵀ, smallest k."""
     for f in summary["findings"]:
@@ -490,7 +480,7 @@ def _one_or_several_layers(values, extras, info):
     return values
 
 
-@_rq_command("rq4", _cfg_cls("mdiff.rq4", "RQ4Config"), _lazy("mdiff.rq4", "run_rq4"),
+@_rq_command("rq4", RQ4Config, _lazy("mdiff.rq4", "run_rq4"),
              adjust=_one_or_several_layers, extra=(
     inspect.Parameter("layer", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         int | None, typer.Option(help="Layer whose heads are scanned (or --layers for several).")]),))
@@ -509,13 +499,10 @@ def _signature(fn, params: list[inspect.Parameter]):
 
 
 def _study_params() -> list[inspect.Parameter]:
-    from mdiff.plan import StudyConfig
-
     return _option_params(StudyConfig)
 
 
 def _study_config(kw: dict):
-    from mdiff.plan import StudyConfig
     from mdiff.stats import check_bootstrap
 
     _setup(kw.get("threads"), seed=kw["seed"], batch_size=kw["batch_size"], device=kw["device"], n=kw["n"])
@@ -536,7 +523,7 @@ def study_cmd(**kw):
     Resumable: steps already done with the same settings are kept, not redone. The study runs as units of work
     (`mdiff units` shows them): locally, on Ray, or on SLURM; the result folder is the only state.
     """
-    from mdiff.config import ExecutorConfig, cli_fields
+    from mdiff.config import cli_fields
     from mdiff.pairs import resolve_pair
     from mdiff.study import run_study
 
@@ -567,8 +554,6 @@ def study_cmd(**kw):
 
 
 def _executor_params() -> list[inspect.Parameter]:
-    from mdiff.config import ExecutorConfig
-
     return _option_params(ExecutorConfig)
 
 

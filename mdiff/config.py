@@ -1,4 +1,5 @@
-"""Run configurations: each RQ's frozen config dataclass is the single source of its options.
+"""Run configurations: each RQ's frozen config dataclass (all of them here: :class:`RQ1Config` …
+:class:`RQ4Config`, :class:`StudyConfig`, :class:`ExecutorConfig`) is the single source of its options.
 
 A field declared with :func:`option` carries everything about that input in one place:
 
@@ -271,3 +272,185 @@ class ExecutorConfig(RunConfig):
     def kwargs(self) -> dict[str, Any]:
         """The executor's keyword arguments (everything but its name)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "executor"}
+
+
+# ------------------------------------------------------------------ the RQs' and the study's options
+# Declared here, in a module that imports neither torch nor pandas, so that the CLI builds its commands
+# without loading them (the RQ modules import these names from here).
+RQ1_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+RQ2_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+SOLVERS = ("identity", "mean-shift", "ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes",
+           "pca-procrustes", "logit-subspace")
+DEFAULT_SOLVERS = ("ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes")
+RQ3_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+METHODS = ("rrr", "pca-procrustes")
+HEAD_SITES = ("result", "z")
+SOURCES = ("raw", "mapped")
+
+
+def default_ks(d_model: int) -> list[int | str]:
+    """1, 2, 4, 8, … below ``d_model``, then ``"full"``."""
+    ks: list[int | str] = []
+    k = 1
+    while k < d_model:
+        ks.append(k)
+        k *= 2
+    return [*ks, "full"]
+
+
+def parse_ranks(text: str | None, d_model: int) -> list[int | str]:
+    """``"1,2,4,full"`` → ``[1, 2, 4, "full"]`` (sorted, unique; each k in 1..d_model); None → :func:`default_ks`."""
+    from mdiff.options import parse_int_list
+
+    if text is None:
+        return default_ks(d_model)
+    items = [x.strip() for x in text.split(",")]
+    full = "full" in (x.lower() for x in items)
+    rest = ",".join(x for x in items if x.lower() != "full")
+    ks: list[int | str] = parse_int_list(rest, "ks", 1, d_model, what="rank k") if rest else []
+    if not ks and not full:
+        raise MdiffError("{option} is empty: give ranks such as 1,2,4,8,full", option="ks")
+    return [*ks, *(["full"] if full else [])]
+
+
+def _rank_list(text: str | None, shape: Shape, flag: str) -> list[int | str]:
+    return parse_ranks(text, shape.d_model)
+
+
+def parse_head_counts(text: str, n_heads: int, option: str = "k") -> list[int]:
+    """``"1,2,4,8"`` → ``[1, 2, 4, 8]``; every k a whole number in ``1..n_heads`` (clear errors otherwise)."""
+    from mdiff.options import parse_int_list
+
+    try:
+        return parse_int_list(text, option, 1, n_heads, what="head count")
+    except MdiffError as e:
+        raise MdiffError(f"{e.message} (this model has {n_heads} heads per layer)", option=e.option) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RQ1Config(RunConfig):
+    """RQ1's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
+    layers: list[int] = option(help="all, or a comma list such as 0,4,8 (ranges a-b allowed).", cli_type=str,
+                               cli_default="all", parse=layer_list)
+    hooks: list[str] = option(help="Comma list of " + ", ".join(RQ1_HOOKS) + ".", cli_type=str,
+                              cli_default="resid_post", parse=choices(RQ1_HOOKS))
+    positions: PositionSpec = option(help="CKA positions: last, or k=K content positions per prompt.",
+                                     cli_type=str, cli_default="last", parse=positions)
+    split: str = option("all", help="Prompts used: all, train, select or val.")
+    n: int | None = n_option()
+    n_boot: int = bootstrap_option()
+    seed: int = seed_option()
+    batch_size: int = batch_size_option()
+    device: str | None = device_option()
+    behaviour: bool = option(True, flag="--behaviour/--no-behaviour",
+                             help="Also record the behaviour diagnostics (soft refusal, style markers, multiple-choice Δ logp) of each model.")
+    engine: str = engine_option()
+
+
+@dataclasses.dataclass(frozen=True)
+class RQ2Config(RunConfig):
+    """RQ2's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
+    layers: list[int] = option(help="Probe layers, comma list (e.g. 24,26).", cli_type=str, cli_default="4",
+                               parse=layer_list)
+    hooks: list[str] = option(help="Comma list of " + ", ".join(RQ2_HOOKS) + ".", cli_type=str,
+                              cli_default="resid_post", parse=choices(RQ2_HOOKS))
+    solvers: list[str] = option(
+        help="Comma list of ridge (shrinks toward the identity), ridge-zero (toward 0), procrustes, procrustes-scaled, "
+             "whiten-procrustes, pca-procrustes, logit-subspace (identity and mean-shift always run); the best is "
+             "chosen on the select split, reported on val.", cli_type=str,
+        cli_default=",".join(DEFAULT_SOLVERS), parse=choices(SOLVERS))
+    alphas: list[float] = option(help="Comma list of α values.", cli_type=str, cli_default="1.0", parse=floats)
+    alpha_mode: str = alpha_mode_option()
+    fit_positions: PositionSpec = fit_positions_option()
+    control_layer: int | None = option(None, help="Early-layer control site (default 0).", cli_type=int,
+                                       cli_default=0, parse=one_layer)
+    n: int | None = n_option()
+    n_boot: int = bootstrap_option()
+    seed: int = seed_option()
+    batch_size: int = batch_size_option()
+    device: str | None = device_option()
+    engine: str = engine_option()
+
+
+@dataclasses.dataclass(frozen=True)
+class RQ3Config(RunConfig):
+    """RQ3's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
+    layer: int = option(help="Layer of the site (e.g. RQ2's best site).", parse=one_layer)
+    hook: str = option("resid_post", help="Hook of the site: " + ", ".join(RQ3_HOOKS) + ".")
+    ks: list[int | str] | None = option(None, cli_type=str | None, parse=_rank_list,
+                                        help="Ranks of the correction, e.g. 1,2,4,8,full (default: 1, 2, 4, … "
+                                             "below d_model, and full).")
+    methods: list[str] = option(default_factory=lambda: list(METHODS), cli_type=str, parse=choices(METHODS),
+                                help="Comma list of rrr (reduced-rank regression of y−x on x) and pca-procrustes "
+                                     "(Procrustes in the top-k PCA subspace of y−x).")
+    target: float | None = option(None, help="Target drop, absolute (e.g. 0.3).")
+    target_frac: float | None = option(None, help="Target as a fraction of the full-rank drop (default 0.9 when "
+                                                  "no absolute target is given).")
+    alpha: float = option(1.0, help="α of the patch (raw and mapped at the same α).")
+    alpha_mode: str = alpha_mode_option()
+    n_null: int = option(5, flag="--null-draws",
+                         help="Random k-dim subspaces (matched variance) per k for the null.")
+    fit_positions: PositionSpec = fit_positions_option()
+    n: int | None = n_option()
+    n_boot: int = bootstrap_option()
+    seed: int = seed_option()
+    batch_size: int = batch_size_option()
+    device: str | None = device_option()
+    engine: str = engine_option()
+
+
+def _head_counts(text: str | None, shape: Shape, flag: str) -> list[int]:
+    if text is None:  # powers of two up to the heads per layer
+        return [2 ** i for i in range(shape.n_heads.bit_length()) if 2 ** i <= shape.n_heads]
+    return parse_head_counts(text, shape.n_heads, flag)
+
+
+@dataclasses.dataclass(frozen=True)
+class RQ4Config(RunConfig):
+    """RQ4's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
+    layers: list[int] = option(help="Layers whose heads are scanned, comma list (ranges a-b, or all).",
+                               cli_type=str | None, cli_default=None, parse=layer_list)
+    ks: list[int] = option(flag="--k", cli_type=str | None, cli_default=None, parse=_head_counts,
+                           help="Head-set sizes for top-k vs random-k, e.g. 1,2,4,8 (default: powers of two up to "
+                                "the heads per layer).")
+    sites: list[str] = option(default_factory=lambda: ["result"], flag="--site", cli_type=str,
+                              parse=choices(HEAD_SITES),
+                              help="Head site(s): result (z·W_O with the source's W_O; sees W_O changes) and/or z "
+                                   "(through the target's W_O); comma list.")
+    sources: list[str] = option(default_factory=lambda: ["raw"], flag="--source", cli_type=str,
+                                parse=choices(SOURCES),
+                                help="Source(s): raw base heads and/or mapped (per-head maps fit on train); comma "
+                                     "list.")
+    random_sets: int = option(20, help="Random k-sets per k for the null (same layer).")
+    control_layer: int | None = option(None, help="Control layer, analysed the same way (default 0).",
+                                       cli_type=int, cli_default=0, parse=one_layer)
+    map_solver: str = option("ridge", help="Solver of the per-head maps (for the mapped source).")
+    fit_positions: PositionSpec = fit_positions_option()
+    n: int | None = n_option()
+    n_boot: int = bootstrap_option()
+    seed: int = seed_option()
+    batch_size: int = batch_size_option()
+    device: str | None = device_option()
+    engine: str = engine_option()
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig(RunConfig):
+    """The study's options: the ones every RQ shares (declared once in :mod:`mdiff.config`, the same fields as
+    the RQ configs') and the study's fixed choices, which are not CLI options."""
+    n: int | None = n_option()
+    n_boot: int = bootstrap_option()
+    seed: int = seed_option()
+    batch_size: int = batch_size_option()
+    device: str | None = device_option()
+    rq1_hooks: tuple[str, ...] = option(("resid_post", "attn_out", "mlp_out"), cli=False, help="RQ1's hooks.")
+    rq2_hooks: tuple[str, ...] = option(("resid_post", "attn_out"), cli=False,
+                                        help="RQ2's hooks (plus the component RQ1 names at a probe layer).")
+    alphas: tuple[float, ...] = option((0.5, 1.0), cli=False, help="RQ2's α values.")
+    random_sets: int = option(20, cli=False, help="RQ4's random k-sets per k.")
+    rq4_sources: tuple[str, ...] = option(("raw", "mapped"), cli=False, help="RQ4's sources.")
+    engine: str = engine_option()
+
+    def shared(self) -> dict[str, Any]:
+        """The options every RQ config takes from the study (:data:`mdiff.config.SHARED`)."""
+        return {k: getattr(self, k) for k in SHARED}

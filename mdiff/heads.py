@@ -33,22 +33,14 @@ from mdiff import hooks as H
 from mdiff import maps
 from mdiff import schema as S
 from mdiff.activations import gather_all
+from mdiff.config import HEAD_SITES, SOURCES  # noqa: F401 (re-exported)
+from mdiff.config import parse_head_counts as parse_ks  # noqa: F401 (re-exported)
 from mdiff.errors import MdiffError
 from mdiff.patching import HeadPatch, Patcher
 
-HEAD_SITES = ("result", "z")
-SOURCES = ("raw", "mapped")
 EFFECT_FLOOR = 1e-10  # default tolerance; runs pass their measured one (mdiff.noise): at or below it, nothing to cover
 
 
-def parse_ks(text: str, n_heads: int, option: str = "k") -> list[int]:
-    """``"1,2,4,8"`` → ``[1, 2, 4, 8]``; every k a whole number in ``1..n_heads`` (clear errors otherwise)."""
-    from mdiff.options import parse_int_list
-
-    try:
-        return parse_int_list(text, option, 1, n_heads, what="head count")
-    except MdiffError as e:
-        raise MdiffError(f"{e.message} (this model has {n_heads} heads per layer)", option=e.option) from None
 
 
 # --------------------------------------------------------------------------- reading heads

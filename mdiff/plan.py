@@ -7,7 +7,6 @@ drives them; this module imports neither.
 """
 
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,36 +14,14 @@ from typing import Any
 
 import pandas as pd
 
-from mdiff import config as C
 from mdiff import schema as S
+from mdiff.config import StudyConfig  # noqa: F401 (re-exported)
 from mdiff.errors import MdiffError
 from mdiff.io import pair_identity
 from mdiff.pairs import PairSpec
 from mdiff.positions import DEFAULT_FIT_POSITIONS, parse_positions
 
 STEPS = ("rq1", "rq2", "rq3", "rq4")
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyConfig(C.RunConfig):
-    """The study's options: the ones every RQ shares (declared once in :mod:`mdiff.config`, the same fields as
-    the RQ configs') and the study's fixed choices, which are not CLI options."""
-    n: int | None = C.n_option()
-    n_boot: int = C.bootstrap_option()
-    seed: int = C.seed_option()
-    batch_size: int = C.batch_size_option()
-    device: str | None = C.device_option()
-    rq1_hooks: tuple[str, ...] = C.option(("resid_post", "attn_out", "mlp_out"), cli=False, help="RQ1's hooks.")
-    rq2_hooks: tuple[str, ...] = C.option(("resid_post", "attn_out"), cli=False,
-                                          help="RQ2's hooks (plus the component RQ1 names at a probe layer).")
-    alphas: tuple[float, ...] = C.option((0.5, 1.0), cli=False, help="RQ2's α values.")
-    random_sets: int = C.option(20, cli=False, help="RQ4's random k-sets per k.")
-    rq4_sources: tuple[str, ...] = C.option(("raw", "mapped"), cli=False, help="RQ4's sources.")
-    engine: str = C.engine_option()
-
-    def shared(self) -> dict[str, Any]:
-        """The options every RQ config takes from the study (:data:`mdiff.config.SHARED`)."""
-        return {k: getattr(self, k) for k in C.SHARED}
 
 
 def _norm(obj: Any) -> Any:
@@ -129,8 +106,7 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path, identity: s
     d = info.base
     steps: list[dict] = []
     c1 = RQ1Config(layers=list(range(d.n_layers)), hooks=list(scfg.rq1_hooks),
-                   positions=parse_positions("last", seed=scfg.seed), n=scfg.n, n_boot=scfg.n_boot, seed=scfg.seed,
-                   batch_size=scfg.batch_size, device=scfg.device, engine=scfg.engine)
+                   positions=parse_positions("last", seed=scfg.seed), **scfg.shared())
     steps.append({"step": "rq1", "cfg": c1, "why": "every layer"})
     psha = identity or pair_identity(spec)
     rq1_ok = step_done(out, spec.name, "rq1", {"pair": spec.name, **c1.settings()}, psha)
@@ -146,9 +122,7 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path, identity: s
     hooks2 = [*scfg.rq2_hooks, *comps]
     fitpos = parse_positions(DEFAULT_FIT_POSITIONS, seed=scfg.seed)  # the same fit rows as the RQ commands
     c2 = RQ2Config(layers=list(probe), hooks=hooks2, solvers=list(DEFAULT_SOLVERS),
-                   alphas=list(scfg.alphas), fit_positions=fitpos, control_layer=control, n=scfg.n,
-                   n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
-                   engine=scfg.engine)
+                   alphas=list(scfg.alphas), fit_positions=fitpos, control_layer=control, **scfg.shared())
     named = {L: c["component"] for L, c in s1.get("components", {}).items() if int(L) in probe}
     steps.append({"step": "rq2", "cfg": c2, "why": f"RQ1 probe layers {probe} (largest base→tuned patch KL), "
                                                   f"control layer {control}, hooks {', '.join(hooks2)}"
@@ -162,9 +136,7 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path, identity: s
         ctrl = control if control != attn else _quietest_attention_layer(out, spec.name, exclude=attn)
         ks = [2 ** i for i in range(d.n_heads.bit_length()) if 2 ** i <= d.n_heads]
         c4 = RQ4Config(layers=[attn], ks=ks, sites=["result"], sources=list(scfg.rq4_sources),
-                       random_sets=scfg.random_sets, control_layer=ctrl, fit_positions=fitpos, n=scfg.n,
-                       n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
-                       engine=scfg.engine)
+                       random_sets=scfg.random_sets, control_layer=ctrl, fit_positions=fitpos, **scfg.shared())
         why4 = f"best attention layer L{attn} (largest attn_out patch KL in RQ1), control layer {ctrl}"
     rq2_ok = step_done(out, spec.name, "rq2", {"pair": spec.name, **c2.settings()}, psha)
     if not rq2_ok:
@@ -177,9 +149,7 @@ def plan_steps(spec: PairSpec, info, scfg: "StudyConfig", out: Path, identity: s
         else:
             c3 = RQ3Config(layer=int(best["layer"]), hook=best["hook"], ks=default_ks(d.d_model),
                            target_frac=0.9, alpha=float(best["alpha"]), alpha_mode=c2.alpha_mode,
-                           fit_positions=rq3_fit_positions(best["solver"], fitpos, scfg.seed), n=scfg.n,
-                           n_boot=scfg.n_boot, seed=scfg.seed, batch_size=scfg.batch_size, device=scfg.device,
-                           engine=scfg.engine)
+                           fit_positions=rq3_fit_positions(best["solver"], fitpos, scfg.seed), **scfg.shared())
             steps.append({"step": "rq3", "cfg": c3, "why": f"RQ2's best site L{best['layer']} {best['hook']} "
                                                           f"({best['solver']}, α={best['alpha']:g})"})
     steps.append({"step": "rq4", "cfg": c4, "why": why4, **({"skip": True} if c4 is None else {})})

@@ -21,7 +21,6 @@ Two sanity checks run every time (METHODS.md: a self-patch must give KL = 0):
 Every "KL ≈ 0" decision of the summary uses the tolerance derived from the run's noise floor.
 """
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,39 +30,18 @@ import pandas as pd
 
 from mdiff import activations as A
 from mdiff import behaviour, cka, data, models, patching, stats
-from mdiff import config as C
 from mdiff import schema as S
+from mdiff.config import RQ1_HOOKS, RQ1Config  # noqa: F401 (re-exported: rq1.RQ1Config)
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import KL_ABS_FLOOR, NOISE_FACTOR, NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
-from mdiff.positions import PositionSpec, parse_positions
+from mdiff.positions import parse_positions
 from mdiff.schema import CKA_COND, CROSS_B2T, CROSS_T2B, cross_condition, self_condition, store_condition
 
-RQ1_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 SELF_PATCH_TOL = KL_ABS_FLOOR
 COMPONENT_HOOKS = {"attn_out": "attention", "mlp_out": "MLP"}
-
-
-@dataclasses.dataclass(frozen=True)
-class RQ1Config(C.RunConfig):
-    """RQ1's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
-    layers: list[int] = C.option(help="all, or a comma list such as 0,4,8 (ranges a-b allowed).", cli_type=str,
-                                 cli_default="all", parse=C.layer_list)
-    hooks: list[str] = C.option(help="Comma list of " + ", ".join(RQ1_HOOKS) + ".", cli_type=str,
-                                cli_default="resid_post", parse=C.choices(RQ1_HOOKS))
-    positions: PositionSpec = C.option(help="CKA positions: last, or k=K content positions per prompt.",
-                                       cli_type=str, cli_default="last", parse=C.positions)
-    split: str = C.option("all", help="Prompts used: all, train, select or val.")
-    n: int | None = C.n_option()
-    n_boot: int = C.bootstrap_option()
-    seed: int = C.seed_option()
-    batch_size: int = C.batch_size_option()
-    device: str | None = C.device_option()
-    behaviour: bool = C.option(True, flag="--behaviour/--no-behaviour",
-                               help="Also record the behaviour diagnostics (soft refusal, style markers, multiple-choice Δ logp) of each model.")
-    engine: str = C.engine_option()
 
 
 def run_rq1(spec: PairSpec, cfg: RQ1Config, out: str | Path, overwrite: bool = False,

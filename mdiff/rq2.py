@@ -38,48 +38,19 @@ import torch
 
 from mdiff import activations as A
 from mdiff import cka, maps, models, patching, stats
-from mdiff import config as C
 from mdiff import schema as S
+from mdiff.config import DEFAULT_SOLVERS, RQ2_HOOKS, SOLVERS, RQ2Config  # noqa: F401 (re-exported)
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
-from mdiff.positions import PositionSpec, parse_positions
+from mdiff.positions import parse_positions
 
-RQ2_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-SOLVERS = ("identity", "mean-shift", "ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes",
-           "pca-procrustes", "logit-subspace")
-DEFAULT_SOLVERS = ("ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes")
 CONTROL_SOLVERS = ("identity", "mean-shift")
 ROW_SEP = "@"  # "ridge@decision": ridge fit on each train prompt's decision row only
 FIT_METRICS = {"rows": "fit_rows", "prompts": "fit_prompts", "dof": "fit_dof", "lambda": "fit_lambda"}
 """maps.fit_summary key → metric name of the per-map fit record (on train)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RQ2Config(C.RunConfig):
-    """RQ2's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
-    layers: list[int] = C.option(help="Probe layers, comma list (e.g. 24,26).", cli_type=str, cli_default="4",
-                                 parse=C.layer_list)
-    hooks: list[str] = C.option(help="Comma list of " + ", ".join(RQ2_HOOKS) + ".", cli_type=str,
-                                cli_default="resid_post", parse=C.choices(RQ2_HOOKS))
-    solvers: list[str] = C.option(
-        help="Comma list of ridge (shrinks toward the identity), ridge-zero (toward 0), procrustes, procrustes-scaled, "
-             "whiten-procrustes, pca-procrustes, logit-subspace (identity and mean-shift always run); the best is "
-             "chosen on the select split, reported on val.", cli_type=str,
-        cli_default=",".join(DEFAULT_SOLVERS), parse=C.choices(SOLVERS))
-    alphas: list[float] = C.option(help="Comma list of α values.", cli_type=str, cli_default="1.0", parse=C.floats)
-    alpha_mode: str = C.alpha_mode_option()
-    fit_positions: PositionSpec = C.fit_positions_option()
-    control_layer: int | None = C.option(None, help="Early-layer control site (default 0).", cli_type=int,
-                                         cli_default=0, parse=C.one_layer)
-    n: int | None = C.n_option()
-    n_boot: int = C.bootstrap_option()
-    seed: int = C.seed_option()
-    batch_size: int = C.batch_size_option()
-    device: str | None = C.device_option()
-    engine: str = C.engine_option()
 
 
 def check_config(cfg: RQ2Config, n_layers: int) -> None:

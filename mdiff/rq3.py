@@ -23,77 +23,20 @@ import numpy as np
 import torch
 
 from mdiff import activations as A
-from mdiff import config as C
 from mdiff import hooks as H
 from mdiff import maps, models, stats
 from mdiff import schema as S
+from mdiff.config import METHODS, RQ3_HOOKS, RQ3Config, default_ks  # noqa: F401 (re-exported)
+from mdiff.config import parse_ranks as parse_ks  # noqa: F401 (re-exported)
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher, SitePatch
-from mdiff.positions import PositionSpec, parse_positions
+from mdiff.positions import parse_positions
 
-RQ3_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-METHODS = ("rrr", "pca-procrustes")
 CV_FOLDS = 5  # rrr's ridge λ: prompt-grouped K-fold cross-validation on train
-
-
-def default_ks(d_model: int) -> list[int | str]:
-    """1, 2, 4, 8, … below ``d_model``, then ``"full"``."""
-    ks: list[int | str] = []
-    k = 1
-    while k < d_model:
-        ks.append(k)
-        k *= 2
-    return [*ks, "full"]
-
-
-def parse_ks(text: str | None, d_model: int) -> list[int | str]:
-    """``"1,2,4,full"`` → ``[1, 2, 4, "full"]`` (sorted, unique; each k in 1..d_model); None → :func:`default_ks`."""
-    from mdiff.options import parse_int_list
-
-    if text is None:
-        return default_ks(d_model)
-    items = [x.strip() for x in text.split(",")]
-    full = "full" in (x.lower() for x in items)
-    rest = ",".join(x for x in items if x.lower() != "full")
-    ks: list[int | str] = parse_int_list(rest, "ks", 1, d_model, what="rank k") if rest else []
-    if not ks and not full:
-        raise MdiffError("{option} is empty: give ranks such as 1,2,4,8,full", option="ks")
-    return [*ks, *(["full"] if full else [])]
-
-
-def _ks(text: str | None, shape: C.Shape, flag: str) -> list[int | str]:
-    return parse_ks(text, shape.d_model)
-
-
-@dataclasses.dataclass(frozen=True)
-class RQ3Config(C.RunConfig):
-    """RQ3's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
-    layer: int = C.option(help="Layer of the site (e.g. RQ2's best site).", parse=C.one_layer)
-    hook: str = C.option("resid_post", help="Hook of the site: " + ", ".join(RQ3_HOOKS) + ".")
-    ks: list[int | str] | None = C.option(None, cli_type=str | None, parse=_ks,
-                                          help="Ranks of the correction, e.g. 1,2,4,8,full (default: 1, 2, 4, … "
-                                               "below d_model, and full).")
-    methods: list[str] = C.option(default_factory=lambda: list(METHODS), cli_type=str, parse=C.choices(METHODS),
-                                  help="Comma list of rrr (reduced-rank regression of y−x on x) and pca-procrustes "
-                                       "(Procrustes in the top-k PCA subspace of y−x).")
-    target: float | None = C.option(None, help="Target drop, absolute (e.g. 0.3).")
-    target_frac: float | None = C.option(None, help="Target as a fraction of the full-rank drop (default 0.9 when "
-                                                    "no absolute target is given).")
-    alpha: float = C.option(1.0, help="α of the patch (raw and mapped at the same α).")
-    alpha_mode: str = C.alpha_mode_option()
-    n_null: int = C.option(5, flag="--null-draws",
-                           help="Random k-dim subspaces (matched variance) per k for the null.")
-    fit_positions: PositionSpec = C.fit_positions_option()
-    n: int | None = C.n_option()
-    n_boot: int = C.bootstrap_option()
-    seed: int = C.seed_option()
-    batch_size: int = C.batch_size_option()
-    device: str | None = C.device_option()
-    engine: str = C.engine_option()
 
 
 def check_config(cfg: RQ3Config, n_layers: int, d_model: int) -> None:

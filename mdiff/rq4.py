@@ -23,52 +23,17 @@ from typing import Any
 import numpy as np
 
 from mdiff import activations as A
-from mdiff import config as C
 from mdiff import heads as HD
 from mdiff import models, stats
 from mdiff import schema as S
+from mdiff.config import RQ4Config  # noqa: F401 (re-exported)
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, run_config, tidy
 from mdiff.noise import NoiseFloor
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher
-from mdiff.positions import PositionSpec, parse_positions
-
-
-def _head_ks(text: str | None, shape: C.Shape, flag: str) -> list[int]:
-    if text is None:  # powers of two up to the heads per layer
-        return [2 ** i for i in range(shape.n_heads.bit_length()) if 2 ** i <= shape.n_heads]
-    return HD.parse_ks(text, shape.n_heads, flag)
-
-
-@dataclasses.dataclass(frozen=True)
-class RQ4Config(C.RunConfig):
-    """RQ4's options, declared once (CLI flags, help, settings: :mod:`mdiff.config`)."""
-    layers: list[int] = C.option(help="Layers whose heads are scanned, comma list (ranges a-b, or all).",
-                                 cli_type=str | None, cli_default=None, parse=C.layer_list)
-    ks: list[int] = C.option(flag="--k", cli_type=str | None, cli_default=None, parse=_head_ks,
-                             help="Head-set sizes for top-k vs random-k, e.g. 1,2,4,8 (default: powers of two up to "
-                                  "the heads per layer).")
-    sites: list[str] = C.option(default_factory=lambda: ["result"], flag="--site", cli_type=str,
-                                parse=C.choices(HD.HEAD_SITES),
-                                help="Head site(s): result (z·W_O with the source's W_O; sees W_O changes) and/or z "
-                                     "(through the target's W_O); comma list.")
-    sources: list[str] = C.option(default_factory=lambda: ["raw"], flag="--source", cli_type=str,
-                                  parse=C.choices(HD.SOURCES),
-                                  help="Source(s): raw base heads and/or mapped (per-head maps fit on train); comma "
-                                       "list.")
-    random_sets: int = C.option(20, help="Random k-sets per k for the null (same layer).")
-    control_layer: int | None = C.option(None, help="Control layer, analysed the same way (default 0).",
-                                         cli_type=int, cli_default=0, parse=C.one_layer)
-    map_solver: str = C.option("ridge", help="Solver of the per-head maps (for the mapped source).")
-    fit_positions: PositionSpec = C.fit_positions_option()
-    n: int | None = C.n_option()
-    n_boot: int = C.bootstrap_option()
-    seed: int = C.seed_option()
-    batch_size: int = C.batch_size_option()
-    device: str | None = C.device_option()
-    engine: str = C.engine_option()
+from mdiff.positions import parse_positions
 
 
 def check_config(cfg: RQ4Config, n_layers: int, n_heads: int) -> None:

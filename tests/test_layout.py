@@ -60,3 +60,16 @@ def test_no_import_cycle():
 def test_the_benchmark_harness_is_outside_the_package():
     assert not (ROOT / "mdiff" / "bench.py").exists() and not (ROOT / "mdiff" / "scale.py").exists()
     assert (ROOT / "experiments" / "benchmarks" / "engines.py").is_file()
+
+
+def test_the_cli_starts_without_torch_pandas_or_sklearn():
+    """Every command's options come from mdiff.config, which loads none of the heavy libraries: `mdiff --help`,
+    `mdiff pairs` and a one-line input error stay fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mdiff.cli; heavy = [m for m in ('torch', 'pandas', 'sklearn', 'transformer_lens') "
+            "if m in sys.modules]; print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
