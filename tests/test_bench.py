@@ -1,27 +1,17 @@
 """``run_bench`` on a few prompts: the table's fields, honest engine equivalence, bad input (no speed asserted);
 ``mdiff bench``, the thin command that runs the harness from experiments/benchmarks/."""
 
-import importlib
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from harness import BENCHMARKS, harness
 from typer.testing import CliRunner
 
 from mdiff.errors import MdiffError
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
-
-
-def _harness(name: str):
-    """``experiments/benchmarks/<name>.py`` imported by name, its folder on sys.path (as ``mdiff bench`` does)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module(name)
-
-
-engines = _harness("engines")
+engines = harness("engines")
 format_table, run_bench = engines.format_table, engines.run_bench
 
 

@@ -1,23 +1,11 @@
 """The scale benchmark's meter (per-step time, peak RSS, disk, models resident) and its end-to-end run."""
 
-import importlib
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from harness import harness
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
-
-
-def _harness(name: str):
-    """``experiments/benchmarks/<name>.py`` imported by name, its folder on sys.path (as ``mdiff bench`` does)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module(name)
-
-
-scale = _harness("scale")
+scale = harness("scale")
 
 
 def test_step_meter_records_each_step(tmp_path):

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _memory import proc_status, reset_peak
 
 from mdiff.errors import MdiffError
 from mdiff.pairs import PairSpec
@@ -80,16 +81,6 @@ def _gather(model, ids, positions, names, pad_id, batch_size, stop):
         for n in names:
             parts[n].append(got[n])
     return {n: torch.cat(v).float() for n, v in parts.items()}
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
 
 
 def _save_payload(prefix: str, w, batch_size: int) -> None:
@@ -151,16 +142,11 @@ def _peak_child(pair, side: str, payload: str, engine: str, device: str, threads
                 torch.cuda.synchronize()
                 peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
             else:
-                try:
-                    with open("/proc/self/clear_refs", "w") as f:
-                        f.write("5")
-                    method = "VmHWM after clear_refs"
-                except OSError:
-                    method = "ru_maxrss (upper bound)"
-                before = _status()["VmRSS"] if sys.platform.startswith("linux") else 0
+                method = "VmHWM after clear_refs" if reset_peak() else "ru_maxrss (upper bound)"
+                before = proc_status()["VmRSS"] if sys.platform.startswith("linux") else 0
                 Patcher(model, ids, pos, pad, bs, engine).kl(conds, vocab)
                 if method.startswith("VmHWM"):
-                    peak = _status()["VmHWM"]
+                    peak = proc_status()["VmHWM"]
                 else:
                     scale = 1 if sys.platform == "darwin" else 1024
                     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _memory import proc_status, reset_peak
+
 from mdiff.errors import MdiffError
 
 GIB = 1024 ** 3
@@ -31,39 +33,15 @@ GIB = 1024 ** 3
 
 def _vm_hwm() -> int | None:
     """Peak RSS of this process in bytes since the last reset (Linux), else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_status(("VmHWM",)).get("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     except Exception:  # noqa: BLE001
         return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _du(path: Path) -> int:
@@ -107,7 +85,7 @@ class StepMeter:
         self.name: str | None = None
         self.t0 = time.perf_counter()
         self.cuda = device.startswith("cuda")
-        self.can_reset = _reset_hwm()
+        self.can_reset = reset_peak()
         import gc
 
         from mdiff import models
@@ -120,7 +98,7 @@ class StepMeter:
         from mdiff import models
 
         self.t = time.perf_counter()
-        _reset_hwm()
+        reset_peak()
         models.reset_resident_peak()
         if self.cuda:
             import torch
@@ -136,7 +114,8 @@ class StepMeter:
 
         if self.name is not None:
             row = {"step": self.name, "seconds": round(time.perf_counter() - self.t, 2),
-                   "peak_rss_gib": round((_vm_hwm() or 0) / GIB, 2), "rss_after_gib": round((_rss() or 0) / GIB, 2),
+                   "peak_rss_gib": round((_vm_hwm() or 0) / GIB, 2),
+                   "rss_after_gib": round(proc_status(("VmRSS",)).get("VmRSS", 0) / GIB, 2),
                    "disk_mib": round(_du(self.out_dir) / 2 ** 20, 1),
                    "models_resident_max": models.resident_models()["peak"] - self.baseline}
             if self.cuda:
