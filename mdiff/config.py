@@ -450,6 +450,8 @@ class StudyConfig(RunConfig):
     random_sets: int = option(20, cli=False, help="RQ4's random k-sets per k.")
     rq4_sources: tuple[str, ...] = option(("raw", "mapped"), cli=False, help="RQ4's sources.")
     engine: str = engine_option()
+    layers_per_unit: int = option(8, help="RQ1's patching runs as one unit per target model and chunk of this many "
+                                          "layers (units run in parallel on Ray or SLURM; ≥ 1).")
 
     def shared(self) -> dict[str, Any]:
         """The options every RQ config takes from the study (:data:`mdiff.config.SHARED`)."""

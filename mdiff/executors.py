@@ -31,9 +31,57 @@ class LocalExecutor:
 
     def __init__(self, progress: Callable[[str, float], None] | None = None):
         self.progress = progress
+        self.sessions: dict = {}
+        """Open pair sessions: a model stays loaded from one unit to the next of the same side."""
 
     def run(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:
-        return [run_unit(t, self.progress) for t in tasks]
+        return [run_unit(t, self.progress, self.sessions) for t in tasks]
+
+    def close(self) -> None:
+        """Free the models the sessions keep (the executor can run more units after)."""
+        _close_sessions(self.sessions)
+
+
+def _close_sessions(sessions: dict) -> None:
+    for s in sessions.values():
+        s.close()
+    sessions.clear()
+
+
+class _SideWorker:
+    """Runs the units of one model side, keeping that model loaded between them (a Ray actor, a SLURM job)."""
+
+    def __init__(self):
+        self.sessions: dict = {}
+
+    def run(self, task: UnitTask) -> UnitResult:
+        return run_unit(task, None, self.sessions)
+
+    def run_all(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:
+        try:
+            return [self.run(t) for t in tasks]
+        finally:
+            _close_sessions(self.sessions)
+
+    def __call__(self, tasks: Sequence[UnitTask]) -> list[UnitResult]:  # a submitit job
+        return self.run_all(tasks)
+
+    def checkpoint(self, tasks: Sequence[UnitTask]):
+        """submitit calls this on preemption or timeout: the group is submitted again (its done units are
+        found done and skipped)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(_SideWorker(), tasks)
+
+
+def groups_of(tasks: Sequence[UnitTask]) -> list[list[int]]:
+    """The tasks' indices grouped by the one model they load (``side``): a group per side, then each
+    whole-step unit alone (it loads both models in turn)."""
+    sides: dict[str, list[int]] = {}
+    alone = []
+    for i, t in enumerate(tasks):
+        (sides.setdefault(t.side, []) if t.side else alone).append(i)
+    return [*sides.values(), *([i] for i in alone)]
 
 
 class RayExecutor:
@@ -68,16 +116,28 @@ class RayExecutor:
             raise MdiffError(f"units ask for {max(gpus)} GPU(s) each but no node of the Ray cluster has more than "
                              f"{have:g}: run on a cluster with GPUs, or on the CPU (device cpu), or ask for fewer GPUs "
                              "per unit")
-        remote = ray.remote(run_unit)
-        refs = [remote.options(num_cpus=1, num_gpus=g, max_retries=self.max_retries).remote(t)
-                for t, g in zip(tasks, gpus, strict=True)]
-        out = []
-        for t, ref in zip(tasks, refs, strict=True):
+        out: list[UnitResult | None] = [None] * len(tasks)
+        pending = []  # (task index, ref)
+        actors = []
+        for group in groups_of(tasks):
+            g = max(gpus[i] for i in group)
+            if tasks[group[0]].side:  # one actor per model side: it loads its model once for all its units
+                actor = ray.remote(_SideWorker).options(num_cpus=1, num_gpus=g, max_restarts=self.max_retries,
+                                                        max_task_retries=self.max_retries).remote()
+                actors.append(actor)
+                pending += [(i, actor.run.remote(tasks[i])) for i in group]
+            else:
+                remote = ray.remote(run_unit).options(num_cpus=1, num_gpus=g, max_retries=self.max_retries)
+                pending += [(i, remote.remote(tasks[i])) for i in group]
+        for i, ref in pending:
+            t = tasks[i]
             try:
-                out.append(ray.get(ref))
+                out[i] = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - a worker lost for good: reported with the unit's key
-                out.append(UnitResult(t.key, t.step, False, 0.0, f"its Ray task failed (retried up to "
-                                      f"{self.max_retries} time(s)): {_first_line(e)}"))
+                out[i] = UnitResult(t.key, t.name or t.step, False, 0.0, f"its Ray worker failed (retried up to "
+                                    f"{self.max_retries} time(s)): {_first_line(e)}")
+        for actor in actors:  # frees the GPUs and the models
+            ray.kill(actor)
         return out
 
 
@@ -112,32 +172,24 @@ class SlurmExecutor:
                 if g:
                     params["slurm_gpus_per_node"] = g
             ex.update_parameters(**params)
-            jobs = ex.map_array(_CheckpointableUnit(), list(tasks))
+            groups = groups_of(tasks)  # one job per model side (its model loaded once), one per whole step
+            jobs = ex.map_array(_SideWorker(), [[tasks[i] for i in g] for g in groups])
         except Exception as e:  # noqa: BLE001 - no SLURM here, a bad parameter...: one line
             raise MdiffError(f"the slurm executor could not submit the units ({_first_line(e)}); on a machine "
                              "without SLURM run them as local processes (submitit's local cluster) or here (the "
                              "local executor)") from None
-        out = []
-        for t, job in zip(tasks, jobs, strict=True):
+        out: list[UnitResult | None] = [None] * len(tasks)
+        for group, job in zip(groups, jobs, strict=True):
             try:
-                out.append(job.result())
-            except Exception as e:  # noqa: BLE001 - a job lost for good: reported with the unit's key
+                for i, r in zip(group, job.result(), strict=True):
+                    out[i] = r
+            except Exception as e:  # noqa: BLE001 - a job lost for good: reported with its units' keys
                 what = "local submitit job" if self.cluster == "local" else "SLURM job"
-                out.append(UnitResult(t.key, t.step, False, 0.0, f"its {what} {job.job_id} failed: {_job_error(e, job)}"))
+                for i in group:
+                    t = tasks[i]
+                    out[i] = UnitResult(t.key, t.name or t.step, False, 0.0,
+                                        f"its {what} {job.job_id} failed: {_job_error(e, job)}")
         return out
-
-
-class _CheckpointableUnit:
-    """submitit calls ``checkpoint`` on preemption or timeout: the unit is simply submitted again (its
-    runner resumes from what it wrote atomically)."""
-
-    def __call__(self, task: UnitTask) -> UnitResult:
-        return run_unit(task)
-
-    def checkpoint(self, task: UnitTask):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, task)
 
 
 def _first_line(e: BaseException) -> str:

@@ -50,6 +50,7 @@ without sliding windows; raw mode). Other architectures fall back to the naive e
 hooks is refused (the fast path could not honour them).
 """
 
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -559,9 +560,11 @@ class Patcher:
         """
         dtype = next(self.model.parameters()).dtype
         u = torch.finfo(dtype).eps / 2
-        g = torch.Generator().manual_seed(int(seed))
         conds: list[Condition] = []
         for (h, L), v in own.items():
+            # one generator per site, seeded from (seed, site): a site's error does not depend on which other
+            # sites are measured in the same call (a study patching layers in chunks gets the same floor)
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(f"{h}.{L}".encode()))
             noise = (2 * torch.rand(v.shape, generator=g, dtype=torch.float64) - 1) * u
             pert = (v.double() * (1 + noise)).to(dtype)
             if h == "z":

@@ -162,14 +162,15 @@ def step_settings(spec, step) -> dict | None:
 
 
 def run_step(spec: PairSpec, step: str, cfg, out: str | Path, overwrite: bool = False,
-             progress: Callable[[str, float], None] | None = None) -> None:
-    """Run one planned step (and pin RQ2's winners right after it)."""
+             progress: Callable[[str, float], None] | None = None, session=None) -> None:
+    """Run one planned step (and pin RQ2's winners right after it); ``session``: an open
+    :class:`mdiff.session.PairSession` to run it in (a worker keeping its model loaded)."""
     from mdiff.rq1 import run_rq1
     from mdiff.rq2 import freeze_winners, run_rq2
     from mdiff.rq3 import run_rq3
     from mdiff.rq4 import run_rq4
 
     runners = {"rq1": run_rq1, "rq2": run_rq2, "rq3": run_rq3, "rq4": run_rq4}
-    runners[step](spec, cfg, out, overwrite, progress=progress)
+    runners[step](spec, cfg, out, overwrite, progress=progress, session=session)
     if step == "rq2":
         freeze_winners(Path(out), spec.name)

@@ -21,6 +21,7 @@ Two sanity checks run every time (METHODS.md: a self-patch must give KL = 0):
 Every "KL ≈ 0" decision of the summary uses the tolerance derived from the run's noise floor.
 """
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,132 +34,202 @@ from mdiff import behaviour, cka, data, models, patching, stats
 from mdiff import schema as S
 from mdiff.config import RQ1_HOOKS, RQ1Config  # noqa: F401 (re-exported: rq1.RQ1Config)
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, run_config, tidy
+from mdiff.io import tidy
 from mdiff.noise import KL_ABS_FLOOR, NOISE_FACTOR, NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.positions import parse_positions
+from mdiff.runner import Step, StepResult, run_step
 from mdiff.schema import CKA_COND, CROSS_B2T, CROSS_T2B, cross_condition, self_condition, store_condition
+from mdiff.session import PairSession
 
 SELF_PATCH_TOL = KL_ABS_FLOOR
 COMPONENT_HOOKS = {"attn_out": "attention", "mlp_out": "MLP"}
 
 
-def run_rq1(spec: PairSpec, cfg: RQ1Config, out: str | Path, overwrite: bool = False,
-            progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
-    """Run RQ1 and write ``out/<pair>/rq1/``; returns the summary."""
+def check_rq1(cfg: RQ1Config, info) -> RQ1Config:
+    """Validate RQ1's config against the pair's shapes (one-line errors before any work)."""
     stats.check_bootstrap(cfg.n_boot)
-    say = progress or (lambda msg, frac: None)
-    info = models.inspect_pair(spec)
-    n_layers = info.base.n_layers
-    check_layers(cfg.layers, n_layers)
+    check_layers(cfg.layers, info.base.n_layers)
     for h in cfg.hooks:
         if h not in RQ1_HOOKS:
             raise MdiffError(f"unknown hook {h!r} for RQ1: choose from {', '.join(RQ1_HOOKS)}")
     if cfg.engine not in patching.ENGINES:
         raise MdiffError(f"{{option}} must be one of {', '.join(patching.ENGINES)}, got {cfg.engine!r}",
                          option="engine")
-    settings = {"pair": spec.name, **cfg.settings()}
-    rq1_dir = Path(out) / spec.name / "rq1"
-    writer = ResultWriter(rq1_dir, settings, overwrite)  # refuses before any work if it would overwrite
-    with writer:
-        return _run(spec, cfg, info, out, writer, say)
+    return cfg
 
 
-def _run(spec, cfg, info, out, writer, say):
+def run_rq1(spec: PairSpec, cfg: RQ1Config, out: str | Path, overwrite: bool = False,
+            progress: Callable[[str, float], None] | None = None, session: PairSession | None = None
+            ) -> dict[str, Any]:
+    """Run RQ1 and write ``out/<pair>/rq1/``; returns the summary."""
+    return run_step(STEP, spec, cfg, out, overwrite, progress, session)
+
+
+def figures_rq1(result: StepResult, pair: str, cfg: RQ1Config) -> dict:
+    from mdiff import figures
+
+    return {"cka.html": figures.cka_figure(result.metrics, pair),
+            "patch_kl.html": figures.patch_kl_figure(result.metrics, pair)}
+
+
+@dataclasses.dataclass
+class SidePart:
+    """What RQ1 computes with one model loaded, besides its activations (written to the store): the behaviour
+    diagnostics of that side (rows with per-prompt ``values``)."""
+
+    side: str
+    behaviour: list[dict]
+
+
+@dataclasses.dataclass
+class PatchPart:
+    """RQ1's patches into one target at some layers: per-prompt KL of each (layer, hook, condition), the
+    noise floor (KL of one rounding error at each patched site) and the engine used."""
+
+    target: str
+    layers: list[int]
+    kl: dict[tuple[int, str, str], np.ndarray]
+    floor: np.ndarray
+    engine: dict
+
+
+@dataclasses.dataclass
+class _Inputs:
+    prep_cka: Any
+    prep_dec: Any
+    dec: Any
+    same: bool
+
+
+def _inputs(session: PairSession, cfg: RQ1Config) -> _Inputs:
+    """The prompts RQ1 reads: the CKA positions and the decision position (on the same prompts)."""
     dec = parse_positions("last", seed=cfg.seed)
-    prep_cka, pad_b, pad_t, sv = A.prepare_pair_prompts(spec, info, cfg.positions, cfg.split, cfg.seed, cfg.n)
+    prep_cka = session.prompts(cfg.split, cfg.positions)
     same = cfg.positions.kind == "last"
-    prep_dec = prep_cka if same else A.prepare_pair_prompts(spec, info, dec, cfg.split, cfg.seed, cfg.n)[0]
+    prep_dec = prep_cka if same else session.prompts(cfg.split, dec)
     if prep_dec.prompt_ids != prep_cka.prompt_ids:  # the fairness filter/alignment kept other prompts
         keep = [i for i, p in enumerate(prep_dec.prompt_ids) if p in set(prep_cka.prompt_ids)]
         prep_dec = prep_dec.subset(keep)
-    hooks, layers = cfg.hooks, cfg.layers
+    return _Inputs(prep_cka, prep_dec, dec, same)
 
-    def store_dir(side, pos):
-        return A.collection_dir(out, spec.name, side, cfg.split, pos.tag, hooks, layers)
 
-    def collect(model, side):
-        pad = pad_b if side == "base" else pad_t
-        A.collect(model, prep_cka, side, hooks, layers, store_dir(side, cfg.positions),
-                  A.store_meta(spec, info, side, prep_cka, cfg.positions, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size,
-                  replace=writer.overwrite)
-        if not same:
-            A.collect(model, prep_dec, side, hooks, layers, store_dir(side, dec),
-                      A.store_meta(spec, info, side, prep_dec, dec, cfg.split, cfg.seed, pad), batch_size=cfg.batch_size,
-                      replace=writer.overwrite)
+def rq1_side(session: PairSession, cfg: RQ1Config, model, side: str) -> SidePart:
+    """With ``side``'s model loaded: collect its activations (CKA and decision positions) into the store and
+    run its behaviour diagnostics."""
+    spec = session.spec
+    inp = _inputs(session, cfg)
+    session.collect(model, side, cfg.split, cfg.positions, cfg.hooks, cfg.layers, inp.prep_cka)
+    if not inp.same:
+        session.collect(model, side, cfg.split, inp.dec, cfg.hooks, cfg.layers, inp.prep_dec)
+    if not cfg.behaviour:
+        return SidePart(side, [])
+    sv, prep_dec = session.shared_vocab, inp.prep_dec
+    by_id = {p.id: p for p in data.pair_prompts(spec)}
+    shared_tok = prep_dec.tokenized_with == "shared"
+    tok = models.load_tokenizer(spec.base if side == "base" or shared_tok else spec.tuned,
+                                spec.base_revision if side == "base" or shared_tok else spec.tuned_revision, side)
+    ids = prep_dec.base_ids if side == "base" else prep_dec.tuned_ids
+    vocab = sv.base_ids if side == "base" else sv.tuned_ids
+    prompts = [by_id[i] for i in prep_dec.prompt_ids]
+    return SidePart(side, behaviour.diagnostics(model, tok, side, prompts, ids, session.pad[side], vocab,
+                                                behaviour.settings_for(spec.behaviour)))
 
-    kl_rows: list[dict] = []
-    per_prompt: list[pd.DataFrame] = []
-    beh_rows: list[dict] = []
-    beh_settings = behaviour.settings_for(spec.behaviour) if cfg.behaviour else None
-    by_id = {p.id: p for p in data.pair_prompts(spec)} if cfg.behaviour else {}
 
-    def behave(model, side):
-        if not cfg.behaviour:
-            return
-        shared_tok = prep_dec.tokenized_with == "shared"
-        tok = models.load_tokenizer(spec.base if side == "base" or shared_tok else spec.tuned,
-                                    spec.base_revision if side == "base" or shared_tok else spec.tuned_revision, side)
-        ids = prep_dec.base_ids if side == "base" else prep_dec.tuned_ids
-        vocab = sv.base_ids if side == "base" else sv.tuned_ids
-        prompts = [by_id[i] for i in prep_dec.prompt_ids]
-        beh_rows.extend(behaviour.diagnostics(model, tok, side, prompts, ids, pad_b if side == "base" else pad_t,
-                                              vocab, beh_settings))
-
-    engines: dict[str, dict] = {}
-    rounding_kl: list[np.ndarray] = []
-    roundtrip_kl: list[np.ndarray] = []
-
-    def patches(model, target, source_side):
-        ids = prep_dec.base_ids if target == "base" else prep_dec.tuned_ids
-        pos = prep_dec.base_positions if target == "base" else prep_dec.tuned_positions
-        pad = pad_b if target == "base" else pad_t
-        vocab = sv.base_ids if target == "base" else sv.tuned_ids
-        patcher = patching.Patcher(model, ids, pos, pad, batch_size=cfg.batch_size, engine=cfg.engine)
-        engines[target] = {"requested": cfg.engine, "used": patcher.engine_used,
-                           "fallback_reason": patcher.fallback_reason}
-        own = patcher.capture([(h, L) for h in hooks for L in layers])
-        conds, keys = [], []
-        for src, cond in ((source_side, cross_condition(source_side, target)), (target, store_condition(target))):
-            acts = A.ActivationSet(store_dir(src, dec))
-            for h in hooks:
-                for L in layers:
-                    conds.append(patching.SitePatch(L, h, acts.load(h, L)))
-                    keys.append((L, h, cond))
+def rq1_patch(session: PairSession, cfg: RQ1Config, model, target: str, layers: list[int] | None = None
+              ) -> PatchPart:
+    """With ``target``'s model loaded (both sides' activations in the store): at ``layers`` (default: all of
+    ``cfg.layers``), the cross patch from the other side, the store round trip and the self-patch, with the
+    noise floor. Patching a chunk of layers gives the same values as patching them all at once."""
+    inp = _inputs(session, cfg)
+    prep_dec, dec = inp.prep_dec, inp.dec
+    layers = list(cfg.layers if layers is None else layers)
+    hooks, source_side = cfg.hooks, "tuned" if target == "base" else "base"
+    ids = prep_dec.base_ids if target == "base" else prep_dec.tuned_ids
+    pos = prep_dec.base_positions if target == "base" else prep_dec.tuned_positions
+    sv = session.shared_vocab
+    vocab = sv.base_ids if target == "base" else sv.tuned_ids
+    patcher = patching.Patcher(model, ids, pos, session.pad[target], batch_size=cfg.batch_size, engine=cfg.engine)
+    engine = {"requested": cfg.engine, "used": patcher.engine_used, "fallback_reason": patcher.fallback_reason}
+    own = patcher.capture([(h, L) for h in hooks for L in layers])
+    conds, keys = [], []
+    for src, cond in ((source_side, cross_condition(source_side, target)), (target, store_condition(target))):
+        acts = session.acts(src, cfg.split, dec, hooks, cfg.layers)
         for h in hooks:
             for L in layers:
-                conds.append(patching.SitePatch(L, h, own[(h, L)]))
-                keys.append((L, h, self_condition(target)))
-        kls, floor = patcher.kl_with_noise_floor(conds, vocab, seed=cfg.seed, own=own)
-        rounding_kl.append(floor)
-        for (L, h, cond), kl in zip(keys, kls, strict=True):
-            if cond == store_condition(target):
-                roundtrip_kl.append(kl)
-            kl_rows.append({"layer": L, "hook": h, "condition": cond, "values": kl})
-            per_prompt.append(pd.DataFrame({"layer": L, "hook": h, "condition": cond,
-                                            "prompt_id": prep_dec.prompt_ids, "kl": kl}))
+                conds.append(patching.SitePatch(L, h, acts.load(h, L)))
+                keys.append((L, h, cond))
+    for h in hooks:
+        for L in layers:
+            conds.append(patching.SitePatch(L, h, own[(h, L)]))
+            keys.append((L, h, self_condition(target)))
+    kls, floor = patcher.kl_with_noise_floor(conds, vocab, seed=cfg.seed, own=own)
+    return PatchPart(target, layers, dict(zip(keys, kls, strict=True)), np.asarray(floor), engine)
 
+
+def compute_rq1(session: PairSession, cfg: RQ1Config, say: Callable[[str, float], None]) -> StepResult:
+    """RQ1 over ``session``, one model at a time (its activation store is the only thing written):
+    :func:`rq1_side` for base then tuned, :func:`rq1_patch` into tuned then base, :func:`reduce_rq1`."""
     say("loading base", 0.05)
-    with models.loaded(spec, "base", cfg.device) as m:
-        say("collecting base activations", 0.1)
-        collect(m, "base")
-        say("behaviour diagnostics (base)", 0.2)
-        behave(m, "base")
+    with session.model("base") as m:
+        say("collecting base activations and behaviour", 0.1)
+        sides = [rq1_side(session, cfg, m, "base")]
     say("loading tuned", 0.3)
-    with models.loaded(spec, "tuned", cfg.device) as m:
-        say("collecting tuned activations", 0.35)
-        collect(m, "tuned")
-        say("behaviour diagnostics (tuned)", 0.4)
-        behave(m, "tuned")
+    with session.model("tuned") as m:
+        say("collecting tuned activations and behaviour", 0.35)
+        sides.append(rq1_side(session, cfg, m, "tuned"))
         say("patching base → tuned", 0.45)
-        patches(m, "tuned", "base")
+        patches = [rq1_patch(session, cfg, m, "tuned")]
     say("loading base (patch target)", 0.6)
-    with models.loaded(spec, "base", cfg.device) as m:
+    with session.model("base") as m:
         say("patching tuned → base", 0.65)
-        patches(m, "base", "tuned")
-
+        patches.append(rq1_patch(session, cfg, m, "base"))
     say("CKA with bootstrap CIs", 0.8)
+    return reduce_rq1(session, cfg, sides, patches)
+
+
+def reduce_rq1(session: PairSession, cfg: RQ1Config, sides: list[SidePart], patches: list[PatchPart]
+               ) -> StepResult:
+    """RQ1's result from its parts (in any order, layers in any chunks): CKA from the store, bootstrap CIs of
+    the patch KLs, the noise floor and both sanity checks, the summary. Needs no model."""
+    spec, hooks, layers = session.spec, cfg.hooks, cfg.layers
+    inp = _inputs(session, cfg)
+    prep_cka, prep_dec = inp.prep_cka, inp.prep_dec
+    sv = session.shared_vocab
+    kl_rows: list[dict] = []
+    per_prompt: list[pd.DataFrame] = []
+    by_target = {p.target: {} for p in patches}
+    for p in patches:
+        by_target[p.target].update(p.kl)
+    missing = [(t, L) for t in ("tuned", "base") for L in layers
+               if (L, hooks[0], self_condition(t)) not in by_target.get(t, {})]
+    if missing:
+        raise MdiffError(f"RQ1's patches are incomplete: no KL for {missing[0][0]} at layer {missing[0][1]}")
+    rounding_kl = [p.floor for t in ("tuned", "base") for p in sorted((q for q in patches if q.target == t),
+                                                                     key=lambda q: q.layers)]
+    roundtrip_kl = []
+    for target in ("tuned", "base"):
+        source = "tuned" if target == "base" else "base"
+        for cond in (cross_condition(source, target), store_condition(target), self_condition(target)):
+            for h in hooks:
+                for L in layers:
+                    kl = by_target[target][(L, h, cond)]
+                    if cond == store_condition(target):
+                        roundtrip_kl.append(kl)
+                    kl_rows.append({"layer": L, "hook": h, "condition": cond, "values": kl})
+                    per_prompt.append(pd.DataFrame({"layer": L, "hook": h, "condition": cond,
+                                                    "prompt_id": prep_dec.prompt_ids, "kl": kl}))
+    engines: dict[str, dict] = {}
+    for p in patches:
+        engines.setdefault(p.target, p.engine)
+    engines = {t: engines[t] for t in ("tuned", "base") if t in engines}
+    beh_rows = [r for side in ("base", "tuned") for s in sides if s.side == side for r in s.behaviour]
+    beh_settings = behaviour.settings_for(spec.behaviour) if cfg.behaviour else None
+
+    def store_dir(side, pos):
+        return session.store(side, cfg.split, pos, hooks, layers)
+
     rows: list[dict] = []
     bstore = A.ActivationSet(store_dir("base", cfg.positions))
     tstore = A.ActivationSet(store_dir("tuned", cfg.positions))
@@ -211,27 +282,19 @@ def _run(spec, cfg, info, out, writer, say):
                          f"{noise.rounding_max:.3g}); "
                          f"the store does not hold these models' activations (weights changed since it was "
                          "collected?): rerun into a fresh output folder ({option})", option="out")
-    config = run_config(
-        writer, spec, info, sv.size, prep_cka.tokenized_with, cfg.seed, prompts=prep_cka.summary(),
-        prompt_ids=prep_cka.prompt_ids, split=cfg.split,
+    config = dict(
+        prompts=prep_cka.summary(), prompt_ids=prep_cka.prompt_ids, split=cfg.split,
         cka_ci="biased linear CKA: prompt (cluster) bootstrap percentile; debiased CKA: delete-one-prompt "
                "jackknife normal interval",
         patch_position="decision position (last content token)", behaviour=beh_settings, engine=engines,
         numerics={"dtype": spec.dtype, "kl": "float64 log-softmax and KL from the model's logits",
                   "self_patch": "engine's own clean values (exactly 0 required)",
                   "store_roundtrip": "own stored activations (within the measured noise floor)"})
-    writer.csv("metrics.csv", metrics)
-    writer.csv("per_prompt_kl.csv", pd.concat(per_prompt, ignore_index=True))
-    writer.json("summary.json", summary)
-    writer.json("config.json", config)
-    from mdiff import figures
+    return StepResult(metrics, summary, sv.size, prep_cka.tokenized_with, config=config,
+                      tables={"per_prompt_kl.csv": pd.concat(per_prompt, ignore_index=True)})
 
-    writer.figure("cka.html", figures.cka_figure(metrics, spec.name))
-    writer.figure("patch_kl.html", figures.patch_kl_figure(metrics, spec.name))
-    path = writer.commit()
-    say("done", 1.0)
-    summary["path"] = str(path)
-    return summary
+
+STEP = Step("rq1", check_rq1, compute_rq1, figures_rq1)
 
 
 def _series(metrics: pd.DataFrame, hook: str, metric: str, condition: str, layers: list[int],

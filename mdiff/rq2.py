@@ -37,15 +37,17 @@ import pandas as pd
 import torch
 
 from mdiff import activations as A
-from mdiff import cka, maps, models, patching, stats
+from mdiff import cka, maps, patching, stats
 from mdiff import schema as S
 from mdiff.config import DEFAULT_SOLVERS, RQ2_HOOKS, SOLVERS, RQ2Config  # noqa: F401 (re-exported)
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, run_config, tidy
+from mdiff.io import tidy
 from mdiff.noise import NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.positions import parse_positions
+from mdiff.runner import Step, StepResult, run_step
+from mdiff.session import PairSession
 
 CONTROL_SOLVERS = ("identity", "mean-shift")
 ROW_SEP = "@"  # "ridge@decision": ridge fit on each train prompt's decision row only
@@ -81,32 +83,44 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / np.maximum(den, 1e-30)))
 
 
-def run_rq2(spec: PairSpec, cfg: RQ2Config, out: str | Path, overwrite: bool = False,
-            progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
-    say = progress or (lambda msg, frac: None)
-    info = models.inspect_pair(spec)
-    n_layers = info.base.n_layers
+def check_rq2(cfg: RQ2Config, info) -> RQ2Config:
+    """Validate RQ2's config against the pair's shapes; the control layer defaults to layer 0."""
     if cfg.control_layer is None:
         cfg = dataclasses.replace(cfg, control_layer=0)
-    check_config(cfg, n_layers)
-    writer = ResultWriter(Path(out) / spec.name / "rq2", {"pair": spec.name, **cfg.settings()}, overwrite)
-    with writer:
-        return _run(spec, cfg, info, out, writer, say)
+    check_config(cfg, info.base.n_layers)
+    return cfg
 
 
-def _run(spec, cfg, info, out, writer, say):
+def run_rq2(spec: PairSpec, cfg: RQ2Config, out: str | Path, overwrite: bool = False,
+            progress: Callable[[str, float], None] | None = None, session: PairSession | None = None
+            ) -> dict[str, Any]:
+    """Run RQ2 and write ``out/<pair>/rq2/``; returns the summary."""
+    return run_step(STEP, spec, cfg, out, overwrite, progress, session)
+
+
+def figures_rq2(result: StepResult, pair: str, cfg: RQ2Config) -> dict:
+    from mdiff import figures
+
+    return {"drop.html": figures.drop_figure(result.metrics, pair, cfg.alpha_mode),
+            "r2_vs_drop.html": figures.r2_vs_drop_figure(result.metrics, pair)}
+
+
+def compute_rq2(session: PairSession, cfg: RQ2Config, say: Callable[[str, float], None]) -> StepResult:
+    """RQ2 over ``session`` (its activation store is the only thing written)."""
+    spec = session.spec
     dec = parse_positions("last", seed=cfg.seed)
     fitpos = cfg.fit_positions
-    prep_tr, pad_b, pad_t, sv = A.prepare_pair_prompts(spec, info, fitpos, "train", cfg.seed, cfg.n)
-    prep_va = A.prepare_pair_prompts(spec, info, fitpos, "val", cfg.seed, cfg.n)[0]
-    prep_dec = prep_va if fitpos.kind == "last" else A.prepare_pair_prompts(spec, info, dec, "val", cfg.seed, cfg.n)[0]
-    prep_sel = A.prepare_pair_prompts(spec, info, dec, "select", cfg.seed, cfg.n)[0]
+    prep_tr = session.prompts("train", fitpos)
+    pad_b, pad_t, sv = session.pad["base"], session.pad["tuned"], session.shared_vocab
+    prep_va = session.prompts("val", fitpos)
+    prep_dec = prep_va if fitpos.kind == "last" else session.prompts("val", dec)
+    prep_sel = session.prompts("select", dec)
     layers = sorted(set(cfg.layers) | {cfg.control_layer})
     hooks = cfg.hooks
     sites = [(L, h) for L in layers for h in hooks]
 
     def sdir(side, split, pos):
-        return A.collection_dir(out, spec.name, side, split, pos.tag, hooks, layers)
+        return session.store(side, split, pos, hooks, layers)
 
     def collect_all(model, side):
         jobs = [(prep_tr, fitpos, "train"), (prep_va, fitpos, "val")]
@@ -115,9 +129,7 @@ def _run(spec, cfg, info, out, writer, say):
         if side == "base":  # the select split only needs the patch sources
             jobs.append((prep_sel, dec, "select"))
         for prep, pos, split in jobs:
-            A.collect(model, prep, side, hooks, layers, sdir(side, split, pos),
-                      A.store_meta(spec, info, side, prep, pos, split, cfg.seed, pad_b if side == "base" else pad_t),
-                      batch_size=cfg.batch_size, replace=writer.overwrite)
+            session.collect(model, side, split, pos, hooks, layers, prep)
 
     rows: list[dict] = []
     fitted: dict[tuple, Any] = {}
@@ -129,12 +141,12 @@ def _run(spec, cfg, info, out, writer, say):
         return A.ActivationSet(sdir(side, split, pos)).load(h, L).float().numpy()  # maps pick fp32 fast paths on big inputs
 
     say("loading base", 0.02)
-    with models.loaded(spec, "base", cfg.device) as m:
+    with session.model("base") as m:
         say("collecting base activations", 0.05)
         collect_all(m, "base")
 
     say("loading tuned", 0.15)
-    with models.loaded(spec, "tuned", cfg.device) as m:
+    with session.model("tuned") as m:
         W_U = m.W_U.detach().double().cpu().numpy() if "logit-subspace" in cfg.solvers else None
         say("collecting tuned activations", 0.2)
         collect_all(m, "tuned")
@@ -249,7 +261,7 @@ def _run(spec, cfg, info, out, writer, say):
 
     # reverse direction (tuned → base) for each site's best solver, base as the target
     say("loading base (reverse direction)", 0.8)
-    with models.loaded(spec, "base", cfg.device) as m:
+    with session.model("base") as m:
         ids_b, pos_b = prep_dec.base_ids, prep_dec.base_positions
         rev_conds: list[patching.SitePatch] = []
         rev_sites = []
@@ -290,22 +302,13 @@ def _run(spec, cfg, info, out, writer, say):
     metrics = tidy([{"pair": spec.name, "rq": "rq2", **r} for r in rows])
     summary = _summary(spec, cfg, best, metrics, {"train": len(prep_tr), "select": len(prep_sel), "val": len(prep_dec)})
     summary["noise"] = noise.to_dict()
-    for (L, h, tag), est in fitted.items():
-        prefix = writer.file(f"maps/L{L}_{h}/{tag.replace(':', '_')}")
-        maps.save_map(est, prefix)
-    writer.csv("metrics.csv", metrics)
-    writer.json("summary.json", summary)
-    writer.json("config.json", run_config(writer, spec, info, sv.size, prep_tr.tokenized_with, cfg.seed,
-                                          {"train": prep_tr, "select": prep_sel, "val": prep_va}, target="tuned",
-                                          alpha_mode=cfg.alpha_mode, engine=engine))
-    from mdiff import figures
+    config = dict(target="tuned", alpha_mode=cfg.alpha_mode, engine=engine)
+    return StepResult(metrics, summary, sv.size, prep_tr.tokenized_with,
+                      {"train": prep_tr, "select": prep_sel, "val": prep_va}, config,
+                      maps={f"maps/L{L}_{h}/{tag.replace(':', '_')}": est for (L, h, tag), est in fitted.items()})
 
-    writer.figure("drop.html", figures.drop_figure(metrics, spec.name, cfg.alpha_mode))
-    writer.figure("r2_vs_drop.html", figures.r2_vs_drop_figure(metrics, spec.name))
-    path = writer.commit()
-    say("done", 1.0)
-    summary["path"] = str(path)
-    return summary
+
+STEP = Step("rq2", check_rq2, compute_rq2, figures_rq2)
 
 
 def _best_per_site(drops: pd.DataFrame, sel: pd.DataFrame, cfg: RQ2Config) -> dict[tuple, dict]:

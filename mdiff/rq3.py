@@ -24,17 +24,19 @@ import torch
 
 from mdiff import activations as A
 from mdiff import hooks as H
-from mdiff import maps, models, stats
+from mdiff import maps, stats
 from mdiff import schema as S
 from mdiff.config import METHODS, RQ3_HOOKS, RQ3Config, default_ks  # noqa: F401 (re-exported)
 from mdiff.config import parse_ranks as parse_ks  # noqa: F401 (re-exported)
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, run_config, tidy
+from mdiff.io import tidy
 from mdiff.noise import NoiseFloor, is_noise
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher, SitePatch
 from mdiff.positions import parse_positions
+from mdiff.runner import Step, StepResult, run_step
+from mdiff.session import PairSession
 
 CV_FOLDS = 5  # rrr's ridge λ: prompt-grouped K-fold cross-validation on train
 
@@ -71,19 +73,28 @@ def check_config(cfg: RQ3Config, n_layers: int, d_model: int) -> None:
     stats.check_bootstrap(cfg.n_boot)
 
 
-def run_rq3(spec: PairSpec, cfg: RQ3Config, out: str | Path, overwrite: bool = False,
-            progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
-    say = progress or (lambda msg, frac: None)
-    info = models.inspect_pair(spec)
+def check_rq3(cfg: RQ3Config, info) -> RQ3Config:
+    """Validate RQ3's config against the pair's shapes; default ranks from d_model, target 0.9 × full rank."""
     d_model = info.base.d_model
     if cfg.ks is None:
         cfg = dataclasses.replace(cfg, ks=default_ks(d_model))
     if cfg.target is None and cfg.target_frac is None:
         cfg = dataclasses.replace(cfg, target_frac=0.9)
     check_config(cfg, info.base.n_layers, d_model)
-    writer = ResultWriter(Path(out) / spec.name / "rq3", {"pair": spec.name, **cfg.settings()}, overwrite)
-    with writer:
-        return _run(spec, cfg, info, writer, say)
+    return cfg
+
+
+def run_rq3(spec: PairSpec, cfg: RQ3Config, out: str | Path, overwrite: bool = False,
+            progress: Callable[[str, float], None] | None = None, session: PairSession | None = None
+            ) -> dict[str, Any]:
+    """Run RQ3 and write ``out/<pair>/rq3/``; returns the summary."""
+    return run_step(STEP, spec, cfg, out, overwrite, progress, session)
+
+
+def figures_rq3(result: StepResult, pair: str, cfg: RQ3Config) -> dict:
+    from mdiff import figures
+
+    return {"drop_vs_k.html": figures.rank_figure(result.metrics, pair)}
 
 
 def random_subspace_null(full: maps.LinearMap, rank_k: maps.LinearMap, X_tr: np.ndarray, k: int,
@@ -118,12 +129,15 @@ def smallest_k(drops: dict[Any, tuple[float, float, float]], ks: list, goal: flo
     return {"goal": goal, "k": point, "k_ci": sure}
 
 
-def _run(spec, cfg, info, writer, say):
+def compute_rq3(session: PairSession, cfg: RQ3Config, say: Callable[[str, float], None]) -> StepResult:
+    """RQ3 over ``session`` (reads activations in memory; writes nothing)."""
+    spec, info = session.spec, session.info
     dec = parse_positions("last", seed=cfg.seed)
     fitpos = cfg.fit_positions
-    prep_tr, pad_b, pad_t, sv = A.prepare_pair_prompts(spec, info, fitpos, "train", cfg.seed, cfg.n)
-    prep_va = A.prepare_pair_prompts(spec, info, fitpos, "val", cfg.seed, cfg.n)[0]
-    prep_dec = prep_va if fitpos.kind == "last" else A.prepare_pair_prompts(spec, info, dec, "val", cfg.seed, cfg.n)[0]
+    prep_tr = session.prompts("train", fitpos)
+    pad_b, pad_t, sv = session.pad["base"], session.pad["tuned"], session.shared_vocab
+    prep_va = session.prompts("val", fitpos)
+    prep_dec = prep_va if fitpos.kind == "last" else session.prompts("val", dec)
     L, hook = cfg.layer, cfg.hook
     name = H.hook_name(hook, L, info.base.n_layers)
 
@@ -135,14 +149,14 @@ def _run(spec, cfg, info, writer, say):
         return got[name].double().numpy()
 
     say("loading base", 0.02)
-    with models.loaded(spec, "base", cfg.device) as m:
+    with session.model("base") as m:
         say("reading base activations", 0.05)
         X_tr, X_va = read(m, prep_tr, "base"), read(m, prep_va, "base")
         X_dec = X_va if prep_dec is prep_va else read(m, prep_dec, "base")
     rows: list[dict] = []
     groups = np.repeat(np.arange(len(prep_tr)), [len(p) for p in prep_tr.base_positions])
     say("loading tuned", 0.15)
-    with models.loaded(spec, "tuned", cfg.device) as m:
+    with session.model("tuned") as m:
         say("reading tuned activations", 0.2)
         Y_tr, Y_va = read(m, prep_tr, "tuned"), read(m, prep_va, "tuned")
         patcher = Patcher(m, prep_dec.tuned_ids, prep_dec.tuned_positions, pad_t, cfg.batch_size,
@@ -232,18 +246,8 @@ def _run(spec, cfg, info, writer, say):
     metrics = tidy([{"pair": spec.name, "rq": "rq3", "layer": L, "hook": hook, **r} for r in rows])
     summary = _summary(spec, cfg, per_method, nothing, float(raw.mean()))
     summary["noise"] = noise.to_dict()
-    writer.csv("metrics.csv", metrics)
-    writer.json("summary.json", summary)
-    writer.json("config.json", run_config(writer, spec, info, sv.size, prep_tr.tokenized_with, cfg.seed,
-                                          {"train": prep_tr, "val": prep_va}, target="tuned",
-                                          alpha_mode=cfg.alpha_mode, engine=engine))
-    from mdiff import figures
-
-    writer.figure("drop_vs_k.html", figures.rank_figure(metrics, spec.name))
-    path = writer.commit()
-    say("done", 1.0)
-    summary["path"] = str(path)
-    return summary
+    return StepResult(metrics, summary, sv.size, prep_tr.tokenized_with, {"train": prep_tr, "val": prep_va},
+                      dict(target="tuned", alpha_mode=cfg.alpha_mode, engine=engine))
 
 
 def _summary(spec, cfg, per_method, nothing, kl_raw) -> dict[str, Any]:
@@ -293,3 +297,6 @@ def _summary(spec, cfg, per_method, nothing, kl_raw) -> dict[str, Any]:
     if spec.truth is not None:
         out["truth"] = spec.truth
     return out
+
+
+STEP = Step("rq3", check_rq3, compute_rq3, figures_rq3)

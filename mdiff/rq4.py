@@ -22,18 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from mdiff import activations as A
 from mdiff import heads as HD
-from mdiff import models, stats
 from mdiff import schema as S
+from mdiff import stats
 from mdiff.config import RQ4Config  # noqa: F401 (re-exported)
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, run_config, tidy
+from mdiff.io import tidy
 from mdiff.noise import NoiseFloor
 from mdiff.options import check_layers
 from mdiff.pairs import PairSpec
 from mdiff.patching import ENGINES, Patcher
 from mdiff.positions import parse_positions
+from mdiff.runner import Step, StepResult, run_step
+from mdiff.session import PairSession
 
 
 def check_config(cfg: RQ4Config, n_layers: int, n_heads: int) -> None:
@@ -67,29 +68,45 @@ def check_config(cfg: RQ4Config, n_layers: int, n_heads: int) -> None:
     stats.check_bootstrap(cfg.n_boot)
 
 
-def run_rq4(spec: PairSpec, cfg: RQ4Config, out: str | Path, overwrite: bool = False,
-            progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:
-    say = progress or (lambda msg, frac: None)
-    info = models.inspect_pair(spec)
-    n_layers, n_heads = info.base.n_layers, info.base.n_heads
+def check_rq4(cfg: RQ4Config, info) -> RQ4Config:
+    """Validate RQ4's config against the pair's shapes; the control layer defaults to layer 0."""
     if cfg.control_layer is None:
         cfg = dataclasses.replace(cfg, control_layer=0)
-    check_config(cfg, n_layers, n_heads)
-    writer = ResultWriter(Path(out) / spec.name / "rq4", {"pair": spec.name, **cfg.settings()}, overwrite)
-    with writer:
-        return _run(spec, cfg, info, writer, say)
+    check_config(cfg, info.base.n_layers, info.base.n_heads)
+    return cfg
+
+
+def run_rq4(spec: PairSpec, cfg: RQ4Config, out: str | Path, overwrite: bool = False,
+            progress: Callable[[str, float], None] | None = None, session: PairSession | None = None
+            ) -> dict[str, Any]:
+    """Run RQ4 and write ``out/<pair>/rq4/``; returns the summary."""
+    return run_step(STEP, spec, cfg, out, overwrite, progress, session)
+
+
+def figures_rq4(result: StepResult, pair: str, cfg: RQ4Config) -> dict:
+    from mdiff import figures
+
+    figs = {}
+    for site in cfg.sites:
+        for source in cfg.sources:
+            figs[f"heads_{site}_{source}.html"] = figures.head_heatmap(result.metrics, pair, site, source)
+            figs[f"coverage_{site}_{source}.html"] = figures.coverage_figure(result.metrics, pair, site, source)
+    return figs
 
 
 def _fmt_heads(s) -> str:
     return "+".join(str(h) for h in s)
 
 
-def _run(spec, cfg, info, writer, say):
+def compute_rq4(session: PairSession, cfg: RQ4Config, say: Callable[[str, float], None]) -> StepResult:
+    """RQ4 over ``session`` (reads heads in memory; writes nothing)."""
+    spec, info = session.spec, session.info
     dec = parse_positions("last", seed=cfg.seed)
-    prep_sel, pad_b, pad_t, sv = A.prepare_pair_prompts(spec, info, dec, "select", cfg.seed, cfg.n)
-    prep_val = A.prepare_pair_prompts(spec, info, dec, "val", cfg.seed, cfg.n)[0]
+    prep_sel = session.prompts("select", dec)
+    pad_b, pad_t, sv = session.pad["base"], session.pad["tuned"], session.shared_vocab
+    prep_val = session.prompts("val", dec)
     want_map = "mapped" in cfg.sources
-    prep_tr = A.prepare_pair_prompts(spec, info, cfg.fit_positions, "train", cfg.seed, cfg.n)[0] if want_map else None
+    prep_tr = session.prompts("train", cfg.fit_positions) if want_map else None
     layers = sorted(set(cfg.layers) | {cfg.control_layer})
     n_heads = info.base.n_heads
     bs = cfg.batch_size
@@ -100,7 +117,7 @@ def _run(spec, cfg, info, writer, say):
         return HD.collect_z(model, ids, pos, pad_b if side == "base" else pad_t, layers, bs)
 
     say("loading base", 0.02)
-    with models.loaded(spec, "base", cfg.device) as m:
+    with session.model("base") as m:
         say("reading the base model's heads", 0.05)
         zb_sel = zs(m, prep_sel, "base")  # "last": one position per prompt, the decision position
         zb_val = zs(m, prep_val, "base")
@@ -113,7 +130,7 @@ def _run(spec, cfg, info, writer, say):
     fitted_r2: dict[tuple, list[float]] = {}
     head_fits: dict[tuple, list[dict]] = {}
     say("loading tuned", 0.15)
-    with models.loaded(spec, "tuned", cfg.device) as m:
+    with session.model("tuned") as m:
         WOt = {L: HD.W_O_of(m, L) for L in layers}
         zt_tr = zs(m, prep_tr, "tuned") if want_map else None
         groups = (np.repeat(np.arange(len(prep_tr)), [len(p) for p in prep_tr.base_positions]) if want_map else None)
@@ -177,24 +194,12 @@ def _run(spec, cfg, info, writer, say):
     metrics = tidy([{"pair": spec.name, "rq": "rq4", **r} for r in rows])
     summary = _summary(spec, cfg, summary_layers, site_check, tol)
     summary["noise"] = noise.to_dict()
-    writer.csv("metrics.csv", metrics)
-    writer.json("summary.json", summary)
-    writer.json("config.json", run_config(
-        writer, spec, info, sv.size, prep_val.tokenized_with, cfg.seed, {"select": prep_sel, "val": prep_val},
-        train=prep_tr.summary() if prep_tr is not None else None, target="tuned",
-        position="decision position (last content token)", engine=engine,
-        ranking_stability=f"bootstrap over select prompts ({cfg.n_boot} resamples); a top-k is stable when each "
-                          f"member is in the top-k in >= {100 * HD.STABLE_FREQ:.0f}% of resamples"))
-    from mdiff import figures
-
-    for site in cfg.sites:
-        for source in cfg.sources:
-            writer.figure(f"heads_{site}_{source}.html", figures.head_heatmap(metrics, spec.name, site, source))
-            writer.figure(f"coverage_{site}_{source}.html", figures.coverage_figure(metrics, spec.name, site, source))
-    path = writer.commit()
-    say("done", 1.0)
-    summary["path"] = str(path)
-    return summary
+    config = dict(train=prep_tr.summary() if prep_tr is not None else None, target="tuned",
+                  position="decision position (last content token)", engine=engine,
+                  ranking_stability=f"bootstrap over select prompts ({cfg.n_boot} resamples); a top-k is stable "
+                                    f"when each member is in the top-k in >= {100 * HD.STABLE_FREQ:.0f}% of resamples")
+    return StepResult(metrics, summary, sv.size, prep_val.tokenized_with, {"select": prep_sel, "val": prep_val},
+                      config)
 
 
 def _val_sets(ranking: list[int], cfg: RQ4Config, n_heads: int) -> dict[str, Any]:
@@ -340,3 +345,5 @@ def load_summary(out: str | Path, pair: str) -> dict[str, Any]:
         raise MdiffError(f"no RQ4 results at {f.parent}: run RQ4 on pair {pair!r} first")
     return json.loads(f.read_text())
 
+
+STEP = Step("rq4", check_rq4, compute_rq4, figures_rq4)

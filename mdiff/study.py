@@ -50,8 +50,6 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
     done, on ``executor`` (:mod:`mdiff.executors`; default: here, in this process, one after another).
     ``pair_ref`` is what workers resolve the pair from (default: the pair's name, or its TOML file).
     """
-    from mdiff import units as U
-    from mdiff.report import build_report
 
     say = say or (lambda msg: None)
     out = Path(out)
@@ -68,6 +66,18 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
     from mdiff.executors import LocalExecutor
 
     executor = executor or LocalExecutor(progress=progress)
+    try:
+        return _run_units(spec, scfg, out, overwrite, say, executor, pair_ref, threads, info, record)
+    finally:
+        close = getattr(executor, "close", None)
+        if close is not None:
+            close()
+
+
+def _run_units(spec, scfg, out, overwrite, say, executor, pair_ref, threads, info, record):
+    from mdiff import units as U
+    from mdiff.report import build_report
+
     ref = pair_ref or (spec.name if spec.source in ("builtin", "toy", "fixture") else spec.source)
     if Path(ref).suffix == ".toml" and Path(ref).is_file():
         ref = str(Path(ref).resolve())  # workers elsewhere resolve paths against their own working directory
@@ -82,9 +92,11 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
 
             freeze_winners(out, spec.name)  # a run killed between RQ2's commit and its winners: pin them now
         for u in units:  # done without a part: written by hand (`mdiff rq1`) or killed before its part
-            if u.status == U.DONE and not u.part:
+            if u.status == U.DONE and not u.part and u.name == u.step:
                 U.write_part(out, spec.name, u.key, u.step, u.settings, identity, adopted=True)
         for u in units:
+            if u.name != u.step:
+                continue
             if u.status == U.SKIPPED and u.step not in entries:
                 entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "skipped"}
                 say(f"{u.step}: skipped — {u.why}")
@@ -96,17 +108,17 @@ def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: boo
         if not ready:
             break
         for u in ready:
-            say(f"{u.step}: running on {u.why}")
-        tasks = [U.UnitTask(ref, scfg.to_dict(), str(out.resolve()), u.step, u.key, overwrite, threads, spec.prompts)
-                 for u in ready]
+            say(f"{u.name}: running on {u.why}")
+        tasks = [U.UnitTask(ref, scfg.to_dict(), str(out.resolve()), u.step, u.key, overwrite, threads, spec.prompts,
+                            u.name, u.side) for u in ready]
         for u, r in zip(ready, executor.run(tasks), strict=True):
-            if r.ok:
-                entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "ran",
-                                   "seconds": r.seconds, "unit": u.key}
-            else:
+            if not r.ok:
                 failed.append(r)
                 entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "failed",
-                                   "unit": u.key, "error": r.error}
+                                   "unit": u.key, "error": r.error, **({"piece": u.name} if u.name != u.step else {})}
+            elif u.name == u.step:
+                entries[u.step] = {"step": u.step, "why": u.why, "settings": u.settings, "status": "ran",
+                                   "seconds": r.seconds, "unit": u.key}
         record["steps"] = [entries[s] for s in STEPS if s in entries]
         if (out / spec.name).is_dir():  # a first unit that failed leaves no folder behind: keep it that way
             atomic_write_text(out / spec.name / "study.json", json.dumps(record, indent=2, default=str))

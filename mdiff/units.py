@@ -67,6 +67,13 @@ class Unit:
     gpus: int = 0
     part: bool = False
     """Its part exists and matches (False for a done unit whose folder was written outside the study)."""
+    name: str = ""
+    """The unit's name: its step (``rq1``: the step's result folder) or a piece of it (``rq1:side:base``,
+    ``rq1:patch:tuned:L0-7``)."""
+    side: str | None = None
+    """The one model the unit loads (``None``: a whole step, which loads both in turn)."""
+    layers: tuple[int, ...] | None = None
+    """The layers a patch unit patches."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +94,10 @@ class UnitTask:
     threads: int | None = None
     prompts: str | None = None
     """The prompt set the study runs on (a JSONL file), when it is not the pair's own."""
+    name: str = ""
+    """The unit's name (:attr:`Unit.name`; empty: the step)."""
+    side: str | None = None
+    """The model the unit loads (executors group units by it)."""
 
 
 @dataclasses.dataclass
@@ -133,17 +144,70 @@ def write_part(out: str | Path, pair: str, key: str, step: str, settings: dict[s
     return path
 
 
+SPLIT_STEPS = ("rq1",)
+"""Steps the study runs as pieces, one model each: ``rq1:side:<side>`` (collect that side's activations and its
+behaviour diagnostics), ``rq1:patch:<target>:L<a>-<b>`` (patch a chunk of layers into one target), then the step
+unit ``rq1`` itself reduces the pieces' parts into the result folder. The other steps are one unit each."""
+
+
+def subpart_path(out: str | Path, pair: str, key: str) -> Path:
+    """A piece's data (safetensors: its per-prompt arrays, and JSON metadata in the header)."""
+    return parts_dir(out, pair) / f"{key}.safetensors"
+
+
+def _read_subpart(out: Path, pair: str, key: str, name: str, settings: dict, identity: str | None) -> bool:
+    """Whether a piece's part (receipt + data) exists and records this key, name, settings and identity."""
+    try:
+        part = json.loads(part_path(out, pair, key).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    want = {"key": key, "pair": pair, "unit": name, "identity": identity,
+            "settings": json.loads(json.dumps(settings, default=str))}
+    if not isinstance(part, dict) or any(part.get(k) != v for k, v in want.items()):
+        return False
+    data = subpart_path(out, pair, key)
+    return data.is_file() and data.stat().st_size == part.get("data_bytes")
+
+
+def _pieces(spec, cfg, settings: dict, psha: str, layers_per_unit: int) -> list[tuple[str, str, str | None, tuple]]:
+    """RQ1's pieces: (name, key, side, layers) for each side, then each target × chunk of layers."""
+    out = []
+    for side in ("base", "tuned"):
+        name = f"rq1:side:{side}"
+        out.append((name, unit_key(spec.name, name, settings, psha), side, ()))
+    layers = list(cfg.layers)
+    chunks = [tuple(layers[i:i + layers_per_unit]) for i in range(0, len(layers), layers_per_unit)]
+    for target in ("tuned", "base"):
+        for ch in chunks:
+            name = f"rq1:patch:{target}:L{ch[0]}-{ch[-1]}"
+            out.append((name, unit_key(spec.name, name, settings, psha), target, ch))
+    return out
+
+
+def _stores_complete(spec, cfg, out: Path, side: str) -> bool:
+    """Whether ``side``'s RQ1 activation stores are complete (their manifests written)."""
+    from mdiff.activations import collection_dir
+    from mdiff.positions import parse_positions
+
+    pos = [cfg.positions] + ([] if cfg.positions.kind == "last" else [parse_positions("last", seed=cfg.seed)])
+    return all((collection_dir(out, spec.name, side, cfg.split, p.tag, cfg.hooks, cfg.layers) / "manifest.json")
+               .is_file() for p in pos)
+
+
 def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
     """The study's units and their status, resolved from the results under ``out`` now (writes nothing).
 
     ``done``: the step folder is present, complete and holds exactly this unit's run (see the module's docstring;
-    :attr:`Unit.part` says whether its part is there too); ``ready``: its inputs are done; ``blocked``: they are
-    not; ``skipped``: the plan has nothing for this step to do."""
+    :attr:`Unit.part` says whether its part is there too), or, for a piece of a step (:data:`SPLIT_STEPS`), its
+    part is there; ``ready``: its inputs are done; ``blocked``: they are not; ``skipped``: the plan has nothing
+    for this step to do. A step's pieces are listed only while the step itself is not done."""
     from mdiff import models
     from mdiff.io import pair_identity
     from mdiff.plan import plan_steps, step_done
 
     out = Path(out)
+    if scfg.layers_per_unit < 1:
+        raise MdiffError(f"{{option}} must be ≥ 1, got {scfg.layers_per_unit}", option="layers_per_unit")
     info = info or models.inspect_pair(spec)
     psha = pair_identity(spec)
     steps = {st["step"]: st for st in plan_steps(spec, info, scfg, out, psha)}
@@ -155,6 +219,7 @@ def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
         sett = None if st["cfg"] is None else {"pair": spec.name, **st["cfg"].settings()}
         key = None if sett is None else unit_key(spec.name, step, sett, psha)
         part = False
+        pieces_done = True
         if st.get("skip"):
             status = SKIPPED
         elif sett is None:
@@ -163,31 +228,49 @@ def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
             status = DONE
             part = read_part(out, spec.name, key, step, sett, psha) is not None
         else:
-            status = READY if all(status_of.get(d) == DONE for d in DEPENDS_ON[step]) else BLOCKED
+            inputs_done = all(status_of.get(d) == DONE for d in DEPENDS_ON[step])
+            if step in SPLIT_STEPS:
+                sides_done = {}
+                for name, k, side, layers in _pieces(spec, st["cfg"], sett, psha, scfg.layers_per_unit):
+                    done = _read_subpart(out, spec.name, k, name, sett, psha)
+                    if layers == ():
+                        done = done and _stores_complete(spec, st["cfg"], out, side)
+                        sides_done[side] = done
+                        ready = inputs_done
+                    else:
+                        ready = inputs_done and all(sides_done.values())
+                    pieces_done = pieces_done and done
+                    units.append(Unit(spec.name, step, k, sett, f"{name.split(':', 1)[1]} of {st['why']}",
+                                      DONE if done else READY if ready else BLOCKED, gpus, done, name, side,
+                                      layers or None))
+            status = READY if inputs_done and pieces_done else BLOCKED
         status_of[step] = status
-        units.append(Unit(spec.name, step, key, sett, st["why"], status, gpus, part))
+        units.append(Unit(spec.name, step, key, sett, st["why"], status, 0 if step in SPLIT_STEPS else gpus, part,
+                          step))
     return units
 
 
-def run_unit(task: UnitTask, progress=None) -> UnitResult:
+def run_unit(task: UnitTask, progress=None, sessions: dict | None = None) -> UnitResult:
     """Run one unit where this function is called (a local process, a Ray worker, a SLURM job).
 
     Re-plans from the result folder and refuses to run a step whose plan no longer matches the key (the
     inputs changed under it). A unit whose step is already done (an engine's retry after the step was
     committed, or another run) only writes its part. Errors come back as a failed :class:`UnitResult` naming
-    the key.
+    the key. ``sessions``: the caller's cache of open :class:`mdiff.session.PairSession` objects (a worker that
+    keeps its model loaded between units of the same side: it closes them when done); default: a session per
+    unit, closed at its end.
     """
     t0 = time.perf_counter()
     try:
-        _run(task, progress)
-        return UnitResult(task.key, task.step, True, round(time.perf_counter() - t0, 1))
+        _run(task, progress, sessions)
+        return UnitResult(task.key, task.name or task.step, True, round(time.perf_counter() - t0, 1))
     except Exception as e:  # noqa: BLE001 - reported with the unit's key, never swallowed
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return UnitResult(task.key, task.step, False, round(time.perf_counter() - t0, 1),
+        return UnitResult(task.key, task.name or task.step, False, round(time.perf_counter() - t0, 1),
                           f"{type(e).__name__}: {msg}" if not isinstance(e, MdiffError) else msg)
 
 
-def _run(task: UnitTask, progress=None) -> None:
+def _run(task: UnitTask, progress=None, sessions: dict | None = None) -> None:
     from mdiff import models
     from mdiff.io import pair_identity
     from mdiff.pairs import resolve_pair, with_prompts
@@ -200,15 +283,28 @@ def _run(task: UnitTask, progress=None) -> None:
     scfg = StudyConfig.from_dict(task.study)
     spec = with_prompts(resolve_pair(task.pair_ref), task.prompts)
     out = Path(task.out)
+    session = None
+    if sessions is not None:
+        from mdiff.session import PairSession
+
+        skey = (json.dumps(spec.to_dict(), sort_keys=True, default=str), str(out.resolve()), task.overwrite)
+        if skey not in sessions:
+            sessions[skey] = PairSession(spec, out, replace=task.overwrite, keep_model=True)
+        session = sessions[skey]
     psha = pair_identity(spec)
-    st = next(s for s in plan_steps(spec, models.inspect_pair(spec), scfg, out, psha) if s["step"] == task.step)
+    info = session.info if session is not None else models.inspect_pair(spec)
+    st = next(s for s in plan_steps(spec, info, scfg, out, psha) if s["step"] == task.step)
     if st["cfg"] is None:
-        raise MdiffError(f"unit {task.key} ({spec.name} {task.step}) cannot be planned now: {st['why']}")
+        raise MdiffError(f"unit {task.key} ({spec.name} {task.name or task.step}) cannot be planned now: {st['why']}")
     sett = {"pair": spec.name, **st["cfg"].settings()}
-    if unit_key(spec.name, task.step, sett, psha) != task.key:
-        raise MdiffError(f"unit {task.key} ({spec.name} {task.step}) no longer matches the plan (its inputs "
+    name = task.name or task.step
+    if unit_key(spec.name, name, sett, psha) != task.key:
+        raise MdiffError(f"unit {task.key} ({spec.name} {name}) no longer matches the plan (its inputs "
                          "changed); plan again")
     t0 = time.perf_counter()
+    if name != task.step:
+        _run_piece(spec, st["cfg"], scfg, out, task, sett, psha, session, progress)
+        return
     adopted = step_done(out, spec.name, task.step, sett, psha)
     if adopted:
         if task.step == "rq2" and not (out / spec.name / "rq2" / "winners.json").is_file():
@@ -217,24 +313,145 @@ def _run(task: UnitTask, progress=None) -> None:
             freeze_winners(out, spec.name)
     else:
         progress = _test_die_hook(task.step, progress)
-        run_step(spec, task.step, st["cfg"], out, task.overwrite,
-                 progress=(lambda msg, frac: progress(f"{task.step}: {msg}", frac)) if progress else None)
+        say = (lambda msg, frac: progress(f"{task.step}: {msg}", frac)) if progress else None
+        if task.step in SPLIT_STEPS:
+            _reduce(spec, st["cfg"], scfg, out, task, sett, psha, session, say)
+        else:
+            run_step(spec, task.step, st["cfg"], out, task.overwrite, progress=say, session=session)
     write_part(out, spec.name, task.key, task.step, sett, psha,
                None if adopted else round(time.perf_counter() - t0, 1), adopted)
+
+
+def _session(spec, cfg, out: Path, task: UnitTask, session):
+    from mdiff.session import PairSession
+
+    if session is None:
+        return PairSession(spec, out, replace=task.overwrite), True
+    return session, False
+
+
+def _run_piece(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str, session, progress) -> None:
+    """Run one piece of a split step with its one model loaded, and write its part (data, then receipt)."""
+    from mdiff import rq1
+
+    pieces = {n: (side, layers) for n, _, side, layers in _pieces(spec, cfg, sett, psha, scfg.layers_per_unit)}
+    if task.name not in pieces:
+        raise MdiffError(f"unit {task.key} ({spec.name} {task.name}) is not a piece of the plan; plan again")
+    side, layers = pieces[task.name]
+    if _read_subpart(out, spec.name, task.key, task.name, sett, psha) and (
+            layers != () or _stores_complete(spec, cfg, out, side)):
+        return  # done already (an engine's retry, or another run)
+    die = _test_die_hook(task.name, None)
+    t0 = time.perf_counter()
+    session, own = _session(spec, cfg, out, task, session)
+    try:
+        session = session.with_options(cfg.seed, cfg.n, cfg.batch_size, cfg.device)
+        with session.model(side) as m:
+            if die is not None:
+                die("start", 0.0)
+            if layers == ():
+                tensors, meta = _side_arrays(rq1.rq1_side(session, cfg, m, side))
+            else:
+                tensors, meta = _patch_arrays(rq1.rq1_patch(session, cfg, m, side, list(layers)))
+    finally:
+        if own:
+            session.close()
+    _write_subpart(out, spec.name, task.key, task.name, sett, psha, tensors, meta, round(time.perf_counter() - t0, 1))
+
+
+def _reduce(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str, session, say) -> None:
+    """The step unit of a split step: read its pieces' parts and write the step's result folder."""
+    from mdiff import rq1
+    from mdiff.runner import Step, run_step
+
+    sides, patches = [], []
+    for name, key, _side, layers in _pieces(spec, cfg, sett, psha, scfg.layers_per_unit):
+        if not _read_subpart(out, spec.name, key, name, sett, psha):
+            raise MdiffError(f"unit {task.key} ({spec.name} rq1) is missing its piece {name} ({key}); plan again")
+        tensors, meta = _load_subpart(out, spec.name, key)
+        (sides if layers == () else patches).append(_side_part(tensors, meta) if layers == ()
+                                                    else _patch_part(tensors, meta))
+    step = Step("rq1", rq1.check_rq1, lambda s, c, _say: rq1.reduce_rq1(s, c, sides, patches), rq1.figures_rq1)
+    session, own = _session(spec, cfg, out, task, session)
+    try:
+        run_step(step, spec, cfg, out, task.overwrite, say, session)
+    finally:
+        if own:
+            session.close()
+
+
+# ---------------------------------------------------------------------------------------------- piece data
+def _side_arrays(part) -> tuple[dict, dict]:
+    import numpy as np
+
+    rows = [{k: v for k, v in r.items() if k != "values"} for r in part.behaviour]
+    tensors = {f"behaviour.{i}": np.asarray(r["values"], np.float64) for i, r in enumerate(part.behaviour)}
+    return tensors, {"side": part.side, "behaviour": rows}
+
+
+def _side_part(tensors: dict, meta: dict):
+    from mdiff.rq1 import SidePart
+
+    return SidePart(meta["side"], [{**r, "values": tensors[f"behaviour.{i}"]} for i, r in enumerate(meta["behaviour"])])
+
+
+def _patch_arrays(part) -> tuple[dict, dict]:
+    import numpy as np
+
+    keys = list(part.kl)
+    tensors = {f"kl.{i}": np.asarray(part.kl[k], np.float64) for i, k in enumerate(keys)}
+    tensors["floor"] = np.asarray(part.floor, np.float64)
+    return tensors, {"target": part.target, "layers": part.layers, "keys": [list(k) for k in keys],
+                     "engine": part.engine}
+
+
+def _patch_part(tensors: dict, meta: dict):
+    from mdiff.rq1 import PatchPart
+
+    kl = {(int(L), h, c): tensors[f"kl.{i}"] for i, (L, h, c) in enumerate(meta["keys"])}
+    return PatchPart(meta["target"], [int(x) for x in meta["layers"]], kl, tensors["floor"], meta["engine"])
+
+
+def _write_subpart(out: Path, pair: str, key: str, name: str, settings: dict, identity: str, tensors: dict,
+                   meta: dict, seconds: float) -> None:
+    """A piece's data (safetensors, metadata as JSON in its header), then its receipt; each atomically."""
+    from safetensors.numpy import save
+
+    from mdiff.activations import atomic_write_text
+
+    data = subpart_path(out, pair, key)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    blob = save({k: v.reshape(-1) if v.ndim == 0 else v for k, v in tensors.items()},
+                metadata={"mdiff": json.dumps(meta, default=str)})
+    tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(blob)
+    os.replace(tmp, data)
+    atomic_write_text(part_path(out, pair, key), json.dumps(
+        {"key": key, "pair": pair, "unit": name, "identity": identity, "settings": settings, "seconds": seconds,
+         "data": data.name, "data_bytes": len(blob)}, indent=1, default=str))
+
+
+def _load_subpart(out: Path, pair: str, key: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(subpart_path(out, pair, key)), framework="numpy") as f:
+        meta = json.loads(f.metadata()["mdiff"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
 
 
 TEST_DIE_VAR = "MDIFF_TEST_DIE_IN_UNIT"
 
 
 def _test_die_hook(step: str, progress):
-    """Test-only (tests/test_units.py), inert unless ``MDIFF_TEST_DIE_IN_UNIT=<step>:<marker file>`` is set: the
-    first time ``<step>`` runs, its process dies (``os._exit(137)``, like a kill) at the step's first progress
+    """Test-only (tests/test_units.py), inert unless ``MDIFF_TEST_DIE_IN_UNIT=<unit>:<marker file>`` is set: the
+    first time a unit named ``<unit>`` (or a piece of it, ``<unit>:...``) runs, its process dies (``os._exit(137)``, like a kill) at the step's first progress
     report, mid-step, after creating the marker file; a retry finds the marker and runs normally."""
     want = os.environ.get(TEST_DIE_VAR)
     if not want:
         return progress
-    die_step, _, marker = want.partition(":")
-    if die_step != step or not marker or Path(marker).exists():
+    die_step, _, marker = want.rpartition(":")
+    if not (step == die_step or step.startswith(die_step + ":")) or not marker or Path(marker).exists():
         return progress
 
     def die(msg: str, frac: float) -> None:

@@ -16,7 +16,7 @@ from mdiff.errors import MdiffError
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
-ARGS = ["--pair", "toy-lowrank", "--n", "40", "--bootstrap", "100", "--threads", "1"]
+ARGS = ["--pair", "toy-lowrank", "--n", "40", "--bootstrap", "100", "--layers-per-unit", "3", "--threads", "1"]
 RQS = ("rq1", "rq2", "rq3", "rq4")
 
 
@@ -46,9 +46,17 @@ def test_plan_keys_and_status(local, tmp_path):
     from mdiff.study import StudyConfig
     from mdiff.units import BLOCKED, DONE, READY, plan_units, unit_key
 
-    spec, scfg = resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100)
-    fresh = {u.step: u for u in plan_units(spec, scfg, tmp_path)}
-    assert fresh["rq1"].status == READY and fresh["rq1"].key is not None
+    spec, scfg = resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100, layers_per_unit=3)
+    fresh = {u.name: u for u in plan_units(spec, scfg, tmp_path)}
+    # RQ1 is split into pieces of one model each: both sides first, then each target × chunk of 3 layers
+    pieces = [n for n in fresh if n.startswith("rq1:")]
+    assert pieces == ["rq1:side:base", "rq1:side:tuned", "rq1:patch:tuned:L0-2", "rq1:patch:tuned:L3-5",
+                      "rq1:patch:base:L0-2", "rq1:patch:base:L3-5"]  # the toy has 6 layers
+    assert [fresh[n].status for n in pieces] == [READY] * 2 + [BLOCKED] * 4
+    assert [fresh[n].side for n in pieces] == ["base", "tuned"] + ["tuned"] * 2 + ["base"] * 2
+    assert fresh["rq1:patch:base:L3-5"].layers == (3, 4, 5)
+    assert fresh["rq1"].status == BLOCKED and fresh["rq1"].key is not None  # the reduce waits for its pieces
+    assert len({u.key for u in fresh.values() if u.key}) == len(pieces) + 1
     assert {fresh[s].status for s in ("rq2", "rq3", "rq4")} == {BLOCKED} and fresh["rq2"].key is None
     done = {u.step: u for u in plan_units(spec, scfg, local)}
     assert {u.status for u in done.values()} == {DONE}
@@ -75,20 +83,21 @@ def _all_done_with_parts(out: Path) -> None:
     from mdiff.units import DONE, plan_units, read_part
 
     ident = json.loads((out / "toy-lowrank" / "rq1" / "config.json").read_text())["pair_identity"]
-    for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100), out):
+    for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100, layers_per_unit=3), out):
         assert u.status == DONE and u.part, u
         assert read_part(out, "toy-lowrank", u.key, u.step, u.settings, ident)["adopted"] is False
 
 
 def test_ray_study_with_a_killed_worker_equals_local_byte_for_byte(local, tmp_path, monkeypatch):
-    """RQ4's Ray worker dies mid-step (the test-only hook in mdiff.units): Ray retries the unit, the study
-    completes in one run, and every RQ's results are the local run's bytes."""
+    """The Ray actor patching the tuned model dies in its first piece (the test-only hook in mdiff.units): Ray
+    restarts it and retries its units, the study completes in one run, and every RQ's results are the local
+    run's bytes."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'mdiff[ray]' (make test does)")
     from mdiff.units import TEST_DIE_VAR
 
     ray.shutdown()  # the local cluster is started below, with the hook in its workers' environment
     died = tmp_path / "died"
-    monkeypatch.setenv(TEST_DIE_VAR, f"rq4:{died}")
+    monkeypatch.setenv(TEST_DIE_VAR, f"rq1:patch:tuned:{died}")
     try:
         _study(tmp_path / "out", "--executor", "ray", "--num-cpus", "2")
         assert died.exists()  # the worker did die once
@@ -120,7 +129,7 @@ def test_submitit_killed_job_is_reported_and_a_rerun_equals_local(local, tmp_pat
     monkeypatch.setenv(TEST_DIE_VAR, f"rq4:{died}")
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and died.exists(), r.output
-    units = {u.step: u for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100), out)}
+    units = {u.step: u for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100, layers_per_unit=3), out)}
     assert {s: u.status for s, u in units.items()} == {"rq1": DONE, "rq2": DONE, "rq3": DONE, "rq4": READY}
     err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and units["rq4"].key in err[0] and "(toy-lowrank rq4)" in err[0], r.output
@@ -147,7 +156,7 @@ def test_done_comes_from_complete_folders_and_parts(local, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(local / "toy-lowrank", out / "toy-lowrank")
     shutil.rmtree(out / "toy-lowrank" / "parts")  # as if each RQ had been run by hand with the study's settings
-    spec, scfg = resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100)
+    spec, scfg = resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100, layers_per_unit=3)
     units = {u.step: u for u in plan_units(spec, scfg, out)}
     assert all(u.status == DONE and not u.part for u in units.values())
     # a unit run again after its step was committed (an engine's retry) only writes its part (and RQ2's winners)
@@ -195,7 +204,7 @@ def test_a_failing_unit_is_reported_and_nothing_else_is_lost(local, tmp_path, mo
     from mdiff.study import StudyConfig
     from mdiff.units import plan_units
 
-    key = next(u.key for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100), tmp_path)
+    key = next(u.key for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100, layers_per_unit=3), tmp_path)
                if u.step == "rq4")
     assert key in line
     for rq in ("rq1", "rq2", "rq3"):  # everything else ran and is kept
@@ -233,7 +242,7 @@ def test_a_study_failing_in_a_fresh_out_says_why_in_one_line(toys, tmp_path):
     r = runner.invoke(app, ["study", "--pair", str(pair), "--n", "20", "--out", str(tmp_path / "out")])
     assert r.exit_code == 2
     err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "chat_template" in err[0] and "(nochat rq1) failed" in err[0] and "Traceback" not in r.output
+    assert len(err) == 1 and "chat_template" in err[0] and "(nochat rq1:side:base) failed" in err[0] and "Traceback" not in r.output
     assert not (tmp_path / "out" / "nochat").exists()
 
 
@@ -247,8 +256,9 @@ def test_a_changed_model_is_not_taken_as_done(local, tmp_path):
 
     spec = resolve_pair("toy-lowrank")
     other = dataclasses.replace(spec, tuned=resolve_pair("toy-distributed").tuned)
-    units = {u.step: u for u in plan_units(other, StudyConfig(n=40, n_boot=100), local)}
-    assert units["rq1"].status == READY
-    assert {u.step for u in plan_units(spec, StudyConfig(n=40, n_boot=100), local) if u.status == DONE} == set(RQS)
+    units = {u.name: u for u in plan_units(other, StudyConfig(n=40, n_boot=100, layers_per_unit=3), local)}
+    assert units["rq1"].status != DONE and units["rq1:side:base"].status == READY  # its pieces run again
+    assert {u.step for u in plan_units(spec, StudyConfig(n=40, n_boot=100, layers_per_unit=3), local) if u.status == DONE} == set(RQS)
     bf = dataclasses.replace(spec, dtype="bfloat16")
-    assert next(u for u in plan_units(bf, StudyConfig(n=40, n_boot=100), local) if u.step == "rq1").status == READY
+    assert next(u for u in plan_units(bf, StudyConfig(n=40, n_boot=100, layers_per_unit=3), local)
+                if u.name == "rq1:side:tuned").status == READY
