@@ -286,13 +286,15 @@ COLLECT_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
 def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list[int], path: str | Path,
             meta: dict[str, Any], shard_prompts: int = 64, batch_size: int = 16,
             on_shard: Callable[[int, int], None] | None = None, _stop_after: int | None = None,
-            replace: bool = False) -> CollectResult:
+            replace: bool = False, load: Callable[[], Any] | None = None) -> CollectResult:
     """Collect ``hooks`` × ``layers`` of one side at the prepared positions into ``path`` (resumable).
 
     ``meta`` (model id, revision, weights fingerprint, tokenizer hash, dtype, split...) is part of the settings
     that must match for a resume; a folder holding a collection with other settings is refused, or with
     ``replace`` collected anew. A shard whose bytes fail its checksum is collected again.
     ``on_shard(done, total)`` reports progress. ``_stop_after`` simulates an interrupt (tests).
+    ``model`` may be ``None`` with ``load`` a function returning it: it is then called only when a shard has to be
+    collected, so a complete collection is checked without loading the model at all.
     """
     if side not in ("base", "tuned"):
         raise MdiffError(f"side must be base or tuned, got {side!r}")
@@ -304,8 +306,8 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
             raise MdiffError(f"unknown hook {h!r}: choose from {', '.join(COLLECT_HOOKS)}")
     if len(set(hooks)) != len(hooks) or len(set(layers)) != len(layers):
         raise MdiffError(f"hooks {list(hooks)} / layers {list(layers)} repeat an entry; list each once")
-    n_layers = model.cfg.n_layers
-    names = [H.hook_name(h, L, n_layers) for h in hooks for L in layers]
+    if model is None and load is None:
+        raise MdiffError("collect needs the model, or a function that loads it")
     keys = [f"{h}.{L}" for h in hooks for L in layers]
     ids = prepared.base_ids if side == "base" else prepared.tuned_ids
     positions = prepared.base_positions if side == "base" else prepared.tuned_positions
@@ -390,6 +392,9 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
                 continue
         if _stop_after is not None and i - skipped >= _stop_after:
             raise KeyboardInterrupt(f"simulated interrupt before shard {i}")
+        if model is None:
+            model = load()
+        names = [H.hook_name(h, L, model.cfg.n_layers) for h in hooks for L in layers]
         parts: dict[str, list[Tensor]] = {k: [] for k in keys}
         row_prompt, row_pos = [], []
         by_prompt: dict[int, dict[str, Tensor]] = {}

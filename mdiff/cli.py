@@ -566,7 +566,8 @@ study_cmd = app.command("study")(cli_errors(_signature(study_cmd, [
 
 
 def units_cmd(**kw):
-    """The study's units of work (one per step): key, status (done, ready, blocked or skipped) and receipt (part)."""
+    """The study's units of work (a step, or a piece of one that loads one model): key, status (done, ready, blocked
+    or skipped) and receipt (part)."""
     from mdiff.pairs import resolve_pair
     from mdiff.units import plan_units
 
@@ -583,7 +584,8 @@ def units_cmd(**kw):
     out.print(f"[bold]units of {spec.name}[/] (out: {kw['out_dir']}/{spec.name}/)")
     for u in units:
         receipt = "part" if u.part else "-"
-        out.print(f"  {u.step}  {u.key or '-':16}  {u.status:8}  {receipt:4}  {u.why}", highlight=False, soft_wrap=True,
+        out.print(f"  {u.name or u.step:22}  {u.key or '-':16}  {u.status:8}  {receipt:4}  {u.why}", highlight=False,
+                  soft_wrap=True,
                   markup=False)
 
 

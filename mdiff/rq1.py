@@ -103,6 +103,13 @@ class _Inputs:
     same: bool
 
 
+def rq1_collections(cfg: RQ1Config) -> list[tuple]:
+    """The collections RQ1 reads of each side, ``(split, positions)`` each: the CKA positions and, when they
+    are not the decision position, the decision position too (the patch sources)."""
+    dec = parse_positions("last", seed=cfg.seed)
+    return [(cfg.split, cfg.positions)] + ([] if cfg.positions.kind == "last" else [(cfg.split, dec)])
+
+
 def _inputs(session: PairSession, cfg: RQ1Config) -> _Inputs:
     """The prompts RQ1 reads: the CKA positions and the decision position (on the same prompts)."""
     dec = parse_positions("last", seed=cfg.seed)

@@ -105,6 +105,34 @@ def figures_rq2(result: StepResult, pair: str, cfg: RQ2Config) -> dict:
             "r2_vs_drop.html": figures.r2_vs_drop_figure(result.metrics, pair)}
 
 
+def rq2_collections(cfg: RQ2Config, side: str) -> list[tuple]:
+    """The collections RQ2 reads of one side, ``(split, positions)`` each, at its sites (the probe layers and
+    the control layer × the hooks): fit positions on train and val, the decision position on val (the patch
+    sources) and, for base, on select."""
+    dec = parse_positions("last", seed=cfg.seed)
+    fitpos = cfg.fit_positions
+    out = [("train", fitpos), ("val", fitpos)]
+    if fitpos.kind != "last":
+        out.append(("val", dec))
+    if side == "base":  # the select split only needs the patch sources
+        out.append(("select", dec))
+    return out
+
+
+def rq2_jobs(session: PairSession, cfg: RQ2Config, side: str) -> list[tuple]:
+    """:func:`rq2_collections` with their prepared prompts: ``(split, positions, prepared)`` each."""
+    return [(split, pos, session.prompts(split, pos)) for split, pos in rq2_collections(cfg, side)]
+
+
+def rq2_layers(cfg: RQ2Config) -> list[int]:
+    return sorted(set(cfg.layers) | {cfg.control_layer})
+
+
+def rq2_side(session: PairSession, cfg: RQ2Config, side: str) -> bool:
+    """Collect RQ2's activations of one side (loading its model only when some are missing)."""
+    return session.collect_side(side, rq2_jobs(session, cfg, side), cfg.hooks, rq2_layers(cfg))
+
+
 def compute_rq2(session: PairSession, cfg: RQ2Config, say: Callable[[str, float], None]) -> StepResult:
     """RQ2 over ``session`` (its activation store is the only thing written)."""
     spec = session.spec
@@ -115,21 +143,12 @@ def compute_rq2(session: PairSession, cfg: RQ2Config, say: Callable[[str, float]
     prep_va = session.prompts("val", fitpos)
     prep_dec = prep_va if fitpos.kind == "last" else session.prompts("val", dec)
     prep_sel = session.prompts("select", dec)
-    layers = sorted(set(cfg.layers) | {cfg.control_layer})
+    layers = rq2_layers(cfg)
     hooks = cfg.hooks
     sites = [(L, h) for L in layers for h in hooks]
 
     def sdir(side, split, pos):
         return session.store(side, split, pos, hooks, layers)
-
-    def collect_all(model, side):
-        jobs = [(prep_tr, fitpos, "train"), (prep_va, fitpos, "val")]
-        if prep_dec is not prep_va:
-            jobs.append((prep_dec, dec, "val"))
-        if side == "base":  # the select split only needs the patch sources
-            jobs.append((prep_sel, dec, "select"))
-        for prep, pos, split in jobs:
-            session.collect(model, side, split, pos, hooks, layers, prep)
 
     rows: list[dict] = []
     fitted: dict[tuple, Any] = {}
@@ -140,16 +159,15 @@ def compute_rq2(session: PairSession, cfg: RQ2Config, say: Callable[[str, float]
     def load(side, split, pos, L, h):
         return A.ActivationSet(sdir(side, split, pos)).load(h, L).float().numpy()  # maps pick fp32 fast paths on big inputs
 
-    say("loading base", 0.02)
-    with session.model("base") as m:
-        say("collecting base activations", 0.05)
-        collect_all(m, "base")
+    say("collecting base activations (the model is loaded only when some are missing)", 0.02)
+    rq2_side(session, cfg, "base")
 
     say("loading tuned", 0.15)
     with session.model("tuned") as m:
         W_U = m.W_U.detach().double().cpu().numpy() if "logit-subspace" in cfg.solvers else None
         say("collecting tuned activations", 0.2)
-        collect_all(m, "tuned")
+        for split, pos, prep in rq2_jobs(session, cfg, "tuned"):
+            session.collect(m, "tuned", split, pos, hooks, layers, prep)
         row_prompt, row_pos = (t.numpy() for t in A.ActivationSet(sdir("base", "train", fitpos)).rows())
         row_sets = fit_row_sets(row_prompt, row_pos, fitpos.kind)
         groups_tr = row_prompt

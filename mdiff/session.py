@@ -90,14 +90,37 @@ class PairSession:
         return A.collection_dir(self.out, self.spec.name, side, split, positions.tag, hooks, layers)
 
     def collect(self, model, side: str, split: str | None, positions, hooks: list[str], layers: list[int],
-                prepared: Prepared | None = None) -> A.CollectResult:
-        """Collect (or resume, or find complete) one side's activations into :meth:`store`."""
+                prepared: Prepared | None = None, load=None) -> A.CollectResult:
+        """Collect (or resume, or find complete) one side's activations into :meth:`store` (``model`` may be
+        ``None`` with ``load`` returning it when needed: :func:`mdiff.activations.collect`)."""
         prep = prepared if prepared is not None else self.prompts(split, positions)
         path = self.store(side, split, positions, hooks, layers)
         replace = self.replace and path not in self._replaced
         self._replaced.add(path)
         meta = A.store_meta(self.spec, self.info, side, prep, positions, split, self.seed, self.pad[side])
-        return A.collect(model, prep, side, hooks, layers, path, meta, batch_size=self.batch_size, replace=replace)
+        return A.collect(model, prep, side, hooks, layers, path, meta, batch_size=self.batch_size, replace=replace,
+                         load=load)
+
+    def collect_side(self, side: str, jobs: list[tuple], hooks: list[str], layers: list[int]) -> bool:
+        """Collect ``jobs`` (``(split, positions, prepared)`` each) of one side, loading its model only when a
+        shard is missing (a complete store is checked without it); returns whether the model was loaded."""
+        used = []
+
+        def load():
+            if self._side != side:
+                self.close()
+                self._model, self._side = models.load_model(self.spec, side, self.device), side
+            used.append(side)
+            return self._model
+
+        try:
+            for split, positions, prep in jobs:
+                self.collect(self._model if self._side == side else None, side, split, positions, hooks, layers,
+                             prep, load=load)
+        finally:
+            if used and not self.keep_model:
+                self.close()
+        return bool(used)
 
     def acts(self, side: str, split: str | None, positions, hooks: list[str], layers: list[int]) -> A.ActivationSet:
         return A.ActivationSet(self.store(side, split, positions, hooks, layers))

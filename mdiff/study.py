@@ -86,7 +86,7 @@ def _run_units(spec, scfg, out, overwrite, say, executor, pair_ref, threads, inf
     identity = pair_identity(spec)
     while True:
         units = U.plan_units(spec, scfg, out, info)
-        rq2 = next(u for u in units if u.step == "rq2")
+        rq2 = next(u for u in units if u.name == "rq2")
         if rq2.status == U.DONE and not (out / spec.name / "rq2" / "winners.json").is_file():
             from mdiff.rq2 import freeze_winners
 

@@ -144,10 +144,12 @@ def write_part(out: str | Path, pair: str, key: str, step: str, settings: dict[s
     return path
 
 
-SPLIT_STEPS = ("rq1",)
-"""Steps the study runs as pieces, one model each: ``rq1:side:<side>`` (collect that side's activations and its
-behaviour diagnostics), ``rq1:patch:<target>:L<a>-<b>`` (patch a chunk of layers into one target), then the step
-unit ``rq1`` itself reduces the pieces' parts into the result folder. The other steps are one unit each."""
+SPLIT_STEPS = ("rq1", "rq2")
+"""Steps the study runs partly as pieces of one model each. RQ1: ``rq1:side:<side>`` (collect that side's
+activations and its behaviour diagnostics), ``rq1:patch:<target>:L<a>-<b>`` (patch a chunk of layers into one
+target), then the step unit ``rq1`` reduces the pieces' parts into the result folder (no model). RQ2:
+``rq2:side:<side>`` (collect that side's activations), then the step unit ``rq2`` (fits and patches: the tuned
+model, then base for the reverse direction). RQ3 and RQ4 are one unit each."""
 
 
 def subpart_path(out: str | Path, pair: str, key: str) -> Path:
@@ -169,12 +171,15 @@ def _read_subpart(out: Path, pair: str, key: str, name: str, settings: dict, ide
     return data.is_file() and data.stat().st_size == part.get("data_bytes")
 
 
-def _pieces(spec, cfg, settings: dict, psha: str, layers_per_unit: int) -> list[tuple[str, str, str | None, tuple]]:
-    """RQ1's pieces: (name, key, side, layers) for each side, then each target × chunk of layers."""
+def _pieces(spec, step: str, cfg, settings: dict, psha: str, layers_per_unit: int
+            ) -> list[tuple[str, str, str | None, tuple]]:
+    """A split step's pieces: (name, key, side, layers) for each side, then (RQ1) each target × chunk of layers."""
     out = []
     for side in ("base", "tuned"):
-        name = f"rq1:side:{side}"
+        name = f"{step}:side:{side}"
         out.append((name, unit_key(spec.name, name, settings, psha), side, ()))
+    if step != "rq1":
+        return out
     layers = list(cfg.layers)
     chunks = [tuple(layers[i:i + layers_per_unit]) for i in range(0, len(layers), layers_per_unit)]
     for target in ("tuned", "base"):
@@ -184,14 +189,20 @@ def _pieces(spec, cfg, settings: dict, psha: str, layers_per_unit: int) -> list[
     return out
 
 
-def _stores_complete(spec, cfg, out: Path, side: str) -> bool:
-    """Whether ``side``'s RQ1 activation stores are complete (their manifests written)."""
+def _stores_complete(spec, step: str, cfg, out: Path, side: str) -> bool:
+    """Whether ``side``'s activation stores of a split step are complete (their manifests written)."""
     from mdiff.activations import collection_dir
-    from mdiff.positions import parse_positions
 
-    pos = [cfg.positions] + ([] if cfg.positions.kind == "last" else [parse_positions("last", seed=cfg.seed)])
-    return all((collection_dir(out, spec.name, side, cfg.split, p.tag, cfg.hooks, cfg.layers) / "manifest.json")
-               .is_file() for p in pos)
+    if step == "rq1":
+        from mdiff.rq1 import rq1_collections
+
+        hooks, layers, colls = cfg.hooks, cfg.layers, rq1_collections(cfg)
+    else:
+        from mdiff.rq2 import rq2_collections, rq2_layers
+
+        hooks, layers, colls = cfg.hooks, rq2_layers(cfg), rq2_collections(cfg, side)
+    return all((collection_dir(out, spec.name, side, split, p.tag, hooks, layers) / "manifest.json").is_file()
+               for split, p in colls)
 
 
 def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
@@ -231,16 +242,19 @@ def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
             inputs_done = all(status_of.get(d) == DONE for d in DEPENDS_ON[step])
             if step in SPLIT_STEPS:
                 sides_done = {}
-                for name, k, side, layers in _pieces(spec, st["cfg"], sett, psha, scfg.layers_per_unit):
+                for name, k, side, layers in _pieces(spec, step, st["cfg"], sett, psha, scfg.layers_per_unit):
                     done = _read_subpart(out, spec.name, k, name, sett, psha)
                     if layers == ():
-                        done = done and _stores_complete(spec, st["cfg"], out, side)
+                        done = done and _stores_complete(spec, step, st["cfg"], out, side)
                         sides_done[side] = done
                         ready = inputs_done
                     else:
                         ready = inputs_done and all(sides_done.values())
                     pieces_done = pieces_done and done
-                    units.append(Unit(spec.name, step, k, sett, f"{name.split(':', 1)[1]} of {st['why']}",
+                    why = (f"collect the {side} model's activations" + (" and behaviour" if step == "rq1" else "")
+                           if layers == () else
+                           f"patch layers {layers[0]}-{layers[-1]} into the {side} model")
+                    units.append(Unit(spec.name, step, k, sett, why,
                                       DONE if done else READY if ready else BLOCKED, gpus, done, name, side,
                                       layers or None))
             status = READY if inputs_done and pieces_done else BLOCKED
@@ -314,7 +328,7 @@ def _run(task: UnitTask, progress=None, sessions: dict | None = None) -> None:
     else:
         progress = _test_die_hook(task.step, progress)
         say = (lambda msg, frac: progress(f"{task.step}: {msg}", frac)) if progress else None
-        if task.step in SPLIT_STEPS:
+        if task.step == "rq1":
             _reduce(spec, st["cfg"], scfg, out, task, sett, psha, session, say)
         else:
             run_step(spec, task.step, st["cfg"], out, task.overwrite, progress=say, session=session)
@@ -332,31 +346,43 @@ def _session(spec, cfg, out: Path, task: UnitTask, session):
 
 def _run_piece(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str, session, progress) -> None:
     """Run one piece of a split step with its one model loaded, and write its part (data, then receipt)."""
-    from mdiff import rq1
+    from mdiff import rq2
 
-    pieces = {n: (side, layers) for n, _, side, layers in _pieces(spec, cfg, sett, psha, scfg.layers_per_unit)}
+    pieces = {n: (side, layers) for n, _, side, layers in _pieces(spec, task.step, cfg, sett, psha,
+                                                                   scfg.layers_per_unit)}
     if task.name not in pieces:
         raise MdiffError(f"unit {task.key} ({spec.name} {task.name}) is not a piece of the plan; plan again")
     side, layers = pieces[task.name]
     if _read_subpart(out, spec.name, task.key, task.name, sett, psha) and (
-            layers != () or _stores_complete(spec, cfg, out, side)):
+            layers != () or _stores_complete(spec, task.step, cfg, out, side)):
         return  # done already (an engine's retry, or another run)
     die = _test_die_hook(task.name, None)
     t0 = time.perf_counter()
     session, own = _session(spec, cfg, out, task, session)
     try:
         session = session.with_options(cfg.seed, cfg.n, cfg.batch_size, cfg.device)
-        with session.model(side) as m:
+        if task.step == "rq2":  # collect only: the model is loaded only when some activations are missing
             if die is not None:
                 die("start", 0.0)
-            if layers == ():
-                tensors, meta = _side_arrays(rq1.rq1_side(session, cfg, m, side))
-            else:
-                tensors, meta = _patch_arrays(rq1.rq1_patch(session, cfg, m, side, list(layers)))
+            rq2.rq2_side(session, rq2.check_rq2(cfg, session.info), side)
+            tensors, meta = {}, {"side": side}
+        else:
+            tensors, meta = _rq1_piece(session, cfg, side, layers, die)
     finally:
         if own:
             session.close()
     _write_subpart(out, spec.name, task.key, task.name, sett, psha, tensors, meta, round(time.perf_counter() - t0, 1))
+
+
+def _rq1_piece(session, cfg, side: str, layers: tuple, die) -> tuple[dict, dict]:
+    from mdiff import rq1
+
+    with session.model(side) as m:
+        if die is not None:
+            die("start", 0.0)
+        if layers == ():
+            return _side_arrays(rq1.rq1_side(session, cfg, m, side))
+        return _patch_arrays(rq1.rq1_patch(session, cfg, m, side, list(layers)))
 
 
 def _reduce(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str, session, say) -> None:
@@ -365,7 +391,7 @@ def _reduce(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str, s
     from mdiff.runner import Step, run_step
 
     sides, patches = [], []
-    for name, key, _side, layers in _pieces(spec, cfg, sett, psha, scfg.layers_per_unit):
+    for name, key, _side, layers in _pieces(spec, "rq1", cfg, sett, psha, scfg.layers_per_unit):
         if not _read_subpart(out, spec.name, key, name, sett, psha):
             raise MdiffError(f"unit {task.key} ({spec.name} rq1) is missing its piece {name} ({key}); plan again")
         tensors, meta = _load_subpart(out, spec.name, key)

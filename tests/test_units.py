@@ -71,6 +71,15 @@ def test_plan_keys_and_status(local, tmp_path):
     assert r.exit_code == 0 and [u["status"] for u in json.loads(r.output)] == ["done"] * 4, r.output
 
 
+def test_the_chunk_size_does_not_change_the_results(local, tmp_path):
+    """RQ1 patched in chunks of 3 layers (the local fixture) and in one chunk of 8: the same bytes, RQ1 to RQ4
+    (rounding noise is seeded per site; the reduce orders the pieces itself)."""
+    _study(tmp_path, "--layers-per-unit", "8")
+    _same_results(local, tmp_path)
+    a, b = (d / "toy-lowrank" / "rq1" / "per_prompt_kl.csv" for d in (local, tmp_path))
+    assert a.read_bytes() == b.read_bytes()
+
+
 def _no_tmp(out: Path) -> None:
     """No half-written results: no temporary folder or file of a killed unit is left anywhere."""
     left = [p for p in out.rglob(".*") if ".tmp-" in p.name]
