@@ -3,15 +3,22 @@
 Every executor takes the ready units of one wave (:class:`mdiff.units.UnitTask`, plain data) and returns one
 :class:`mdiff.units.UnitResult` per unit, in order; the unit itself (:func:`mdiff.units.run_unit`) does the
 work and writes its results atomically into the shared result folder, which is the only state. The
-engines' own retries (Ray task retries, SLURM requeue on preemption) only save time: whatever they lose,
-the next plan finds missing and runs again.
+engines' own retries (Ray actor restarts and task retries, SLURM requeue on preemption) only save time:
+whatever they lose, the next plan finds missing and runs again.
 
-* ``local`` (default): one after another in this process (the study's progress bar works);
-* ``ray`` (extra ``mdiff[ray]``): one Ray task per unit with ``num_gpus`` from the unit, retried (``max_retries``)
-  when its worker dies; units asking for more GPUs than any node of the cluster has are refused up front (Ray
-  would wait forever);
-* ``slurm`` (extra ``mdiff[slurm]``): one submitit job array per wave; ``cluster="local"`` runs the same
-  jobs as local processes (tests), ``"slurm"`` submits them; a preempted job is requeued by submitit.
+Units that load one model (``side``: RQ1's and RQ2's pieces) are grouped by that side (:func:`groups_of`): a
+group runs on one worker that loads its model once and keeps it between the group's units; a whole-step unit
+(it loads both models in turn, or none) runs alone.
+
+* ``local`` (default): one after another in this process (the study's progress bar works), the model kept
+  from one unit to the next of the same side;
+* ``ray`` (extra ``mdiff[ray]``): one Ray actor per side group and one Ray task per whole-step unit, with
+  ``num_gpus`` from the units; an actor that dies is restarted and its units retried (``max_retries``), a task
+  retried; units asking for more GPUs than any node of the cluster has are refused up front (Ray would wait
+  forever);
+* ``slurm`` (extra ``mdiff[slurm]``): one submitit job array per wave, a job per group; ``cluster="local"`` runs
+  the same jobs as local processes (tests), ``"slurm"`` submits them; a preempted job is requeued by submitit
+  (its finished units are found done and skipped).
 """
 
 from collections.abc import Callable, Sequence

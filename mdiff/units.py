@@ -1,14 +1,21 @@
 """A study as units of work: what to run, keyed by what it depends on, runnable anywhere.
 
-A *unit* is one study step (``rq1`` … ``rq4``) of one pair with its fully resolved settings. Its key is
-a hash of (pair, step, settings, pair identity): the same key means the same work. :func:`run_unit` is a pure
-function of its inputs (the pair, the study settings, the result folder): it re-plans the study from what the
-result folder holds, checks that the step still resolves to the same key, runs the step (its runner writes the
-step folder atomically: a temporary folder renamed into place), and records its *part*
-``OUT/<pair>/parts/<key>.json`` last (a temporary file renamed into place). The result folder on a shared
-filesystem is the only state, so a rerun re-plans and runs only what is missing, whichever executor ran the rest.
+A *unit* is one study step (``rq1`` … ``rq4``) of one pair with its fully resolved settings, or a *piece* of a
+step that loads one model (:data:`SPLIT_STEPS`: ``rq1:side:base``, ``rq1:patch:tuned:L0-7``, ``rq2:side:tuned``
+...). Its key is a hash of (pair, unit name, settings, pair identity): the same key means the same work.
+:func:`run_unit` is a pure function of its inputs (the pair, the study settings, the result folder): it re-plans
+the study from what the result folder holds, checks that the unit still resolves to the same key, runs it, and
+records its *part* ``OUT/<pair>/parts/<key>.json`` last (a temporary file renamed into place). The result folder
+on a shared filesystem is the only state, so a rerun re-plans and runs only what is missing, whichever executor
+ran the rest.
 
-When is a unit done (:func:`plan_units`)? When the step folder its part points to, ``OUT/<pair>/<step>/``, is
+A piece writes its data first (``parts/<key>.safetensors``: per-prompt arrays, metadata as JSON in the header;
+RQ2's pieces write activations to the store and an empty data file), then its receipt; it is done when both are
+there and record its key, name, settings and identity (a side piece: and its activation stores are complete).
+The step unit of a split step runs when all its pieces are done: RQ1's reduces its pieces' parts into the result
+folder without loading a model; RQ2's finds its stores complete.
+
+When is a step unit done (:func:`plan_units`)? When the step folder its part points to, ``OUT/<pair>/<step>/``, is
 present and complete (:data:`mdiff.plan.RESULT_FILES`) and its ``config.json`` records exactly the unit's settings
 and pair identity (models, weights, dtype, prompt set), and its part, when there is one, records the same key,
 step, settings and identity. So:
