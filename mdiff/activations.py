@@ -40,6 +40,7 @@ from torch import Tensor
 
 from mdiff import hooks as H
 from mdiff.align import Prepared
+from mdiff.config import COLLECT_HOOKS  # noqa: F401 (declared once, with the CLI options)
 from mdiff.data import pad_left
 from mdiff.errors import MdiffError
 from mdiff.options import check_layers
@@ -280,7 +281,6 @@ def gather_all(model, ids: list[list[int]], positions: list[list[int]], names: l
     return {n: torch.cat(v) for n, v in parts.items()}
 
 
-COLLECT_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
 
 
 def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list[int], path: str | Path,

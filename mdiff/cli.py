@@ -15,7 +15,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mdiff.config import ExecutorConfig, RQ1Config, RQ2Config, RQ3Config, RQ4Config, StudyConfig
+from mdiff.config import (
+    CollectConfig,
+    ExecutorConfig,
+    RQ1Config,
+    RQ2Config,
+    RQ3Config,
+    RQ4Config,
+    StudyConfig,
+)
 from mdiff.errors import MdiffError
 from mdiff.pairs import with_prompts
 
@@ -252,47 +260,27 @@ def info_cmd(
     print(json.dumps(summary, indent=2))
 
 
-@app.command("collect")
-@cli_errors
-def collect_cmd(
-    pair: PairOpt = "toy-lowrank",
-    layers: Annotated[str, typer.Option(help="Layers: all, or a comma list such as 0,2,4 (ranges a-b allowed).")] = "all",
-    hooks: Annotated[str, typer.Option(help="Comma list of resid_pre, resid_post, attn_out, mlp_out, z.")] = "resid_post",
-    positions: Annotated[str, typer.Option(help="last (last content token) or k=K (K content positions per prompt).")] = "last",
-    split: Annotated[str, typer.Option(help="train, select, val, or all (split by prompt id).")] = "train",
-    out_dir: Annotated[str, typer.Option("--out", help="Output folder; writes OUT/<pair>/activations/.")] = "results",
-    side: Annotated[str, typer.Option(help="base, tuned or both (one model in memory at a time).")] = "both",
-    seed: Annotated[int, typer.Option(help="Seed of the splits and of k=K position sampling.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 16,
-    n: Annotated[int | None, typer.Option(help="Use only the first N prompts of the split.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Collect anew where the folder holds a collection with other "
-                                                 "settings or of other weights.")] = False,
-    prompts_file: PromptsFileOpt = None,
-    device: DeviceOpt = None,
-    threads: ThreadsOpt = None,
-):
+def collect_cmd(**kw):
     """Collect activations of both models, one at a time, into safetensors shards + a JSON manifest (resumable)."""
-    _setup(threads, seed=seed, batch_size=batch_size, device=device, n=n)
-    from mdiff.activations import COLLECT_HOOKS, collect_pair
-    from mdiff.models import inspect_pair
-    from mdiff.options import parse_int_list, parse_str_list
-    from mdiff.pairs import resolve_pair
-    from mdiff.positions import parse_positions
+    from mdiff.config import Shape
 
-    spec = with_prompts(resolve_pair(pair, progress=True), prompts_file)
+    run = {p.name: kw.pop(p.name) for p in _RUN_PARAMS}
+    _setup(run["threads"], seed=kw["seed"], batch_size=kw["batch_size"], device=kw["device"], n=kw["n"])
+    from mdiff.activations import collect_pair
+    from mdiff.config import COLLECT_SIDES
+    from mdiff.models import inspect_pair
+    from mdiff.pairs import resolve_pair
+
+    spec = with_prompts(resolve_pair(run["pair"], progress=True), run["prompts_file"])
     info = inspect_pair(spec)
-    layer_list = parse_int_list(layers, "--layers", 0, info.base.n_layers - 1, allow_all=True, what="layer")
-    hook_list = parse_str_list(hooks, "--hooks", COLLECT_HOOKS)
-    pos = parse_positions(positions, seed=seed)
-    sides = {"both": ("base", "tuned"), "base": ("base",), "tuned": ("tuned",)}.get(side)
-    if sides is None:
-        raise MdiffError(f"--side must be base, tuned or both, got {side!r}")
+    cfg = CollectConfig.from_cli(kw, Shape(info.base.n_layers, info.base.n_heads, info.base.d_model, kw["seed"]))
     with _progress_bar("collect") as prog:
         def on_progress(s, done, total):
             prog.count(s, f"collect {s} shards", done, total)
 
-        res = collect_pair(spec, layer_list, hook_list, pos, split, out_dir, sides, seed, batch_size,
-                           device=device, n=n, on_progress=on_progress, replace=overwrite)
+        res = collect_pair(spec, cfg.layers, cfg.hooks, cfg.positions, cfg.split, run["out_dir"],
+                           COLLECT_SIDES[cfg.side], cfg.seed, cfg.batch_size, device=cfg.device, n=cfg.n,
+                           on_progress=on_progress, replace=run["overwrite"])
     for s, r in res.items():
         out.print(f"{s}: {r.n_rows} rows in {r.n_shards} shards ({r.skipped_shards} already done) -> {r.path}")
 
@@ -496,6 +484,12 @@ def _signature(fn, params: list[inspect.Parameter]):
     fn.__signature__ = inspect.Signature(params)
     fn.__annotations__ = {p.name: p.annotation for p in params}
     return fn
+
+
+collect_cmd = app.command("collect")(cli_errors(_signature(collect_cmd, [
+    *_option_params(CollectConfig), *(
+        p if p.name != "out_dir" else p.replace(annotation=Annotated[str, typer.Option(
+            "--out", help="Output folder; writes OUT/<pair>/activations/.")]) for p in _RUN_PARAMS)])))
 
 
 def _study_params() -> list[inspect.Parameter]:

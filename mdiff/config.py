@@ -277,6 +277,8 @@ class ExecutorConfig(RunConfig):
 # ------------------------------------------------------------------ the RQs' and the study's options
 # Declared here, in a module that imports neither torch nor pandas, so that the CLI builds its commands
 # without loading them (the RQ modules import these names from here).
+COLLECT_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
+COLLECT_SIDES = {"both": ("base", "tuned"), "base": ("base",), "tuned": ("tuned",)}
 RQ1_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 RQ2_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 SOLVERS = ("identity", "mean-shift", "ridge", "ridge-zero", "procrustes", "procrustes-scaled", "whiten-procrustes",
@@ -325,6 +327,33 @@ def parse_head_counts(text: str, n_heads: int, option: str = "k") -> list[int]:
         return parse_int_list(text, option, 1, n_heads, what="head count")
     except MdiffError as e:
         raise MdiffError(f"{e.message} (this model has {n_heads} heads per layer)", option=e.option) from None
+
+
+def one_of(allowed: Sequence[str]) -> Parser:
+    """One value, one of ``allowed``."""
+    def parse(v: str | None, shape: Shape, flag: str) -> str | None:
+        if v is not None and v not in allowed:
+            raise MdiffError(f"{flag} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {v!r}")
+        return v
+    return parse
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectConfig(RunConfig):
+    """``mdiff collect``'s options, declared once."""
+    layers: list[int] = option(help="Layers: all, or a comma list such as 0,2,4 (ranges a-b allowed).", cli_type=str,
+                               cli_default="all", parse=layer_list)
+    hooks: list[str] = option(help="Comma list of " + ", ".join(COLLECT_HOOKS) + ".", cli_type=str,
+                              cli_default="resid_post", parse=choices(COLLECT_HOOKS))
+    positions: PositionSpec = option(help="last (last content token) or k=K (K content positions per prompt).",
+                                     cli_type=str, cli_default="last", parse=positions)
+    split: str = option("train", help="train, select, val, or all (split by prompt id).")
+    side: str = option("both", help="base, tuned or both (one model in memory at a time).",
+                       parse=one_of(tuple(COLLECT_SIDES)))
+    n: int | None = n_option()
+    seed: int = seed_option()
+    batch_size: int = batch_size_option()
+    device: str | None = device_option()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,8 +133,52 @@ def rq2_side(session: PairSession, cfg: RQ2Config, side: str) -> bool:
     return session.collect_side(side, rq2_jobs(session, cfg, side), cfg.hooks, rq2_layers(cfg))
 
 
-def compute_rq2(session: PairSession, cfg: RQ2Config, say: Callable[[str, float], None]) -> StepResult:
-    """RQ2 over ``session`` (its activation store is the only thing written)."""
+def _fit_plan(session: PairSession, cfg: RQ2Config) -> tuple[dict, list[tuple], np.ndarray]:
+    """The fit row sets (from the base train store), the (row set, solver, name) of every map a site fits, and
+    the rows' prompt groups."""
+    fitpos = cfg.fit_positions
+    row_prompt, row_pos = (t.numpy() for t in session.acts("base", "train", fitpos, cfg.hooks, rq2_layers(cfg)).rows())
+    row_sets = fit_row_sets(row_prompt, row_pos, fitpos.kind)
+    solvers = list(dict.fromkeys([*CONTROL_SOLVERS, *cfg.solvers]))
+    tags = [(rs, solver, solver + suffix) for rs, (suffix, _) in row_sets.items() for solver in solvers
+            if not (suffix and solver == "identity")]
+    return row_sets, tags, row_prompt
+
+
+def _fit_site(Xtr, Ytr, groups, row_sets: dict, tags: list[tuple], seed: int, W_U=None) -> dict[str, Any]:
+    """Every map of one site and its shuffled-pairs null: ``{name: map, "shuffled:" + name: null}``."""
+    out = {}
+    for rs, solver, name in tags:
+        kw = {"W_U": W_U} if solver == "logit-subspace" else {}
+        rows_fit = row_sets[rs][1]
+        out[name] = maps.make_map(solver, **kw).fit(Xtr[rows_fit], Ytr[rows_fit], groups[rows_fit])
+        out[f"shuffled:{name}"] = maps.fit_shuffled(lambda s=solver, k=kw: maps.make_map(s, **k), Xtr[rows_fit],
+                                                    Ytr[rows_fit], groups=groups[rows_fit], random_state=seed)
+    return out
+
+
+def fits_need_a_model(cfg: RQ2Config) -> bool:
+    """Whether RQ2's maps need the tuned model itself (``logit-subspace`` reads its unembedding)."""
+    return "logit-subspace" in cfg.solvers
+
+
+def rq2_fit(session: PairSession, cfg: RQ2Config, layer: int, hook: str) -> dict[str, Any]:
+    """Fit every map of one site from the activation store (both sides collected), without a model:
+    ``{name: map}`` with the shuffled-pairs nulls (:func:`compute_rq2` takes them as ``fitted_maps``)."""
+    if fits_need_a_model(cfg):
+        raise MdiffError("logit-subspace maps need the tuned model's unembedding: fit them inside RQ2's run")
+    row_sets, tags, groups = _fit_plan(session, cfg)
+
+    def load(side):
+        return session.acts(side, "train", cfg.fit_positions, cfg.hooks, rq2_layers(cfg)).load(hook, layer).float().numpy()
+
+    return _fit_site(load("base"), load("tuned"), groups, row_sets, tags, cfg.seed)
+
+
+def compute_rq2(session: PairSession, cfg: RQ2Config, say: Callable[[str, float], None],
+                fitted_maps: dict[tuple[int, str], dict[str, Any]] | None = None) -> StepResult:
+    """RQ2 over ``session`` (its activation store is the only thing written). ``fitted_maps``: the maps of some
+    sites, already fit (:func:`rq2_fit`, a study's units); the others are fit here."""
     spec = session.spec
     dec = parse_positions("last", seed=cfg.seed)
     fitpos = cfg.fit_positions
@@ -168,13 +212,8 @@ def compute_rq2(session: PairSession, cfg: RQ2Config, say: Callable[[str, float]
         say("collecting tuned activations", 0.2)
         for split, pos, prep in rq2_jobs(session, cfg, "tuned"):
             session.collect(m, "tuned", split, pos, hooks, layers, prep)
-        row_prompt, row_pos = (t.numpy() for t in A.ActivationSet(sdir("base", "train", fitpos)).rows())
-        row_sets = fit_row_sets(row_prompt, row_pos, fitpos.kind)
-        groups_tr = row_prompt
+        row_sets, tags, groups_tr = _fit_plan(session, cfg)
         val_sets = fit_row_sets(*(t.numpy() for t in A.ActivationSet(sdir("base", "val", fitpos)).rows()), fitpos.kind)
-        solvers = list(dict.fromkeys([*CONTROL_SOLVERS, *cfg.solvers]))
-        tags = [(rs, solver, solver + suffix) for rs, (suffix, _) in row_sets.items() for solver in solvers
-                if not (suffix and solver == "identity")]
         ids_t, pos_t = prep_dec.tuned_ids, prep_dec.tuned_positions
         conds: list[patching.SitePatch] = []
         keys: list[tuple] = []
@@ -192,14 +231,14 @@ def compute_rq2(session: PairSession, cfg: RQ2Config, say: Callable[[str, float]
                 keys.append((L, h, "raw", a))
                 conds_sel.append(patching.SitePatch(L, h, torch.from_numpy(Xsel).float(), a, cfg.alpha_mode))
                 keys_sel.append((L, h, "raw", a))
+            site_maps = (fitted_maps or {}).get((L, h))
+            if site_maps is None:
+                site_maps = _fit_site(Xtr, Ytr, groups_tr, row_sets, tags, cfg.seed, W_U)
             for rs, solver, name in tags:
-                kw = {"W_U": W_U} if solver == "logit-subspace" else {}
                 rows_fit = row_sets[rs][1]
-                est = maps.make_map(solver, **kw).fit(Xtr[rows_fit], Ytr[rows_fit], groups_tr[rows_fit])
+                est, shuf = site_maps[name], site_maps[f"shuffled:{name}"]
                 fitted[(L, h, name)] = est
                 fit_info[(L, h, name)] = maps.fit_summary(est)
-                shuf = maps.fit_shuffled(lambda s=solver, k=kw: maps.make_map(s, **k), Xtr[rows_fit], Ytr[rows_fit],
-                                         groups=groups_tr[rows_fit], random_state=cfg.seed)
                 fitted[(L, h, f"shuffled:{name}")] = shuf
                 vr = val_sets[rs][1]  # diagnostics on the val rows of the same kind as the fit rows
                 pred = est.transform(Xva[vr])

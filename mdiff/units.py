@@ -159,40 +159,75 @@ target), then the step unit ``rq1`` reduces the pieces' parts into the result fo
 model, then base for the reverse direction). RQ3 and RQ4 are one unit each."""
 
 
-def subpart_path(out: str | Path, pair: str, key: str) -> Path:
-    """A piece's data (safetensors: its per-prompt arrays, and JSON metadata in the header)."""
-    return parts_dir(out, pair) / f"{key}.safetensors"
+def subpart_path(out: str | Path, pair: str, key: str, kind: str = "side") -> Path:
+    """A piece's data: ``parts/<key>.safetensors`` (per-prompt arrays, JSON metadata in the header), or for an
+    RQ2 fit piece the folder ``parts/<key>.maps/`` of its maps (:func:`mdiff.maps.save_map` files)."""
+    return parts_dir(out, pair) / (f"{key}.maps" if kind == "fit" else f"{key}.safetensors")
 
 
-def _read_subpart(out: Path, pair: str, key: str, name: str, settings: dict, identity: str | None) -> bool:
+def _data_bytes(path: Path) -> int | None:
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in sorted(path.iterdir()) if p.is_file())
+    return None
+
+
+def _read_subpart(out: Path, pair: str, piece: "Piece", settings: dict, identity: str | None) -> bool:
     """Whether a piece's part (receipt + data) exists and records this key, name, settings and identity."""
     try:
-        part = json.loads(part_path(out, pair, key).read_text(encoding="utf-8"))
+        part = json.loads(part_path(out, pair, piece.key).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    want = {"key": key, "pair": pair, "unit": name, "identity": identity,
+    want = {"key": piece.key, "pair": pair, "unit": piece.name, "identity": identity,
             "settings": json.loads(json.dumps(settings, default=str))}
     if not isinstance(part, dict) or any(part.get(k) != v for k, v in want.items()):
         return False
-    data = subpart_path(out, pair, key)
-    return data.is_file() and data.stat().st_size == part.get("data_bytes")
+    size = _data_bytes(subpart_path(out, pair, piece.key, piece.kind))
+    return size is not None and size == part.get("data_bytes")
 
 
-def _pieces(spec, step: str, cfg, settings: dict, psha: str, layers_per_unit: int
-            ) -> list[tuple[str, str, str | None, tuple]]:
-    """A split step's pieces: (name, key, side, layers) for each side, then (RQ1) each target × chunk of layers."""
-    out = []
-    for side in ("base", "tuned"):
-        name = f"{step}:side:{side}"
-        out.append((name, unit_key(spec.name, name, settings, psha), side, ()))
-    if step != "rq1":
-        return out
-    layers = list(cfg.layers)
-    chunks = [tuple(layers[i:i + layers_per_unit]) for i in range(0, len(layers), layers_per_unit)]
-    for target in ("tuned", "base"):
-        for ch in chunks:
-            name = f"rq1:patch:{target}:L{ch[0]}-{ch[-1]}"
-            out.append((name, unit_key(spec.name, name, settings, psha), target, ch))
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One piece of a split step: ``side`` (collect one model's activations; RQ1: and its behaviour), ``patch``
+    (RQ1: patch ``layers`` into the ``side`` model) or ``fit`` (RQ2: fit every map of site (``layers[0]``,
+    ``hook``) from the store, no model)."""
+
+    name: str
+    key: str
+    kind: str
+    side: str | None
+    layers: tuple[int, ...] = ()
+    hook: str | None = None
+
+    @property
+    def why(self) -> str:
+        if self.kind == "side":
+            return f"collect the {self.side} model's activations" + (" and behaviour" if self.name.startswith("rq1")
+                                                                      else "")
+        if self.kind == "patch":
+            return f"patch layers {self.layers[0]}-{self.layers[-1]} into the {self.side} model"
+        return f"fit the maps at L{self.layers[0]} {self.hook} (no model)"
+
+
+def _pieces(spec, step: str, cfg, settings: dict, psha: str, layers_per_unit: int) -> list[Piece]:
+    """A split step's pieces: each side; then RQ1: each target × chunk of layers; RQ2: each site's fits (unless
+    a solver needs the tuned model's unembedding)."""
+
+    def piece(name, kind, side, layers=(), hook=None):
+        return Piece(name, unit_key(spec.name, name, settings, psha), kind, side, tuple(layers), hook)
+
+    out = [piece(f"{step}:side:{side}", "side", side) for side in ("base", "tuned")]
+    if step == "rq1":
+        layers = list(cfg.layers)
+        chunks = [tuple(layers[i:i + layers_per_unit]) for i in range(0, len(layers), layers_per_unit)]
+        out += [piece(f"rq1:patch:{target}:L{ch[0]}-{ch[-1]}", "patch", target, ch)
+                for target in ("tuned", "base") for ch in chunks]
+    else:
+        from mdiff.rq2 import fits_need_a_model, rq2_layers
+
+        if not fits_need_a_model(cfg):
+            out += [piece(f"rq2:fit:L{L}:{h}", "fit", None, (L,), h) for L in rq2_layers(cfg) for h in cfg.hooks]
     return out
 
 
@@ -249,21 +284,18 @@ def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
             inputs_done = all(status_of.get(d) == DONE for d in DEPENDS_ON[step])
             if step in SPLIT_STEPS:
                 sides_done = {}
-                for name, k, side, layers in _pieces(spec, step, st["cfg"], sett, psha, scfg.layers_per_unit):
-                    done = _read_subpart(out, spec.name, k, name, sett, psha)
-                    if layers == ():
-                        done = done and _stores_complete(spec, step, st["cfg"], out, side)
-                        sides_done[side] = done
+                for pc in _pieces(spec, step, st["cfg"], sett, psha, scfg.layers_per_unit):
+                    done = _read_subpart(out, spec.name, pc, sett, psha)
+                    if pc.kind == "side":
+                        done = done and _stores_complete(spec, step, st["cfg"], out, pc.side)
+                        sides_done[pc.side] = done
                         ready = inputs_done
                     else:
                         ready = inputs_done and all(sides_done.values())
                     pieces_done = pieces_done and done
-                    why = (f"collect the {side} model's activations" + (" and behaviour" if step == "rq1" else "")
-                           if layers == () else
-                           f"patch layers {layers[0]}-{layers[-1]} into the {side} model")
-                    units.append(Unit(spec.name, step, k, sett, why,
-                                      DONE if done else READY if ready else BLOCKED, gpus, done, name, side,
-                                      layers or None))
+                    units.append(Unit(spec.name, step, pc.key, sett, pc.why,
+                                      DONE if done else READY if ready else BLOCKED, gpus if pc.side else 0, done,
+                                      pc.name, pc.side, pc.layers or None))
             status = READY if inputs_done and pieces_done else BLOCKED
         status_of[step] = status
         units.append(Unit(spec.name, step, key, sett, st["why"], status, 0 if step in SPLIT_STEPS else gpus, part,
@@ -335,7 +367,7 @@ def _run(task: UnitTask, progress=None, sessions: dict | None = None) -> None:
     else:
         progress = _test_die_hook(task.step, progress)
         say = (lambda msg, frac: progress(f"{task.step}: {msg}", frac)) if progress else None
-        if task.step == "rq1":
+        if task.step in SPLIT_STEPS:
             _reduce(spec, st["cfg"], scfg, out, task, sett, psha, session, say)
         else:
             run_step(spec, task.step, st["cfg"], out, task.overwrite, progress=say, session=session)
@@ -352,65 +384,112 @@ def _session(spec, cfg, out: Path, task: UnitTask, session):
 
 
 def _run_piece(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str, session, progress) -> None:
-    """Run one piece of a split step with its one model loaded, and write its part (data, then receipt)."""
+    """Run one piece of a split step (one model loaded, or none) and write its part (data, then receipt)."""
     from mdiff import rq2
 
-    pieces = {n: (side, layers) for n, _, side, layers in _pieces(spec, task.step, cfg, sett, psha,
-                                                                   scfg.layers_per_unit)}
-    if task.name not in pieces:
+    pieces = {pc.name: pc for pc in _pieces(spec, task.step, cfg, sett, psha, scfg.layers_per_unit)}
+    pc = pieces.get(task.name)
+    if pc is None or pc.key != task.key:
         raise MdiffError(f"unit {task.key} ({spec.name} {task.name}) is not a piece of the plan; plan again")
-    side, layers = pieces[task.name]
-    if _read_subpart(out, spec.name, task.key, task.name, sett, psha) and (
-            layers != () or _stores_complete(spec, task.step, cfg, out, side)):
+    if _read_subpart(out, spec.name, pc, sett, psha) and (
+            pc.kind != "side" or _stores_complete(spec, task.step, cfg, out, pc.side)):
         return  # done already (an engine's retry, or another run)
     die = _test_die_hook(task.name, None)
     t0 = time.perf_counter()
     session, own = _session(spec, cfg, out, task, session)
     try:
         session = session.with_options(cfg.seed, cfg.n, cfg.batch_size, cfg.device)
-        if task.step == "rq2":  # collect only: the model is loaded only when some activations are missing
+        if task.step == "rq1":
+            tensors, meta = _rq1_piece(session, cfg, pc, die)
+        else:
             if die is not None:
                 die("start", 0.0)
-            rq2.rq2_side(session, rq2.check_rq2(cfg, session.info), side)
-            tensors, meta = {}, {"side": side}
-        else:
-            tensors, meta = _rq1_piece(session, cfg, side, layers, die)
+            cfg = rq2.check_rq2(cfg, session.info)
+            if pc.kind == "side":  # collect only: the model is loaded only when some activations are missing
+                rq2.rq2_side(session, cfg, pc.side)
+                tensors, meta = {}, {"side": pc.side}
+            else:
+                _write_maps(out, spec.name, pc.key, rq2.rq2_fit(session, cfg, pc.layers[0], pc.hook))
+                tensors, meta = None, None
     finally:
         if own:
             session.close()
-    _write_subpart(out, spec.name, task.key, task.name, sett, psha, tensors, meta, round(time.perf_counter() - t0, 1))
+    _write_subpart(out, spec.name, pc, sett, psha, tensors, meta, round(time.perf_counter() - t0, 1))
 
 
-def _rq1_piece(session, cfg, side: str, layers: tuple, die) -> tuple[dict, dict]:
+def _rq1_piece(session, cfg, pc: Piece, die) -> tuple[dict, dict]:
     from mdiff import rq1
 
-    with session.model(side) as m:
+    with session.model(pc.side) as m:
         if die is not None:
             die("start", 0.0)
-        if layers == ():
-            return _side_arrays(rq1.rq1_side(session, cfg, m, side))
-        return _patch_arrays(rq1.rq1_patch(session, cfg, m, side, list(layers)))
+        if pc.kind == "side":
+            return _side_arrays(rq1.rq1_side(session, cfg, m, pc.side))
+        return _patch_arrays(rq1.rq1_patch(session, cfg, m, pc.side, list(pc.layers)))
+
+
+def _pieces_done(spec, step: str, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str) -> list[Piece]:
+    pieces = _pieces(spec, step, cfg, sett, psha, scfg.layers_per_unit)
+    for pc in pieces:
+        if not _read_subpart(out, spec.name, pc, sett, psha):
+            raise MdiffError(f"unit {task.key} ({spec.name} {step}) is missing its piece {pc.name} ({pc.key}); "
+                             "plan again")
+    return pieces
 
 
 def _reduce(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str, session, say) -> None:
-    """The step unit of a split step: read its pieces' parts and write the step's result folder."""
-    from mdiff import rq1
+    """The step unit of a split step: read its pieces' parts and write the step's result folder (RQ1: from
+    the pieces' arrays, no model; RQ2: with the pieces' fitted maps)."""
+    from mdiff import rq1, rq2
     from mdiff.runner import Step, run_step
 
-    sides, patches = [], []
-    for name, key, _side, layers in _pieces(spec, "rq1", cfg, sett, psha, scfg.layers_per_unit):
-        if not _read_subpart(out, spec.name, key, name, sett, psha):
-            raise MdiffError(f"unit {task.key} ({spec.name} rq1) is missing its piece {name} ({key}); plan again")
-        tensors, meta = _load_subpart(out, spec.name, key)
-        (sides if layers == () else patches).append(_side_part(tensors, meta) if layers == ()
-                                                    else _patch_part(tensors, meta))
-    step = Step("rq1", rq1.check_rq1, lambda s, c, _say: rq1.reduce_rq1(s, c, sides, patches), rq1.figures_rq1)
+    pieces = _pieces_done(spec, task.step, cfg, scfg, out, task, sett, psha)
+    if task.step == "rq1":
+        sides, patches = [], []
+        for pc in pieces:
+            tensors, meta = _load_subpart(out, spec.name, pc.key)
+            (sides.append(_side_part(tensors, meta)) if pc.kind == "side"
+             else patches.append(_patch_part(tensors, meta)))
+        step = Step("rq1", rq1.check_rq1, lambda s, c, _say: rq1.reduce_rq1(s, c, sides, patches), rq1.figures_rq1)
+    else:
+        fitted = {(pc.layers[0], pc.hook): _read_maps(out, spec.name, pc.key) for pc in pieces if pc.kind == "fit"}
+        step = Step("rq2", rq2.check_rq2, lambda s, c, sy: rq2.compute_rq2(s, c, sy, fitted), rq2.figures_rq2)
     session, own = _session(spec, cfg, out, task, session)
     try:
         run_step(step, spec, cfg, out, task.overwrite, say, session)
     finally:
         if own:
             session.close()
+    if task.step == "rq2":
+        rq2.freeze_winners(out, spec.name)
+
+
+def _write_maps(out: Path, pair: str, key: str, fitted: dict) -> None:
+    """An RQ2 fit piece's maps into ``parts/<key>.maps/`` (written in a temporary folder, renamed into place)."""
+    import shutil
+
+    from mdiff import maps
+
+    final = subpart_path(out, pair, key, "fit")
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = {}
+    for i, (name, est) in enumerate(fitted.items()):
+        maps.save_map(est, tmp / f"map-{i:03d}")
+        names[name] = f"map-{i:03d}"
+    (tmp / "names.json").write_text(json.dumps(names, indent=1), encoding="utf-8")
+    if final.exists():  # a piece killed before its receipt: its maps are redone, never half read
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _read_maps(out: Path, pair: str, key: str) -> dict:
+    from mdiff import maps
+
+    d = subpart_path(out, pair, key, "fit")
+    names = json.loads((d / "names.json").read_text(encoding="utf-8"))
+    return {name: maps.load_map(d / prefix) for name, prefix in names.items()}
 
 
 # ---------------------------------------------------------------------------------------------- piece data
@@ -445,23 +524,25 @@ def _patch_part(tensors: dict, meta: dict):
     return PatchPart(meta["target"], [int(x) for x in meta["layers"]], kl, tensors["floor"], meta["engine"])
 
 
-def _write_subpart(out: Path, pair: str, key: str, name: str, settings: dict, identity: str, tensors: dict,
-                   meta: dict, seconds: float) -> None:
-    """A piece's data (safetensors, metadata as JSON in its header), then its receipt; each atomically."""
+def _write_subpart(out: Path, pair: str, pc: Piece, settings: dict, identity: str, tensors: dict | None,
+                   meta: dict | None, seconds: float) -> None:
+    """A piece's data (safetensors, metadata as JSON in its header; already written for a fit piece), then its
+    receipt; each atomically."""
     from safetensors.numpy import save
 
     from mdiff.activations import atomic_write_text
 
-    data = subpart_path(out, pair, key)
-    data.parent.mkdir(parents=True, exist_ok=True)
-    blob = save({k: v.reshape(-1) if v.ndim == 0 else v for k, v in tensors.items()},
-                metadata={"mdiff": json.dumps(meta, default=str)})
-    tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(blob)
-    os.replace(tmp, data)
-    atomic_write_text(part_path(out, pair, key), json.dumps(
-        {"key": key, "pair": pair, "unit": name, "identity": identity, "settings": settings, "seconds": seconds,
-         "data": data.name, "data_bytes": len(blob)}, indent=1, default=str))
+    data = subpart_path(out, pair, pc.key, pc.kind)
+    if tensors is not None:
+        data.parent.mkdir(parents=True, exist_ok=True)
+        blob = save({k: v.reshape(-1) if v.ndim == 0 else v for k, v in tensors.items()},
+                    metadata={"mdiff": json.dumps(meta, default=str)})
+        tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(blob)
+        os.replace(tmp, data)
+    atomic_write_text(part_path(out, pair, pc.key), json.dumps(
+        {"key": pc.key, "pair": pair, "unit": pc.name, "identity": identity, "settings": settings,
+         "seconds": seconds, "data": data.name, "data_bytes": _data_bytes(data)}, indent=1, default=str))
 
 
 def _load_subpart(out: Path, pair: str, key: str) -> tuple[dict, dict]:

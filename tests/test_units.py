@@ -71,6 +71,28 @@ def test_plan_keys_and_status(local, tmp_path):
     assert r.exit_code == 0 and [u["status"] for u in json.loads(r.output)] == ["done"] * 4, r.output
 
 
+def test_rq2_pieces_after_rq1(local, tmp_path):
+    """With RQ1 done, RQ2 is planned as its two sides (one model each), then one map-fitting unit per site (no model:
+    no GPU asked), then the rq2 unit; RQ4 is ready beside them."""
+    import shutil
+
+    from mdiff.pairs import resolve_pair
+    from mdiff.study import StudyConfig
+    from mdiff.units import BLOCKED, DONE, READY, plan_units
+
+    shutil.copytree(local / "toy-lowrank" / "rq1", tmp_path / "toy-lowrank" / "rq1")
+    units = {u.name: u for u in plan_units(resolve_pair("toy-lowrank"),
+                                           StudyConfig(n=40, n_boot=100, layers_per_unit=3, device="cuda"), tmp_path)}
+    rq2 = [n for n in units if n.startswith("rq2:")]
+    summary = json.loads((local / "toy-lowrank" / "rq1" / "summary.json").read_text())
+    sites = sorted({*summary["suggested_probe_layers"], summary["suggested_control_layer"]})
+    hooks = json.loads((local / "toy-lowrank" / "rq2" / "config.json").read_text())["settings"]["hooks"]
+    assert rq2 == ["rq2:side:base", "rq2:side:tuned"] + [f"rq2:fit:L{L}:{h}" for L in sites for h in hooks]
+    assert [units[n].status for n in rq2] == [READY, READY] + [BLOCKED] * (len(rq2) - 2)
+    assert [units[n].gpus for n in rq2] == [1, 1] + [0] * (len(rq2) - 2)
+    assert units["rq1"].status == DONE and units["rq2"].status == BLOCKED and units["rq4"].status == READY
+
+
 def test_the_chunk_size_does_not_change_the_results(local, tmp_path):
     """RQ1 patched in chunks of 3 layers (the local fixture) and in one chunk of 8: the same bytes, RQ1 to RQ4
     (rounding noise is seeded per site; the reduce orders the pieces itself)."""
