@@ -118,7 +118,7 @@ class RayExecutor:
         have = max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
         # a unit without a device runs on CUDA when its worker has one: ask Ray for the GPU then, so that Ray
         # counts it (Ray does not hide GPUs from tasks that ask for none)
-        gpus = [_gpus_of(t, self.gpus_per_unit, default=1 if have >= 1 else 0) for t in tasks]
+        gpus = [gpus_of(t, self.gpus_per_unit, default=1 if have >= 1 else 0) for t in tasks]
         if any(g > have for g in gpus):
             raise MdiffError(f"units ask for {max(gpus)} GPU(s) each but no node of the Ray cluster has more than "
                              f"{have:g}: run on a cluster with GPUs, or on the CPU (device cpu), or ask for fewer GPUs "
@@ -171,7 +171,7 @@ class SlurmExecutor:
             params: dict[str, Any] = {"timeout_min": self.timeout_min,
                                       "cpus_per_task" if self.cluster == "local" else "slurm_cpus_per_task":
                                       1 if self.cluster == "local" else self.cpus_per_unit}
-            g = max([_gpus_of(t, self.gpus_per_unit) for t in tasks] or [0])
+            g = max([gpus_of(t, self.gpus_per_unit) for t in tasks] or [0])
             if self.cluster == "slurm":
                 params.update(slurm_max_num_timeout=self.max_tries, slurm_mem=f"{self.mem_gb}G")
                 if self.partition:
@@ -214,9 +214,11 @@ def _job_error(e: BaseException, job) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _gpus_of(task: UnitTask, override: int | None, default: int = 0) -> int:
-    """GPUs a unit asks for: ``override``, else 1 for a CUDA device, 0 for another device, and ``default``
+def gpus_of(task: UnitTask, override: int | None, default: int = 0) -> int:
+    """GPUs a unit asks for: none when it loads no model, else ``override``, else 1 for a CUDA device, 0 for another device, and ``default``
     when no device was given (the worker's choice)."""
+    if not task.loads_model:
+        return 0  # it only reads the result folder
     if override is not None:
         return int(override)
     dev = task.study.get("device")

@@ -110,7 +110,7 @@ def _run_units(spec, scfg, out, overwrite, say, executor, pair_ref, threads, inf
         for u in ready:
             say(f"{u.name}: running on {u.why}")
         tasks = [U.UnitTask(ref, scfg.to_dict(), str(out.resolve()), u.step, u.key, overwrite, threads, spec.prompts,
-                            u.name, u.side) for u in ready]
+                            u.name, u.side, u.loads_model) for u in ready]
         for u, r in zip(ready, executor.run(tasks), strict=True):
             if not r.ok:
                 failed.append(r)

@@ -81,6 +81,8 @@ class Unit:
     """The one model the unit loads (``None``: a whole step, which loads both in turn)."""
     layers: tuple[int, ...] | None = None
     """The layers a patch unit patches."""
+    loads_model: bool = True
+    """False for units that only read the result folder (RQ1's reduce, RQ2's fits): no GPU is asked for them."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,6 +107,8 @@ class UnitTask:
     """The unit's name (:attr:`Unit.name`; empty: the step)."""
     side: str | None = None
     """The model the unit loads (executors group units by it)."""
+    loads_model: bool = True
+    """Whether the unit loads a model at all (executors ask no GPU for one that does not)."""
 
 
 @dataclasses.dataclass
@@ -295,11 +299,11 @@ def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
                     pieces_done = pieces_done and done
                     units.append(Unit(spec.name, step, pc.key, sett, pc.why,
                                       DONE if done else READY if ready else BLOCKED, gpus if pc.side else 0, done,
-                                      pc.name, pc.side, pc.layers or None))
+                                      pc.name, pc.side, pc.layers or None, pc.side is not None))
             status = READY if inputs_done and pieces_done else BLOCKED
         status_of[step] = status
-        units.append(Unit(spec.name, step, key, sett, st["why"], status, 0 if step in SPLIT_STEPS else gpus, part,
-                          step))
+        units.append(Unit(spec.name, step, key, sett, st["why"], status, 0 if step == "rq1" else gpus, part,
+                          step, loads_model=step != "rq1"))
     return units
 
 

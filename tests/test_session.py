@@ -114,3 +114,18 @@ def test_every_rq_runs_through_the_one_runner():
         assert isinstance(mod.STEP, Step) and mod.STEP.name == name
         src = inspect.getsource(getattr(mod, f"run_{name}"))
         assert "run_step(STEP" in src and "ResultWriter" not in inspect.getsource(mod)
+
+
+def test_executors_group_units_by_model_side_and_ask_no_gpu_for_model_free_units():
+    from mdiff.executors import gpus_of, groups_of
+    from mdiff.units import UnitTask
+
+    def task(name, side, loads=True):
+        return UnitTask("toy-lowrank", {"device": "cuda"}, "/tmp/x", name.split(":")[0], name, name=name, side=side,
+                        loads_model=loads)
+
+    tasks = [task("rq1:side:base", "base"), task("rq2:fit:L4:attn_out", None, False), task("rq1:side:tuned", "tuned"),
+             task("rq1:patch:base:L0-7", "base"), task("rq4", None), task("rq1", None, False)]
+    assert groups_of(tasks) == [[0, 3], [2], [1], [4], [5]]  # one group per side (one worker each), then singles
+    assert [gpus_of(t, None) for t in tasks] == [1, 0, 1, 1, 1, 0]
+    assert [gpus_of(t, 2) for t in tasks] == [2, 0, 2, 2, 2, 0]  # an override never gives GPUs to a fit/reduce
