@@ -383,7 +383,9 @@ def _session(spec, cfg, out: Path, task: UnitTask, session):
     from mdiff.session import PairSession
 
     if session is None:
-        return PairSession(spec, out, replace=task.overwrite), True
+        # a split step's own unit reads the stores its side pieces just collected: never collect them again
+        fresh = task.overwrite and not (task.step in SPLIT_STEPS and (task.name or task.step) == task.step)
+        return PairSession(spec, out, replace=fresh), True
     return session, False
 
 
