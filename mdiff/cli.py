@@ -151,9 +151,9 @@ def _setup(threads: int | None, seed: int | None = None, batch_size: int | None 
     if threads is not None:
         if threads < 1:
             raise MdiffError(f"--threads must be ≥ 1, got {threads}")
-        import torch
+        from mdiff.threads import set_threads
 
-        torch.set_num_threads(threads)
+        set_threads(threads)
 
 
 @app.command("pairs")

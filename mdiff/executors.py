@@ -124,27 +124,46 @@ class RayExecutor:
                              f"{have:g}: run on a cluster with GPUs, or on the CPU (device cpu), or ask for fewer GPUs "
                              "per unit")
         out: list[UnitResult | None] = [None] * len(tasks)
-        pending = []  # (task index, ref)
-        actors = []
+        index: dict = {}  # ref -> task index
+        left: dict = {}  # actor -> number of its units not finished yet
+        owner: dict = {}  # ref -> the actor running it
         for group in groups_of(tasks):
             g = max(gpus[i] for i in group)
             if tasks[group[0]].side:  # one actor per model side: it loads its model once for all its units
                 actor = ray.remote(_SideWorker).options(num_cpus=1, num_gpus=g, max_restarts=self.max_retries,
                                                         max_task_retries=self.max_retries).remote()
-                actors.append(actor)
-                pending += [(i, actor.run.remote(tasks[i])) for i in group]
+                left[actor] = len(group)
+                for i in group:
+                    ref = actor.run.remote(tasks[i])
+                    index[ref], owner[ref] = i, actor
             else:
                 remote = ray.remote(run_unit).options(num_cpus=1, num_gpus=g, max_retries=self.max_retries)
-                pending += [(i, remote.remote(tasks[i])) for i in group]
-        for i, ref in pending:
-            t = tasks[i]
-            try:
-                out[i] = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - a worker lost for good: reported with the unit's key
-                out[i] = UnitResult(t.key, t.name or t.step, False, 0.0, f"its Ray worker failed (retried up to "
-                                    f"{self.max_retries} time(s)): {_first_line(e)}")
-        for actor in actors:  # frees the GPUs and the models
-            ray.kill(actor)
+                for i in group:
+                    index[remote.remote(tasks[i])] = i
+        pending = list(index)
+        try:
+            while pending:
+                # results as they come: an actor whose units are all finished is freed at once, so that the
+                # CPUs and GPUs it holds go to the units still waiting (in order, a cluster with fewer CPUs than
+                # actors + tasks would wait forever)
+                done, pending = ray.wait(pending, num_returns=1)
+                ref = done[0]
+                i = index[ref]
+                try:
+                    out[i] = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - a worker lost for good: reported with the unit's key
+                    t = tasks[i]
+                    out[i] = UnitResult(t.key, t.name or t.step, False, 0.0, f"its Ray worker failed (retried up "
+                                        f"to {self.max_retries} time(s)): {_first_line(e)}")
+                actor = owner.get(ref)
+                if actor is not None:
+                    left[actor] -= 1
+                    if not left[actor]:
+                        ray.kill(actor)
+                        del left[actor]
+        finally:
+            for actor in left:  # frees the GPUs and the models
+                ray.kill(actor)
         return out
 
 

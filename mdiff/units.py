@@ -334,9 +334,9 @@ def _run(task: UnitTask, progress=None, sessions: dict | None = None) -> None:
     from mdiff.plan import StudyConfig, plan_steps, run_step, step_done
 
     if task.threads is not None:
-        import torch
+        from mdiff.threads import set_threads
 
-        torch.set_num_threads(task.threads)
+        set_threads(task.threads)
     scfg = StudyConfig.from_dict(task.study)
     spec = with_prompts(resolve_pair(task.pair_ref), task.prompts)
     out = Path(task.out)

@@ -61,3 +61,22 @@ def test_fast_engine_refuses_a_split_model_and_falls_back_to_naive(toys):
     finally:
         models.free(model)
     assert models.resident_models()["now"] == before
+
+
+def test_threads_limit_torch_and_blas_and_make_float64_maps_reproducible():
+    """``--threads`` reaches numpy's BLAS too (OMP_NUM_THREADS cannot once numpy is imported): with 2 threads
+    OpenBLAS may split a float64 solve differently, so a study sets the count in every unit."""
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from mdiff.threads import set_threads
+
+    try:
+        threadpool_limits(limits=2)  # as numpy's pool is on a 2-core machine when nobody limits it
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        assert {p["num_threads"] for p in threadpool_info()} == {1}
+    finally:
+        set_threads(1)

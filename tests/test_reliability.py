@@ -285,7 +285,16 @@ def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
     import sys
     import time
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    # the child pauses before it commits RQ1 (a sitecustomize of this test's own), so that the signals below
+    # always find the run at work with its temporary folder, however fast the machine
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(
+        "import time\nfrom mdiff import io\n_commit = io.ResultWriter.commit\n\n"
+        "def commit(self):\n    if self.path.name == 'rq1':\n        time.sleep(120)\n    return _commit(self)\n\n"
+        "io.ResultWriter.commit = commit\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hold), root]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mdiff.cli", "rq1", "--pair", str(pairdir / "pair.toml"), "--out", str(out), *RQ1,
            "--bootstrap", "12", "--overwrite"]
     before = _snapshot(out)

@@ -102,6 +102,21 @@ def test_the_chunk_size_does_not_change_the_results(local, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.fixture
+def deadline():
+    """A study on an engine that hangs (e.g. Ray tasks waiting for CPUs its actors hold) fails after 15 minutes
+    instead of using up CI's time."""
+
+    def expired(*_):
+        raise TimeoutError("the study did not finish within 15 minutes: an executor waits forever")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(900)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
 def _no_tmp(out: Path) -> None:
     """No half-written results: no temporary folder or file of a killed unit is left anywhere."""
     left = [p for p in out.rglob(".*") if ".tmp-" in p.name]
@@ -119,7 +134,7 @@ def _all_done_with_parts(out: Path) -> None:
         assert read_part(out, "toy-lowrank", u.key, u.step, u.settings, ident)["adopted"] is False
 
 
-def test_ray_study_with_a_killed_worker_equals_local_byte_for_byte(local, tmp_path, monkeypatch):
+def test_ray_study_with_a_killed_worker_equals_local_byte_for_byte(local, tmp_path, monkeypatch, deadline):
     """The Ray actor patching the tuned model dies in its first piece (the test-only hook in mdiff.units): Ray
     restarts it and retries its units, the study completes in one run, and every RQ's results are the local
     run's bytes."""
@@ -147,7 +162,7 @@ def test_ray_study_with_a_killed_worker_equals_local_byte_for_byte(local, tmp_pa
         ray.shutdown()
 
 
-def test_submitit_killed_job_is_reported_and_a_rerun_equals_local(local, tmp_path, monkeypatch):
+def test_submitit_killed_job_is_reported_and_a_rerun_equals_local(local, tmp_path, monkeypatch, deadline):
     """RQ4's submitit job dies mid-step: the study reports it in one line naming the unit, keeps everything else
     and leaves no half result; the same command again runs only RQ4 and ends with the local run's bytes."""
     pytest.importorskip("submitit", reason="submitit is not installed: pip install 'mdiff[slurm]' (make test does)")
