@@ -44,6 +44,7 @@ from mdiff.config import COLLECT_HOOKS  # noqa: F401 (declared once, with the CL
 from mdiff.data import pad_left
 from mdiff.errors import MdiffError
 from mdiff.options import check_layers
+from mdiff.tmpfiles import left_behind, tmp_path
 
 STORE_VERSION = 2
 
@@ -53,26 +54,15 @@ def _sha(obj: Any) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete temporary files left by a run killed while writing (a resume writes those files again)."""
     for tmp in path.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        if left_behind(tmp):
             tmp.unlink(missing_ok=True)
 
 
@@ -93,7 +83,7 @@ def _save_shard(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]
     head = json.dumps(ordered, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     prefix = len(head).to_bytes(8, "little") + head
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(prefix)
         f.write(data)

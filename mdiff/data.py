@@ -507,9 +507,11 @@ def materialise_source(pair_name: str, src: DatasetSource, dataset_dir: str | Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     import os
 
+    from mdiff.tmpfiles import tmp_path
+
     text = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows)
     for target, body in ((path, text), (pfile, json.dumps(prov, indent=2, ensure_ascii=False))):
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = tmp_path(target)
         tmp.write_text(body, encoding="utf-8")
         os.replace(tmp, target)
     return path, prov

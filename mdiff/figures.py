@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from mdiff import schema as S
+from mdiff.tmpfiles import tmp_path
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
@@ -20,7 +21,7 @@ def write_html(fig: go.Figure, path: str | Path) -> Path:
     """A self-contained HTML figure, written atomically; its div id comes from the file name (plotly's default
     is a random uuid), so the same figure always gives the same bytes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_path(path)
     div_id = "mdiff-" + re.sub(r"[^A-Za-z0-9_-]", "-", path.stem)
     fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, div_id=div_id)
     os.replace(tmp, path)

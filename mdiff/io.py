@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from mdiff.errors import MdiffError
+from mdiff.tmpfiles import left_behind, tmp_path
 
 METRIC_COLUMNS = ["pair", "rq", "layer", "hook", "condition", "metric", "value", "ci_low", "ci_high", "n"]
 
@@ -190,24 +191,14 @@ def same_results(a: Path, b: Path) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: the process exists
-        return True
-    return True
-
-
 def remove_stale_tmp(folder: Path, name: str | None = None) -> list[Path]:
-    """Remove ``.<name>.tmp-<pid>`` folders/files in ``folder`` left by processes that no longer run."""
+    """Remove ``.<name>.tmp-<host>-<pid>`` folders/files in ``folder`` left by processes of this machine that no
+    longer run (:func:`mdiff.tmpfiles.left_behind`)."""
     removed = []
     if not folder.is_dir():
         return removed
     for tmp in folder.glob(f".{glob.escape(name) if name else '*'}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+        if not left_behind(tmp):
             continue
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -252,7 +243,7 @@ class ResultWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_tmp(self.path.parent, self.path.name)
-            self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            self.tmp = tmp_path(self.path)
             self.tmp.mkdir()
         except OSError as e:
             self._remove_made()

@@ -27,7 +27,7 @@ step, settings and identity. So:
   produce the same results, so users expect it kept; the study writes the missing part (marked ``adopted``);
 * a part that cannot be read, or that records another key, is ignored (and rewritten).
 
-A unit killed mid-step leaves only its runner's temporary folder (``OUT/<pair>/.<step>.tmp-<pid>``), never a half
+A unit killed mid-step leaves only its runner's temporary folder (``OUT/<pair>/.<step>.tmp-<host>-<pid>``), never a half
 step folder; the unit's next run removes it, and a finished study removes any left by processes that are gone.
 
 Dependencies: RQ2 and RQ4 choose their sites from RQ1's results, RQ3 from RQ2's; RQ2 and RQ4 can run at
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mdiff.errors import MdiffError
+from mdiff.tmpfiles import tmp_path
 
 DEPENDS_ON: dict[str, tuple[str, ...]] = {"rq1": (), "rq2": ("rq1",), "rq3": ("rq2",), "rq4": ("rq1",)}
 """Which steps' results each step's plan reads."""
@@ -477,7 +478,7 @@ def _write_maps(out: Path, pair: str, key: str, fitted: dict) -> None:
     from mdiff import maps
 
     final = subpart_path(out, pair, key, "fit")
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = tmp_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     names = {}
@@ -543,7 +544,7 @@ def _write_subpart(out: Path, pair: str, pc: Piece, settings: dict, identity: st
         data.parent.mkdir(parents=True, exist_ok=True)
         blob = save({k: v.reshape(-1) if v.ndim == 0 else v for k, v in tensors.items()},
                     metadata={"mdiff": json.dumps(meta, default=str)})
-        tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
+        tmp = tmp_path(data)
         tmp.write_bytes(blob)
         os.replace(tmp, data)
     atomic_write_text(part_path(out, pair, pc.key), json.dumps(

@@ -9,6 +9,8 @@ import pytest
 
 from mdiff.errors import MdiffError
 from mdiff.io import ResultWriter, next_prev, remove_stale_tmp
+from mdiff.tmpfiles import host_tag
+from mdiff.tmpfiles import tmp_path as tmp_path_of
 
 
 def _run(path, settings, payload, overwrite=False, said=None):
@@ -117,9 +119,15 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     alive.mkdir()
     other = tmp_path / f".rq2.tmp-{dead.pid}"
     other.mkdir()
+    # on a shared filesystem: the same dead pid on another machine may be a live writer there, so it stays
+    elsewhere = tmp_path / f".rq1.tmp-other-node-7-{dead.pid}"
+    elsewhere.mkdir()
+    mine = tmp_path / f".rq1.tmp-{host_tag()}-{dead.pid}"
+    mine.mkdir()
     _run(tmp_path / "rq1", {"a": 1}, "new")
-    assert not stale.exists() and alive.exists() and other.exists()
-    assert remove_stale_tmp(tmp_path) == [other] and not other.exists()
+    assert not stale.exists() and not mine.exists() and alive.exists() and other.exists() and elsewhere.exists()
+    assert remove_stale_tmp(tmp_path) == [other] and not other.exists() and elsewhere.exists()
+    assert tmp_path_of(tmp_path / "x").name == f".x.tmp-{host_tag()}-{os.getpid()}"
 
 
 def test_out_that_is_a_file_or_escapes(tmp_path):

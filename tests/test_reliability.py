@@ -285,6 +285,8 @@ def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
     import sys
     import time
 
+    from mdiff.tmpfiles import host_tag
+
     # the child pauses before it commits RQ1 (a sitecustomize of this test's own), so that the signals below
     # always find the run at work with its temporary folder, however fast the machine
     hold = tmp_path / "hold"
@@ -301,7 +303,7 @@ def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
 
     def start_and_wait():
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        tmp = out / "mine" / f".rq1.tmp-{p.pid}"
+        tmp = out / "mine" / f".rq1.tmp-{host_tag()}-{p.pid}"
         t0 = time.time()
         while not tmp.exists():
             assert p.poll() is None, p.communicate()
