@@ -38,7 +38,8 @@ out = Console()
 
 PairOpt = Annotated[str, typer.Option("--pair", "-p", help="Built-in pair name (see `mdiff pairs`) or a pair .toml file.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="Torch device (default: cuda if available, else cpu).")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice; 1 in tests/CI).")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads of torch and of numpy/scipy's BLAS (default: their choice; 1 in tests/CI; "
+                                 "give it for bit-identical results across machines and executors).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace results of an earlier run with other settings "
                                                  "(the old folder is kept as <name>.prev-N).")]
 PromptsFileOpt = Annotated[str | None, typer.Option(
@@ -78,27 +79,35 @@ def _flag(option: str) -> str:
 
 def cli_errors(fn):
     """Turn MdiffError (and a full disk, a read-only folder...) into a one-line message and exit status 2;
-    Ctrl-C into one line and status 130."""
+    Ctrl-C and SIGTERM into one line and status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MdiffError as e:
-            console.print(f"[bold red]error:[/] {e.render(_flag)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except OSError as e:
-            if e.errno not in _ENV_ERRNOS:
-                raise
-            where = f": {e.filename}" if e.filename else ""
-            console.print(f"[bold red]error:[/] {e.strerror}{where} (check --out and free space, then rerun)",
-                          highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             _say_interrupted()
             raise typer.Exit(130) from None
+        except Exception as e:
+            if _terminated and not isinstance(e, typer.Exit):
+                # SIGTERM can surface as another error: an import it cut short raises ImportError
+                _say_interrupted()
+                raise typer.Exit(130) from None
+            if isinstance(e, MdiffError):
+                console.print(f"[bold red]error:[/] {e.render(_flag)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
+                where = f": {e.filename}" if e.filename else ""
+                console.print(f"[bold red]error:[/] {e.strerror}{where} (check --out and free space, then rerun)",
+                              highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            raise
 
     return wrapper
+
+
+_terminated = False
+"""SIGTERM arrived (:func:`_terminate`)."""
 
 
 _INTERRUPTED_LINE = "interrupted; rerun the same command to resume"
@@ -734,20 +743,43 @@ def _terminate(signum, frame):
     one unwinds: a second TERM (schedulers often send several) must not interrupt the clean-up."""
     import signal
 
+    global _terminated
+    _terminated = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def main() -> None:  # console-script entry point
     import signal
-    import sys
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except KeyboardInterrupt:  # one that arrived outside a command's own handling (start-up, a second signal)
         _say_interrupted()
-        sys.exit(130)
+        _exit_interrupted()
+    except SystemExit as e:
+        if _said_interrupted and e.code == 130:
+            _exit_interrupted()
+        raise
+
+
+def _exit_interrupted() -> None:
+    """Leave with status 130 for sure. An interrupt that lands while Python runs an import of the command can
+    leave CPython's "unhandled KeyboardInterrupt" mark set even though the command handled it; the interpreter
+    then kills itself with SIGINT at exit (status -2) instead of 130. The command's clean-up has run by now
+    (temporary folders removed, the line printed), so flush and exit directly."""
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

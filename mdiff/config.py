@@ -480,7 +480,8 @@ class StudyConfig(RunConfig):
     rq4_sources: tuple[str, ...] = option(("raw", "mapped"), cli=False, help="RQ4's sources.")
     engine: str = engine_option()
     layers_per_unit: int = option(8, help="RQ1's patching runs as one unit per target model and chunk of this many "
-                                          "layers (units run in parallel on Ray or SLURM; ≥ 1).")
+                                          "layers, RQ4's head patching as one per chunk of its layers (units run in "
+                                          "parallel on Ray or SLURM; ≥ 1).")
 
     def shared(self) -> dict[str, Any]:
         """The options every RQ config takes from the study (:data:`mdiff.config.SHARED`)."""

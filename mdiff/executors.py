@@ -6,7 +6,7 @@ work and writes its results atomically into the shared result folder, which is t
 engines' own retries (Ray actor restarts and task retries, SLURM requeue on preemption) only save time:
 whatever they lose, the next plan finds missing and runs again.
 
-Units that load one model (``side``: RQ1's and RQ2's pieces) are grouped by that side (:func:`groups_of`): a
+Units that load one model (``side``: RQ1's, RQ2's and RQ4's pieces) are grouped by that side (:func:`groups_of`): a
 group runs on one worker that loads its model once and keeps it between the group's units; a whole-step unit
 (it loads both models in turn, or none) runs alone.
 

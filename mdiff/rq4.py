@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from mdiff import heads as HD
 from mdiff import schema as S
@@ -98,99 +99,164 @@ def _fmt_heads(s) -> str:
     return "+".join(str(h) for h in s)
 
 
-def compute_rq4(session: PairSession, cfg: RQ4Config, say: Callable[[str, float], None]) -> StepResult:
-    """RQ4 over ``session`` (reads heads in memory; writes nothing)."""
-    spec, info = session.spec, session.info
+def rq4_layers(cfg: RQ4Config) -> list[int]:
+    """The layers RQ4 scans: ``layers`` and the control layer (default 0), in order."""
+    return sorted(set(cfg.layers) | {0 if cfg.control_layer is None else cfg.control_layer})
+
+
+def _preps(session: PairSession, cfg: RQ4Config):
+    """The select and val prompts at the decision position, and the train prompts when a source is mapped."""
     dec = parse_positions("last", seed=cfg.seed)
-    prep_sel = session.prompts("select", dec)
-    pad_b, pad_t, sv = session.pad["base"], session.pad["tuned"], session.shared_vocab
-    prep_val = session.prompts("val", dec)
-    want_map = "mapped" in cfg.sources
-    prep_tr = session.prompts("train", cfg.fit_positions) if want_map else None
-    layers = sorted(set(cfg.layers) | {cfg.control_layer})
-    n_heads = info.base.n_heads
-    bs = cfg.batch_size
+    prep_tr = session.prompts("train", cfg.fit_positions) if "mapped" in cfg.sources else None
+    return session.prompts("select", dec), session.prompts("val", dec), prep_tr
 
-    def zs(model, prep, side):
-        ids = prep.base_ids if side == "base" else prep.tuned_ids
-        pos = prep.base_positions if side == "base" else prep.tuned_positions
-        return HD.collect_z(model, ids, pos, pad_b if side == "base" else pad_t, layers, bs)
 
-    say("loading base", 0.02)
-    with session.model("base") as m:
-        say("reading the base model's heads", 0.05)
-        zb_sel = zs(m, prep_sel, "base")  # "last": one position per prompt, the decision position
-        zb_val = zs(m, prep_val, "base")
-        zb_tr = zs(m, prep_tr, "base") if want_map else None
-        WOb = {L: HD.W_O_of(m, L) for L in layers}
+def _zs(model, prep, side: str, session: PairSession, layers: list[int], bs: int) -> dict[int, Tensor]:
+    ids = prep.base_ids if side == "base" else prep.tuned_ids
+    pos = prep.base_positions if side == "base" else prep.tuned_positions
+    z = HD.collect_z(model, ids, pos, session.pad[side], layers, bs)
+    return {L: v.contiguous() for L, v in z.items()}
 
+
+@dataclasses.dataclass
+class HeadsSide:
+    """What RQ4 reads from the base model (float32, contiguous, on the CPU): its heads' ``z`` on select, val and
+    (for mapped sources) train, and ``W_O`` at each scanned layer."""
+
+    z_sel: dict[int, Tensor]
+    z_val: dict[int, Tensor]
+    z_tr: dict[int, Tensor] | None
+    W_O: dict[int, Tensor]
+
+
+@dataclasses.dataclass
+class HeadsPart:
+    """What patching the base heads of some layers into the tuned model gives (per-prompt KLs; the analysis
+    waits for every layer's noise floor: :func:`reduce_rq4`)."""
+
+    layers: list[int]
+    floor: np.ndarray
+    """``[layer, prompt]``: KL of one rounding error at each layer's z (val split)."""
+    kl_sel: dict[tuple[int, str, str], np.ndarray]
+    """(layer, site, source) → ``[head, prompt]`` single-head effects on select."""
+    kl_check: dict[tuple[int, str], np.ndarray]
+    """(layer, site) → ``[prompt]`` all-heads effect of the raw source on val (the site check)."""
+    kl_val: dict[tuple[int, str, str], np.ndarray]
+    """(layer, site, source) → ``[set, prompt]`` effects of the val head sets (:func:`_val_sets`)."""
+    fitted_r2: dict[tuple[int, str], list[float]]
+    head_fits: dict[tuple[int, str], list[dict]]
+    engine: dict[str, Any]
+
+
+def rq4_side(session: PairSession, cfg: RQ4Config, model, say: Callable[[str, float], None] = lambda m, f: None
+             ) -> HeadsSide:
+    """Read the base ``model``'s heads at RQ4's layers (``z`` at the decision position, and on train for maps)."""
+    prep_sel, prep_val, prep_tr = _preps(session, cfg)
+    layers, bs = rq4_layers(cfg), cfg.batch_size
+    say("reading the base model's heads", 0.05)
+    return HeadsSide(_zs(model, prep_sel, "base", session, layers, bs), _zs(model, prep_val, "base", session, layers, bs),
+                     _zs(model, prep_tr, "base", session, layers, bs) if prep_tr is not None else None,
+                     {L: HD.W_O_of(model, L).contiguous() for L in layers})
+
+
+def _plan(cfg: RQ4Config, layers: list[int]) -> list[tuple[int, str, str]]:
+    return [(L, site, src) for L in layers for site in cfg.sites for src in cfg.sources]
+
+
+def rq4_heads(session: PairSession, cfg: RQ4Config, model, side: HeadsSide, layers: list[int],
+              say: Callable[[str, float], None] = lambda m, f: None) -> HeadsPart:
+    """Patch the base heads of ``layers`` into the tuned ``model``: single-head scans (select), the site check
+    and the head sets (val), and the noise floor at each layer. A layer's numbers do not depend on which other
+    layers are patched in the same call (the engine groups conditions by layer; the rounding noise is seeded
+    per site), so a study may split the layers into units."""
+    prep_sel, prep_val, prep_tr = _preps(session, cfg)
+    n_heads, bs, vocab = session.info.base.n_heads, cfg.batch_size, session.shared_vocab.tuned_ids
+    want_map = prep_tr is not None
+    WOb = side.W_O
+    WOt = {L: HD.W_O_of(model, L).contiguous() for L in layers}
+    zt_tr = _zs(model, prep_tr, "tuned", session, layers, bs) if want_map else None
+    groups = np.repeat(np.arange(len(prep_tr)), [len(p) for p in prep_tr.base_positions]) if want_map else None
+    pad_t = session.pad["tuned"]
+    p_sel = Patcher(model, prep_sel.tuned_ids, prep_sel.tuned_positions, pad_t, bs, cfg.engine)
+    p_val = Patcher(model, prep_val.tuned_ids, prep_val.tuned_positions, pad_t, bs, cfg.engine)
+    say("noise floor (one rounding error at each layer's z)", 0.17)
+    floor = p_val.noise_floor(vocab, [("z", L) for L in layers], cfg.seed)
+    engine = {"requested": cfg.engine, "used": p_val.engine_used, "fallback_reason": p_val.fallback_reason}
+    plan = _plan(cfg, layers)
+    sources, fitted_r2, head_fits = {}, {}, {}
+    for j, (L, site, source) in enumerate(plan):
+        say(f"L{L} {site} sources ({source})", 0.2 + 0.1 * j / len(plan))
+        if source == "raw":
+            sources[(L, site, source)] = (HD.site_values(side.z_sel[L], WOb[L], site),
+                                          HD.site_values(side.z_val[L], WOb[L], site))
+        else:
+            target = HD.site_values(zt_tr[L], WOt[L], site)
+            prior = WOb[L] if site == "result" else None  # ridge shrinks toward the raw patch
+            hm = HD.HeadMaps(cfg.map_solver, cfg.seed).fit(side.z_tr[L], target, groups, prior=prior)
+            fitted_r2[(L, site)] = [float(x) for x in hm.score(side.z_tr[L], target)]
+            head_fits[(L, site)] = hm.fit_summaries()
+            sources[(L, site, source)] = (hm.transform(side.z_sel[L]), hm.transform(side.z_val[L]))
+    # the engine runs the clean pass once per call: one call per split, every condition in it
+    say("single-head scan (select split)", 0.35)
+    singles = [(h,) for h in range(n_heads)]
+    kl_sel = HD.grouped_head_effects(p_sel, [(L, site, sources[(L, site, src)][0], singles) for L, site, src in plan],
+                                     vocab)
+    sets = {e: _val_sets(HD.rank_heads(kl_sel[i]), cfg, n_heads) for i, e in enumerate(plan)}
+    # the site check: both sites' all-heads effect with the raw source at every layer (z-site blindness)
+    check = [(L, site) for L in layers for site in HD.HEAD_SITES]
+    say("head sets (val split)", 0.55)
+    kl_val = HD.grouped_head_effects(p_val, [(L, site, HD.site_values(side.z_val[L], WOb[L], site),
+                                              [tuple(range(n_heads))]) for L, site in check]
+                                     + [(e[0], e[1], sources[e][1], sets[e]["all"]) for e in plan], vocab)
+    return HeadsPart(list(layers), np.asarray(floor, np.float64),
+                     {e: kl_sel[i] for i, e in enumerate(plan)}, {c: kl_val[i][0] for i, c in enumerate(check)},
+                     {e: kl_val[len(check) + i] for i, e in enumerate(plan)}, fitted_r2, head_fits, engine)
+
+
+def reduce_rq4(session: PairSession, cfg: RQ4Config, parts: list[HeadsPart]) -> StepResult:
+    """RQ4's results from the patches of every layer (no model): noise floor, rankings, coverage, CIs."""
+    spec, info = session.spec, session.info
+    prep_sel, prep_val, prep_tr = _preps(session, cfg)
+    sv, n_heads = session.shared_vocab, info.base.n_heads
+    parts = sorted(parts, key=lambda p: p.layers[0])
+    layers = [L for p in parts for L in p.layers]
+    if layers != rq4_layers(cfg):
+        raise MdiffError(f"RQ4's patches cover layers {layers}, not {rq4_layers(cfg)}")
+    kl_sel = {k: v for p in parts for k, v in p.kl_sel.items()}
+    kl_val = {k: v for p in parts for k, v in p.kl_val.items()}
+    kl_check = {k: v for p in parts for k, v in p.kl_check.items()}
+    fitted_r2 = {k: v for p in parts for k, v in p.fitted_r2.items()}
+    head_fits = {k: v for p in parts for k, v in p.head_fits.items()}
+    engine = parts[0].engine
+    noise = NoiseFloor.measure(spec.dtype, engine["used"], [p.floor for p in parts])
+    tol = noise.tolerance
+    idx = stats.resample_indices(len(prep_val), cfg.n_boot, cfg.seed + 1)
+    idx_sel = stats.resample_indices(len(prep_sel), cfg.n_boot, cfg.seed + 2)
     rows: list[dict] = []
     summary_layers: list[dict] = []
     site_check: dict[int, dict] = {}
-    fitted_r2: dict[tuple, list[float]] = {}
-    head_fits: dict[tuple, list[dict]] = {}
-    say("loading tuned", 0.15)
-    with session.model("tuned") as m:
-        WOt = {L: HD.W_O_of(m, L) for L in layers}
-        zt_tr = zs(m, prep_tr, "tuned") if want_map else None
-        groups = (np.repeat(np.arange(len(prep_tr)), [len(p) for p in prep_tr.base_positions]) if want_map else None)
-        p_sel = Patcher(m, prep_sel.tuned_ids, prep_sel.tuned_positions, pad_t, bs, cfg.engine)
-        p_val = Patcher(m, prep_val.tuned_ids, prep_val.tuned_positions, pad_t, bs, cfg.engine)
-        vocab = sv.tuned_ids
-        say("noise floor (one rounding error at each layer's z)", 0.17)
-        noise = NoiseFloor.measure(spec.dtype, p_val.engine_used,
-                                   [p_val.noise_floor(vocab, [("z", L) for L in layers], cfg.seed)])
-        tol = noise.tolerance
-        engine = {"requested": cfg.engine, "used": p_val.engine_used, "fallback_reason": p_val.fallback_reason}
-        idx = stats.resample_indices(p_val.n, cfg.n_boot, cfg.seed + 1)
-        idx_sel = stats.resample_indices(p_sel.n, cfg.n_boot, cfg.seed + 2)
-        plan = [(L, site, src) for L in layers for site in cfg.sites for src in cfg.sources]
-        sources = {}
-        for j, (L, site, source) in enumerate(plan):
-            say(f"L{L} {site} sources ({source})", 0.2 + 0.1 * j / len(plan))
-            if source == "raw":
-                sources[(L, site, source)] = (HD.site_values(zb_sel[L], WOb[L], site),
-                                              HD.site_values(zb_val[L], WOb[L], site))
-            else:
-                target = HD.site_values(zt_tr[L], WOt[L], site)
-                prior = WOb[L] if site == "result" else None  # ridge shrinks toward the raw patch
-                hm = HD.HeadMaps(cfg.map_solver, cfg.seed).fit(zb_tr[L], target, groups, prior=prior)
-                fitted_r2[(L, site)] = [float(x) for x in hm.score(zb_tr[L], target)]
-                head_fits[(L, site)] = hm.fit_summaries()
-                sources[(L, site, source)] = (hm.transform(zb_sel[L]), hm.transform(zb_val[L]))
-        # the engine runs the clean pass once per call: one call per split, every condition in it
-        say("single-head scan (select split)", 0.35)
-        singles = [(h,) for h in range(n_heads)]
-        kl_sel = HD.grouped_head_effects(p_sel, [(L, site, sources[(L, site, src)][0], singles) for L, site, src in plan], vocab)
-        sets = {e: _val_sets(HD.rank_heads(kl_sel[i]), cfg, n_heads) for i, e in enumerate(plan)}
-        # the site check: both sites' all-heads effect with the raw source at every layer (z-site blindness)
-        check = [(L, site) for L in layers for site in HD.HEAD_SITES]
-        say("head sets (val split)", 0.55)
-        kl_val = HD.grouped_head_effects(p_val, [(L, site, HD.site_values(zb_val[L], WOb[L], site), [tuple(range(n_heads))])
-                                   for L, site in check]
-                           + [(e[0], e[1], sources[e][1], sets[e]["all"]) for e in plan], vocab)
-        for L in layers:
-            eff = {}
-            for site in HD.HEAD_SITES:
-                kl = kl_val[check.index((L, site))][0]
-                v, lo, hi = stats.bootstrap_mean(kl, idx=idx)
-                eff[site] = v
-                rows.append({"layer": L, "hook": site, "condition": "raw|all", "metric": S.EFFECT_ALL_SITE_CHECK,
-                             "value": v, "ci_low": lo, "ci_high": hi, "n": len(kl), "split": "val", "site": site,
-                             "source": "raw"})
-            site_check[L] = {"effect_all_result": eff["result"], "effect_all_z": eff["z"],
-                             "note": HD.site_blindness(eff, tol)}
-        for i, (L, site, source) in enumerate(plan):
-            res = _analyse_layer(kl_sel[i], kl_val[len(check) + i], sets[(L, site, source)], source, cfg, n_heads,
-                                 idx, idx_sel, tol, info.base.n_kv_heads)
-            for r in res["rows"]:
-                rows.append({"layer": L, "hook": site, "site": site, "source": source, **r})
-            summary_layers.append({"layer": L, "site": site, "source": source,
-                                   "control_layer": L == cfg.control_layer and L not in cfg.layers,
-                                   **res["summary"],
-                                   **({"map_r2_train": fitted_r2[(L, site)], "map_fits": head_fits[(L, site)]}
-                                      if source == "mapped" else {})})
-
+    for L in layers:
+        eff = {}
+        for site in HD.HEAD_SITES:
+            kl = kl_check[(L, site)]
+            v, lo, hi = stats.bootstrap_mean(kl, idx=idx)
+            eff[site] = v
+            rows.append({"layer": L, "hook": site, "condition": "raw|all", "metric": S.EFFECT_ALL_SITE_CHECK,
+                         "value": v, "ci_low": lo, "ci_high": hi, "n": len(kl), "split": "val", "site": site,
+                         "source": "raw"})
+        site_check[L] = {"effect_all_result": eff["result"], "effect_all_z": eff["z"],
+                         "note": HD.site_blindness(eff, tol)}
+    for e in _plan(cfg, layers):
+        L, site, source = e
+        sets = _val_sets(HD.rank_heads(kl_sel[e]), cfg, n_heads)
+        res = _analyse_layer(kl_sel[e], kl_val[e], sets, source, cfg, n_heads, idx, idx_sel, tol, info.base.n_kv_heads)
+        for r in res["rows"]:
+            rows.append({"layer": L, "hook": site, "site": site, "source": source, **r})
+        summary_layers.append({"layer": L, "site": site, "source": source,
+                               "control_layer": L == cfg.control_layer and L not in cfg.layers,
+                               **res["summary"],
+                               **({"map_r2_train": fitted_r2[(L, site)], "map_fits": head_fits[(L, site)]}
+                                  if source == "mapped" else {})})
     metrics = tidy([{"pair": spec.name, "rq": "rq4", **r} for r in rows])
     summary = _summary(spec, cfg, summary_layers, site_check, tol)
     summary["noise"] = noise.to_dict()
@@ -200,6 +266,19 @@ def compute_rq4(session: PairSession, cfg: RQ4Config, say: Callable[[str, float]
                                     f"when each member is in the top-k in >= {100 * HD.STABLE_FREQ:.0f}% of resamples")
     return StepResult(metrics, summary, sv.size, prep_val.tokenized_with, {"select": prep_sel, "val": prep_val},
                       config)
+
+
+def compute_rq4(session: PairSession, cfg: RQ4Config, say: Callable[[str, float], None]) -> StepResult:
+    """RQ4 over ``session`` (reads heads in memory; writes nothing): the base model's heads (:func:`rq4_side`),
+    then every layer patched into the tuned model (:func:`rq4_heads`), then :func:`reduce_rq4` — the same
+    functions a study runs as units."""
+    say("loading base", 0.02)
+    with session.model("base") as m:
+        side = rq4_side(session, cfg, m, say)
+    say("loading tuned", 0.15)
+    with session.model("tuned") as m:
+        part = rq4_heads(session, cfg, m, side, rq4_layers(cfg), say)
+    return reduce_rq4(session, cfg, [part])
 
 
 def _val_sets(ranking: list[int], cfg: RQ4Config, n_heads: int) -> dict[str, Any]:

@@ -4,7 +4,7 @@ and scikit-learn call (through threadpoolctl).
 Both matter for reproducibility: OpenBLAS splits float64 LAPACK work (eigh, SVD, solves) differently with
 another thread count, which changes the last bits of a map's weights. ``OMP_NUM_THREADS`` does not help once
 numpy is imported (its pool is sized at import), so a command or a unit of work sets the count here; a study run
-with the same ``--threads`` gives the same bytes on any executor.
+with the same thread count gives the same bytes on any executor.
 """
 
 

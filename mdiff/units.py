@@ -83,7 +83,7 @@ class Unit:
     layers: tuple[int, ...] | None = None
     """The layers a patch unit patches."""
     loads_model: bool = True
-    """False for units that only read the result folder (RQ1's reduce, RQ2's fits): no GPU is asked for them."""
+    """False for units that only read the result folder (RQ1's and RQ4's reduces, RQ2's fits): no GPU is asked for them."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,17 +156,22 @@ def write_part(out: str | Path, pair: str, key: str, step: str, settings: dict[s
     return path
 
 
-SPLIT_STEPS = ("rq1", "rq2")
+SPLIT_STEPS = ("rq1", "rq2", "rq4")
 """Steps the study runs partly as pieces of one model each. RQ1: ``rq1:side:<side>`` (collect that side's
 activations and its behaviour diagnostics), ``rq1:patch:<target>:L<a>-<b>`` (patch a chunk of layers into one
 target), then the step unit ``rq1`` reduces the pieces' parts into the result folder (no model). RQ2:
-``rq2:side:<side>`` (collect that side's activations), then the step unit ``rq2`` (fits and patches: the tuned
-model, then base for the reverse direction). RQ3 and RQ4 are one unit each."""
+``rq2:side:<side>`` (collect that side's activations), ``rq2:fit:L<l>:<hook>`` (fit one site's maps from the
+store, no model), then the step unit ``rq2`` (patches: the tuned model, then base for the reverse direction).
+RQ4: ``rq4:side:base`` (the base heads' z and W_O), ``rq4:heads:L<a>-<b>`` (patch a chunk of layers' heads into
+the tuned model), then the step unit ``rq4`` reduces (no model). RQ3 is one unit."""
+
+MODEL_FREE_STEPS = ("rq1", "rq4")
+"""Step units that only reduce their pieces' parts (they load no model, so no GPU is asked for them)."""
 
 
 def subpart_path(out: str | Path, pair: str, key: str, kind: str = "side") -> Path:
-    """A piece's data: ``parts/<key>.safetensors`` (per-prompt arrays, JSON metadata in the header), or for an
-    RQ2 fit piece the folder ``parts/<key>.maps/`` of its maps (:func:`mdiff.maps.save_map` files)."""
+    """A piece's data: ``parts/<key>.safetensors`` (arrays, JSON metadata in the header), or for an RQ2 fit
+    piece the folder ``parts/<key>.maps/`` of its maps (:func:`mdiff.maps.save_map` files)."""
     return parts_dir(out, pair) / (f"{key}.maps" if kind == "fit" else f"{key}.safetensors")
 
 
@@ -194,9 +199,9 @@ def _read_subpart(out: Path, pair: str, piece: "Piece", settings: dict, identity
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """One piece of a split step: ``side`` (collect one model's activations; RQ1: and its behaviour), ``patch``
-    (RQ1: patch ``layers`` into the ``side`` model) or ``fit`` (RQ2: fit every map of site (``layers[0]``,
-    ``hook``) from the store, no model)."""
+    """One piece of a split step: ``side`` (collect one model's activations; RQ1: and its behaviour; RQ4: the
+    base heads), ``patch`` (RQ1: patch ``layers`` into the ``side`` model; RQ4: their heads into tuned) or ``fit``
+    (RQ2: fit every map of site (``layers[0]``, ``hook``) from the store, no model)."""
 
     name: str
     key: str
@@ -208,10 +213,13 @@ class Piece:
     @property
     def why(self) -> str:
         if self.kind == "side":
+            if self.name.startswith("rq4"):
+                return f"read the {self.side} model's heads (z, W_O)"
             return f"collect the {self.side} model's activations" + (" and behaviour" if self.name.startswith("rq1")
                                                                       else "")
         if self.kind == "patch":
-            return f"patch layers {self.layers[0]}-{self.layers[-1]} into the {self.side} model"
+            what = "the heads of layers" if self.name.startswith("rq4") else "layers"
+            return f"patch {what} {self.layers[0]}-{self.layers[-1]} into the {self.side} model"
         return f"fit the maps at L{self.layers[0]} {self.hook} (no model)"
 
 
@@ -222,6 +230,13 @@ def _pieces(spec, step: str, cfg, settings: dict, psha: str, layers_per_unit: in
     def piece(name, kind, side, layers=(), hook=None):
         return Piece(name, unit_key(spec.name, name, settings, psha), kind, side, tuple(layers), hook)
 
+    if step == "rq4":
+        from mdiff.rq4 import rq4_layers
+
+        layers = rq4_layers(cfg)
+        chunks = [tuple(layers[i:i + layers_per_unit]) for i in range(0, len(layers), layers_per_unit)]
+        return [piece("rq4:side:base", "side", "base")] + [
+            piece(f"rq4:heads:L{ch[0]}-{ch[-1]}", "patch", "tuned", ch) for ch in chunks]
     out = [piece(f"{step}:side:{side}", "side", side) for side in ("base", "tuned")]
     if step == "rq1":
         layers = list(cfg.layers)
@@ -237,9 +252,12 @@ def _pieces(spec, step: str, cfg, settings: dict, psha: str, layers_per_unit: in
 
 
 def _stores_complete(spec, step: str, cfg, out: Path, side: str) -> bool:
-    """Whether ``side``'s activation stores of a split step are complete (their manifests written)."""
+    """Whether ``side``'s activation stores of a split step are complete (their manifests written; RQ4's side
+    piece keeps its heads in its part, no store)."""
     from mdiff.activations import collection_dir
 
+    if step == "rq4":
+        return True
     if step == "rq1":
         from mdiff.rq1 import rq1_collections
 
@@ -303,8 +321,8 @@ def plan_units(spec, scfg, out: str | Path, info=None) -> list[Unit]:
                                       pc.name, pc.side, pc.layers or None, pc.side is not None))
             status = READY if inputs_done and pieces_done else BLOCKED
         status_of[step] = status
-        units.append(Unit(spec.name, step, key, sett, st["why"], status, 0 if step == "rq1" else gpus, part,
-                          step, loads_model=step != "rq1"))
+        units.append(Unit(spec.name, step, key, sett, st["why"], status, 0 if step in MODEL_FREE_STEPS else gpus,
+                          part, step, loads_model=step not in MODEL_FREE_STEPS))
     return units
 
 
@@ -408,6 +426,8 @@ def _run_piece(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str
         session = session.with_options(cfg.seed, cfg.n, cfg.batch_size, cfg.device)
         if task.step == "rq1":
             tensors, meta = _rq1_piece(session, cfg, pc, die)
+        elif task.step == "rq4":
+            tensors, meta = _rq4_piece(spec, session, cfg, scfg, out, sett, psha, pc, die)
         else:
             if die is not None:
                 die("start", 0.0)
@@ -435,6 +455,23 @@ def _rq1_piece(session, cfg, pc: Piece, die) -> tuple[dict, dict]:
         return _patch_arrays(rq1.rq1_patch(session, cfg, m, pc.side, list(pc.layers)))
 
 
+def _rq4_piece(spec, session, cfg, scfg, out: Path, sett: dict, psha: str, pc: Piece, die) -> tuple[dict, dict]:
+    from mdiff import rq4
+
+    cfg = rq4.check_rq4(cfg, session.info)
+    if pc.kind == "patch":  # the base heads come from the side piece's part
+        side_pc = _pieces(spec, "rq4", cfg, sett, psha, scfg.layers_per_unit)[0]
+        if not _read_subpart(out, spec.name, side_pc, sett, psha):
+            raise MdiffError(f"{spec.name} {pc.name} needs {side_pc.name} ({side_pc.key}) first; plan again")
+        side = _heads_side(*_load_subpart(out, spec.name, side_pc.key))
+    with session.model(pc.side) as m:
+        if die is not None:
+            die("start", 0.0)
+        if pc.kind == "side":
+            return _heads_side_arrays(rq4.rq4_side(session, cfg, m))
+        return _heads_arrays(rq4.rq4_heads(session, cfg, m, side, list(pc.layers)))
+
+
 def _pieces_done(spec, step: str, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str) -> list[Piece]:
     pieces = _pieces(spec, step, cfg, sett, psha, scfg.layers_per_unit)
     for pc in pieces:
@@ -458,6 +495,11 @@ def _reduce(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str, s
             (sides.append(_side_part(tensors, meta)) if pc.kind == "side"
              else patches.append(_patch_part(tensors, meta)))
         step = Step("rq1", rq1.check_rq1, lambda s, c, _say: rq1.reduce_rq1(s, c, sides, patches), rq1.figures_rq1)
+    elif task.step == "rq4":
+        from mdiff import rq4
+
+        heads = [_heads_part(*_load_subpart(out, spec.name, pc.key)) for pc in pieces if pc.kind == "patch"]
+        step = Step("rq4", rq4.check_rq4, lambda s, c, _say: rq4.reduce_rq4(s, c, heads), rq4.figures_rq4)
     else:
         fitted = {(pc.layers[0], pc.hook): _read_maps(out, spec.name, pc.key) for pc in pieces if pc.kind == "fit"}
         step = Step("rq2", rq2.check_rq2, lambda s, c, sy: rq2.compute_rq2(s, c, sy, fitted), rq2.figures_rq2)
@@ -529,6 +571,50 @@ def _patch_part(tensors: dict, meta: dict):
 
     kl = {(int(L), h, c): tensors[f"kl.{i}"] for i, (L, h, c) in enumerate(meta["keys"])}
     return PatchPart(meta["target"], [int(x) for x in meta["layers"]], kl, tensors["floor"], meta["engine"])
+
+
+def _heads_side_arrays(side) -> tuple[dict, dict]:
+    tensors, meta = {}, {"layers": sorted(side.W_O), "train": side.z_tr is not None}
+    for name in ("z_sel", "z_val", "z_tr", "W_O"):
+        for L, v in (getattr(side, name) or {}).items():
+            tensors[f"{name}.{L}"] = v.numpy()  # float32: exactly what the piece read
+    return tensors, meta
+
+
+def _heads_side(tensors: dict, meta: dict):
+    import torch
+
+    from mdiff.rq4 import HeadsSide
+
+    def get(name):
+        return {int(L): torch.from_numpy(tensors[f"{name}.{L}"]) for L in meta["layers"]}
+
+    return HeadsSide(get("z_sel"), get("z_val"), get("z_tr") if meta["train"] else None, get("W_O"))
+
+
+def _heads_arrays(part) -> tuple[dict, dict]:
+    import numpy as np
+
+    sel, val, chk = list(part.kl_sel), list(part.kl_val), list(part.kl_check)
+    tensors = {"floor": np.asarray(part.floor, np.float64)}
+    tensors.update({f"sel.{i}": np.asarray(part.kl_sel[k], np.float64) for i, k in enumerate(sel)})
+    tensors.update({f"val.{i}": np.asarray(part.kl_val[k], np.float64) for i, k in enumerate(val)})
+    tensors.update({f"check.{i}": np.asarray(part.kl_check[k], np.float64) for i, k in enumerate(chk)})
+    return tensors, {"layers": part.layers, "sel": [list(k) for k in sel], "val": [list(k) for k in val],
+                     "check": [list(k) for k in chk], "engine": part.engine,
+                     "fitted_r2": [[L, s, v] for (L, s), v in part.fitted_r2.items()],
+                     "head_fits": [[L, s, v] for (L, s), v in part.head_fits.items()]}
+
+
+def _heads_part(tensors: dict, meta: dict):
+    from mdiff.rq4 import HeadsPart
+
+    def keyed(name):
+        return {(int(k[0]), *k[1:]): tensors[f"{name}.{i}"] for i, k in enumerate(meta[name])}
+
+    return HeadsPart([int(x) for x in meta["layers"]], tensors["floor"], keyed("sel"), keyed("check"),
+                     keyed("val"), {(int(L), s): v for L, s, v in meta["fitted_r2"]},
+                     {(int(L), s): v for L, s, v in meta["head_fits"]}, meta["engine"])
 
 
 def _write_subpart(out: Path, pair: str, pc: Piece, settings: dict, identity: str, tensors: dict | None,

@@ -326,6 +326,42 @@ def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
     assert not (out / "mine" / "rq1.prev-1").exists()
 
 
+def test_sigterm_at_any_moment_gives_status_130_and_one_line(out, pairdir, tmp_path):
+    """SIGTERM at several moments of a run (imports, model load, compute): always status 130 and the one line,
+    never a traceback. A signal that lands inside an import used to surface as `ImportError: initialization
+    failed` (status 1) or leave CPython's unhandled-interrupt mark set (status -2, killed by SIGINT at exit).
+    Only a signal before mdiff's handler is installed (interpreter start-up) may end the default way (-15)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    hold = tmp_path / "hold"  # as above: the run never finishes before the signal
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(
+        "import time\nfrom mdiff import io\n_commit = io.ResultWriter.commit\n\n"
+        "def commit(self):\n    time.sleep(120)\n    return _commit(self)\n\nio.ResultWriter.commit = commit\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hold), root]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mdiff.cli", "rq1", "--pair", str(pairdir / "pair.toml"), "--out",
+           str(tmp_path / "o"), *RQ1]
+    codes = []
+    for delay in (0.6, 0.9, 1.3, 2.0, 3.0, 4.5):
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+        codes.append(p.returncode)
+        assert p.returncode in (130, -signal.SIGTERM), (delay, p.returncode, err)
+        assert "Traceback" not in err and "Error" not in err, (delay, err)
+        if p.returncode == 130:
+            assert [ln for ln in err.splitlines() if ln.strip()] == ["interrupted; rerun the same command to resume"]
+    assert codes.count(130) >= 4, codes
+    left = [q for q in (tmp_path / "o").rglob("*") if ".tmp-" in q.name] if (tmp_path / "o").exists() else []
+    assert not left
+
+
 def test_changing_n_needs_only_overwrite(out, pairdir):
     """Other prompts for the same store: refused in one line, then --overwrite collects the store anew."""
     args = ["rq1", "--pair", pairdir / "pair.toml", "--out", out, *RQ1, "--n", "6"]

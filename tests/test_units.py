@@ -71,9 +71,10 @@ def test_plan_keys_and_status(local, tmp_path):
     assert r.exit_code == 0 and [u["status"] for u in json.loads(r.output)] == ["done"] * 4, r.output
 
 
-def test_rq2_pieces_after_rq1(local, tmp_path):
+def test_rq2_and_rq4_pieces_after_rq1(local, tmp_path):
     """With RQ1 done, RQ2 is planned as its two sides (one model each), then one map-fitting unit per site (no model:
-    no GPU asked), then the rq2 unit; RQ4 is ready beside them."""
+    no GPU asked), then the rq2 unit; RQ4 beside them as its base side, then its layers' heads patched into tuned
+    in chunks of 3 layers, then the rq4 reduce (no model, no GPU)."""
     import shutil
 
     from mdiff.pairs import resolve_pair
@@ -90,7 +91,15 @@ def test_rq2_pieces_after_rq1(local, tmp_path):
     assert rq2 == ["rq2:side:base", "rq2:side:tuned"] + [f"rq2:fit:L{L}:{h}" for L in sites for h in hooks]
     assert [units[n].status for n in rq2] == [READY, READY] + [BLOCKED] * (len(rq2) - 2)
     assert [units[n].gpus for n in rq2] == [1, 1] + [0] * (len(rq2) - 2)
-    assert units["rq1"].status == DONE and units["rq2"].status == BLOCKED and units["rq4"].status == READY
+    assert units["rq1"].status == DONE and units["rq2"].status == BLOCKED and units["rq4"].status == BLOCKED
+    rq4 = [n for n in units if n.startswith("rq4:")]
+    layers = sorted({*json.loads((local / "toy-lowrank" / "rq4" / "config.json").read_text())["settings"]["layers"], 0})
+    chunks = [layers[i:i + 3] for i in range(0, len(layers), 3)]
+    assert rq4 == ["rq4:side:base"] + [f"rq4:heads:L{c[0]}-{c[-1]}" for c in chunks]
+    assert [units[n].status for n in rq4] == [READY] + [BLOCKED] * len(chunks)
+    assert [units[n].side for n in rq4] == ["base"] + ["tuned"] * len(chunks)
+    assert [units[n].gpus for n in rq4] == [1] * len(rq4) and units["rq4"].gpus == 0
+    assert not units["rq4"].loads_model and units["rq2"].loads_model
 
 
 def test_the_chunk_size_does_not_change_the_results(local, tmp_path):
@@ -163,28 +172,32 @@ def test_ray_study_with_a_killed_worker_equals_local_byte_for_byte(local, tmp_pa
 
 
 def test_submitit_killed_job_is_reported_and_a_rerun_equals_local(local, tmp_path, monkeypatch, deadline):
-    """RQ4's submitit job dies mid-step: the study reports it in one line naming the unit, keeps everything else
-    and leaves no half result; the same command again runs only RQ4 and ends with the local run's bytes."""
+    """The submitit job patching RQ4's heads into the tuned model dies mid-unit: the study reports it in one line
+    naming the unit, keeps everything else and leaves no half result; the same command again runs only what RQ4
+    still misses and ends with the local run's bytes."""
     pytest.importorskip("submitit", reason="submitit is not installed: pip install 'mdiff[slurm]' (make test does)")
     from mdiff.pairs import resolve_pair
     from mdiff.study import StudyConfig
-    from mdiff.units import DONE, READY, TEST_DIE_VAR, plan_units
+    from mdiff.units import BLOCKED, DONE, READY, TEST_DIE_VAR, plan_units
 
     out, died = tmp_path / "out", tmp_path / "died"
     args = ["study", *ARGS, "--out", str(out), "--executor", "slurm", "--slurm-cluster", "local", "--timeout-min", "20"]
-    monkeypatch.setenv(TEST_DIE_VAR, f"rq4:{died}")
+    monkeypatch.setenv(TEST_DIE_VAR, f"rq4:heads:{died}")
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and died.exists(), r.output
-    units = {u.step: u for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100, layers_per_unit=3), out)}
-    assert {s: u.status for s, u in units.items()} == {"rq1": DONE, "rq2": DONE, "rq3": DONE, "rq4": READY}
+    units = {u.name: u for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100, layers_per_unit=3), out)}
+    heads = [n for n in units if n.startswith("rq4:heads:")]
+    assert {s: units[s].status for s in RQS} == {"rq1": DONE, "rq2": DONE, "rq3": DONE, "rq4": BLOCKED}
+    assert units["rq4:side:base"].status == DONE and {units[n].status for n in heads} == {READY}
     err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and units["rq4"].key in err[0] and "(toy-lowrank rq4)" in err[0], r.output
+    assert len(err) == 1 and units[heads[0]].key in err[0] and f"(toy-lowrank {heads[0]})" in err[0], r.output
     assert "ended without a result" in err[0] and "Traceback" not in r.output
     assert not (out / "toy-lowrank" / "rq4").exists()
     _no_tmp(out)
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "rq4: running" in r.output and "rq1: already done" in r.output
+    assert f"{heads[0]}: running" in r.output and "rq4:side:base: running" not in r.output
+    assert "rq1: already done" in r.output
     _same_results(local, out)
     _no_tmp(out)
     _all_done_with_parts(out)
@@ -232,16 +245,16 @@ def test_done_comes_from_complete_folders_and_parts(local, tmp_path):
 
 
 def test_a_failing_unit_is_reported_and_nothing_else_is_lost(local, tmp_path, monkeypatch):
-    import mdiff.plan as S
+    """RQ4's reduce raises: one line names the rq4 unit's key and the message, RQ1-RQ3 and RQ4's pieces are kept,
+    and the rerun runs only the reduce."""
+    import mdiff.rq4 as R
 
-    real = S.run_step
+    real = R.reduce_rq4
 
-    def broken(spec, step, *a, **k):
-        if step == "rq4":
-            raise RuntimeError("disk on fire")
-        return real(spec, step, *a, **k)
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(S, "run_step", broken)
+    monkeypatch.setattr(R, "reduce_rq4", broken)
     r = runner.invoke(app, ["study", *ARGS, "--out", str(tmp_path)])
     assert r.exit_code == 2
     line = r.output.strip().splitlines()[-1]
@@ -258,8 +271,9 @@ def test_a_failing_unit_is_reported_and_nothing_else_is_lost(local, tmp_path, mo
     assert not (tmp_path / "toy-lowrank" / "rq4").exists()
     study = json.loads((tmp_path / "toy-lowrank" / "study.json").read_text())
     assert {s["step"]: s["status"] for s in study["steps"]}["rq4"] == "failed"
-    monkeypatch.setattr(S, "run_step", real)
-    _study(tmp_path)  # the rerun runs only what is missing
+    monkeypatch.setattr(R, "reduce_rq4", real)
+    r = _study(tmp_path)  # the rerun runs only what is missing
+    assert "rq4: running" in r.output and "rq4:heads" not in r.output and "rq4:side" not in r.output
     _same_results(local, tmp_path)
 
 
