@@ -210,7 +210,7 @@ def test_done_comes_from_complete_folders_and_parts(local, tmp_path):
 
     from mdiff.pairs import resolve_pair
     from mdiff.study import StudyConfig
-    from mdiff.units import DONE, READY, UnitTask, part_path, plan_units, read_part, run_unit
+    from mdiff.units import BLOCKED, DONE, READY, UnitTask, part_path, plan_units, read_part, run_unit
 
     out = tmp_path / "out"
     shutil.copytree(local / "toy-lowrank", out / "toy-lowrank")
@@ -235,13 +235,14 @@ def test_done_comes_from_complete_folders_and_parts(local, tmp_path):
     # a part without its folder, or with an incomplete one, is not done
     (out / "toy-lowrank" / "rq4" / "metrics.csv").unlink()
     shutil.rmtree(out / "toy-lowrank" / "rq3")
-    now = {u.step: u for u in plan_units(spec, scfg, out)}
-    assert (now["rq3"].status, now["rq4"].status) == (READY, READY) and now["rq1"].status == DONE
+    now = {u.name: u for u in plan_units(spec, scfg, out)}
+    assert (now["rq3"].status, now["rq4"].status) == (READY, BLOCKED) and now["rq1"].status == DONE
+    assert now["rq4:side:base"].status == READY  # RQ4 is redone from its pieces (the folder came with none)
     assert part_path(out, "toy-lowrank", now["rq3"].key).is_file()
     # a part that records another unit is ignored, never trusted
     p = part_path(out, "toy-lowrank", now["rq1"].key)
     p.write_text(p.read_text().replace('"rq1"', '"rq2"'))
-    assert next(u for u in plan_units(spec, scfg, out) if u.step == "rq1").part is False
+    assert next(u for u in plan_units(spec, scfg, out) if u.name == "rq1").part is False
 
 
 def test_a_failing_unit_is_reported_and_nothing_else_is_lost(local, tmp_path, monkeypatch):
@@ -264,7 +265,7 @@ def test_a_failing_unit_is_reported_and_nothing_else_is_lost(local, tmp_path, mo
     from mdiff.units import plan_units
 
     key = next(u.key for u in plan_units(resolve_pair("toy-lowrank"), StudyConfig(n=40, n_boot=100, layers_per_unit=3), tmp_path)
-               if u.step == "rq4")
+               if u.name == "rq4")
     assert key in line
     for rq in ("rq1", "rq2", "rq3"):  # everything else ran and is kept
         assert (tmp_path / "toy-lowrank" / rq / "metrics.csv").is_file()
