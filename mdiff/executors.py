@@ -146,7 +146,10 @@ class RayExecutor:
                 # results as they come: an actor whose units are all finished is freed at once, so that the
                 # CPUs and GPUs it holds go to the units still waiting (in order, a cluster with fewer CPUs than
                 # actors + tasks would wait forever)
-                done, pending = ray.wait(pending, num_returns=1)
+                # (a timeout, so that Python handles signals between polls: Ctrl-C, SIGTERM, a test's deadline)
+                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                if not done:
+                    continue
                 ref = done[0]
                 i = index[ref]
                 try:
