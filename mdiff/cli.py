@@ -759,7 +759,8 @@ def main() -> None:  # console-script entry point
         _say_interrupted()
         _exit_interrupted()
     except SystemExit as e:
-        if _said_interrupted and e.code == 130:
+        if e.code == 130:  # ours, or typer's for an interrupt before the command ran (while parsing, importing)
+            _say_interrupted()
             _exit_interrupted()
         raise
 
@@ -768,12 +769,16 @@ def _exit_interrupted() -> None:
     """Leave with status 130 for sure. An interrupt that lands while Python runs an import of the command can
     leave CPython's "unhandled KeyboardInterrupt" mark set even though the command handled it; the interpreter
     then kills itself with SIGINT at exit (status -2) instead of 130. The command's clean-up has run by now
-    (temporary folders removed, the line printed), so flush and exit directly."""
-    import logging
+    (temporary folders removed, the line printed), so run the exit handlers (a local Ray cluster's shutdown,
+    logging), flush and exit directly."""
+    import atexit
     import os
     import sys
 
-    logging.shutdown()
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - leaving anyway, with the documented status
+        pass
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()

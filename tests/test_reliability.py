@@ -347,7 +347,7 @@ def test_sigterm_at_any_moment_gives_status_130_and_one_line(out, pairdir, tmp_p
     cmd = [sys.executable, "-m", "mdiff.cli", "rq1", "--pair", str(pairdir / "pair.toml"), "--out",
            str(tmp_path / "o"), *RQ1]
     codes = []
-    for delay in (0.6, 0.9, 1.3, 2.0, 3.0, 4.5):
+    for delay in (0.3, 0.6, 0.9, 1.3, 2.0, 3.0, 4.5):
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         p.send_signal(signal.SIGTERM)
