@@ -44,7 +44,7 @@ from mdiff.config import COLLECT_HOOKS  # noqa: F401 (declared once, with the CL
 from mdiff.data import pad_left
 from mdiff.errors import MdiffError
 from mdiff.options import check_layers
-from mdiff.tmpfiles import left_behind, tmp_path
+from mdiff.tmpfiles import remove_stale_tmp, tmp_path
 
 STORE_VERSION = 2
 
@@ -57,13 +57,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files left by a run killed while writing (a resume writes those files again)."""
-    for tmp in path.glob(".*.tmp-*"):
-        if left_behind(tmp):
-            tmp.unlink(missing_ok=True)
 
 
 def _save_shard(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> str:
@@ -355,7 +348,7 @@ def collect(model, prepared: Prepared, side: str, hooks: list[str], layers: list
                                                  "token_ids": ids, "positions": positions}, indent=1))
 
     if path.is_dir():
-        _remove_stale_temporaries(path)
+        remove_stale_tmp(path)  # a resume writes those files again
     n = len(prepared)
     blocks = [(s, min(n, s + shard_prompts)) for s in range(0, n, shard_prompts)]
     pad_id = meta.get("pad_id", 0)

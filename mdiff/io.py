@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from mdiff.errors import MdiffError
-from mdiff.tmpfiles import left_behind, tmp_path
+from mdiff.tmpfiles import remove_stale_tmp, tmp_path
 
 METRIC_COLUMNS = ["pair", "rq", "layer", "hook", "condition", "metric", "value", "ci_low", "ci_high", "n"]
 
@@ -189,23 +189,6 @@ def same_results(a: Path, b: Path) -> bool:
         elif pa.stat().st_size != pb.stat().st_size or not filecmp.cmp(pa, pb, shallow=False):
             return False
     return True
-
-
-def remove_stale_tmp(folder: Path, name: str | None = None) -> list[Path]:
-    """Remove ``.<name>.tmp-<host>-<pid>`` folders/files in ``folder`` left by processes of this machine that no
-    longer run (:func:`mdiff.tmpfiles.left_behind`)."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for tmp in folder.glob(f".{glob.escape(name) if name else '*'}.tmp-*"):
-        if not left_behind(tmp):
-            continue
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
 
 
 def _write_error(path: Path, e: OSError) -> MdiffError:

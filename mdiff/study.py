@@ -27,7 +27,7 @@ from typing import Any
 from mdiff import models
 from mdiff.activations import atomic_write_text
 from mdiff.errors import MdiffError
-from mdiff.io import pair_identity, remove_stale_tmp
+from mdiff.io import pair_identity
 from mdiff.pairs import PairSpec
 from mdiff.plan import (  # noqa: F401 - the plan's public names are the study's too
     STEPS,
@@ -38,6 +38,7 @@ from mdiff.plan import (  # noqa: F401 - the plan's public names are the study's
     step_done,
     step_settings,
 )
+from mdiff.tmpfiles import remove_stale_tmp
 
 
 def run_study(spec: PairSpec, scfg: StudyConfig, out: str | Path, overwrite: bool = False, dry_run: bool = False,

@@ -8,8 +8,10 @@ file that a live unit elsewhere is writing. A name without a host (``.<name>.tmp
 this host's.
 """
 
+import glob
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -41,3 +43,20 @@ def left_behind(tmp: Path) -> bool:
     if not pid.isdigit() or (host and host != host_tag()):
         return False  # not a temporary of ours, or another machine's: its writer may still be at work
     return int(pid) == os.getpid() or not pid_alive(int(pid))
+
+
+def remove_stale_tmp(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove ``.<name>.tmp-<host>-<pid>`` folders/files (any name when ``name`` is None) in ``folder`` left by
+    processes of this machine that no longer run (:func:`left_behind`); returns what was removed."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(f".{glob.escape(name) if name else '*'}.tmp-*"):
+        if not left_behind(tmp):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed

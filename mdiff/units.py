@@ -427,7 +427,7 @@ def _run_piece(spec, cfg, scfg, out: Path, task: UnitTask, sett: dict, psha: str
         if task.step == "rq1":
             tensors, meta = _rq1_piece(session, cfg, pc, die)
         elif task.step == "rq4":
-            tensors, meta = _rq4_piece(spec, session, cfg, scfg, out, sett, psha, pc, die)
+            tensors, meta = _rq4_piece(spec, session, cfg, out, sett, psha, pc, pieces["rq4:side:base"], die)
         else:
             if die is not None:
                 die("start", 0.0)
@@ -455,12 +455,12 @@ def _rq1_piece(session, cfg, pc: Piece, die) -> tuple[dict, dict]:
         return _patch_arrays(rq1.rq1_patch(session, cfg, m, pc.side, list(pc.layers)))
 
 
-def _rq4_piece(spec, session, cfg, scfg, out: Path, sett: dict, psha: str, pc: Piece, die) -> tuple[dict, dict]:
+def _rq4_piece(spec, session, cfg, out: Path, sett: dict, psha: str, pc: Piece, side_pc: Piece, die
+               ) -> tuple[dict, dict]:
     from mdiff import rq4
 
     cfg = rq4.check_rq4(cfg, session.info)
     if pc.kind == "patch":  # the base heads come from the side piece's part
-        side_pc = _pieces(spec, "rq4", cfg, sett, psha, scfg.layers_per_unit)[0]
         if not _read_subpart(out, spec.name, side_pc, sett, psha):
             raise MdiffError(f"{spec.name} {pc.name} needs {side_pc.name} ({side_pc.key}) first; plan again")
         side = _heads_side(*_load_subpart(out, spec.name, side_pc.key))

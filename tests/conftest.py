@@ -14,11 +14,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-# numpy's BLAS pool was sized before this file ran (a plugin imports numpy): limit it too (mdiff.threads)
-from threadpoolctl import threadpool_limits  # noqa: E402
+from mdiff.threads import set_threads  # noqa: E402
 
-threadpool_limits(limits=1)
+# torch's threads and numpy's BLAS pool (sized before this file ran: a plugin imports numpy)
+set_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from mdiff.errors import MdiffError
-from mdiff.io import ResultWriter, next_prev, remove_stale_tmp
-from mdiff.tmpfiles import host_tag
+from mdiff.io import ResultWriter, next_prev
+from mdiff.tmpfiles import host_tag, remove_stale_tmp
 from mdiff.tmpfiles import tmp_path as tmp_path_of
 
 

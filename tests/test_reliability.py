@@ -277,18 +277,11 @@ def test_too_long_prompts_dropped_and_counted(pairdir, max_tokens):
         A.prepare_pair_prompts(dataclasses.replace(spec, too_long="error"), info, parse_positions("last"), None, 0, 20)
 
 
-def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
-    """SIGKILL leaves a temporary folder, which the next run removes; SIGTERM unwinds with one line (exit 130)."""
+def _held_before_commit(tmp_path: Path) -> dict:
+    """The environment of a child ``mdiff`` that pauses 120 s before it commits RQ1 (a sitecustomize of the tests'
+    own), so that a signal always finds the run at work with its temporary folder, however fast the machine."""
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from mdiff.tmpfiles import host_tag
-
-    # the child pauses before it commits RQ1 (a sitecustomize of this test's own), so that the signals below
-    # always find the run at work with its temporary folder, however fast the machine
     hold = tmp_path / "hold"
     hold.mkdir()
     (hold / "sitecustomize.py").write_text(
@@ -296,7 +289,19 @@ def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
         "def commit(self):\n    if self.path.name == 'rq1':\n        time.sleep(120)\n    return _commit(self)\n\n"
         "io.ResultWriter.commit = commit\n")
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hold), root]), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(hold), root]), "OMP_NUM_THREADS": "1"}
+
+
+def test_killed_runs_leave_nothing_behind(out, pairdir, tmp_path):
+    """SIGKILL leaves a temporary folder, which the next run removes; SIGTERM unwinds with one line (exit 130)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mdiff.tmpfiles import host_tag
+
+    env = _held_before_commit(tmp_path)
     cmd = [sys.executable, "-m", "mdiff.cli", "rq1", "--pair", str(pairdir / "pair.toml"), "--out", str(out), *RQ1,
            "--bootstrap", "12", "--overwrite"]
     before = _snapshot(out)
@@ -331,19 +336,12 @@ def test_sigterm_at_any_moment_gives_status_130_and_one_line(out, pairdir, tmp_p
     never a traceback. A signal that lands inside an import used to surface as `ImportError: initialization
     failed` (status 1) or leave CPython's unhandled-interrupt mark set (status -2, killed by SIGINT at exit).
     Only a signal before mdiff's handler is installed (interpreter start-up) may end the default way (-15)."""
-    import os
     import signal
     import subprocess
     import sys
     import time
 
-    hold = tmp_path / "hold"  # as above: the run never finishes before the signal
-    hold.mkdir()
-    (hold / "sitecustomize.py").write_text(
-        "import time\nfrom mdiff import io\n_commit = io.ResultWriter.commit\n\n"
-        "def commit(self):\n    time.sleep(120)\n    return _commit(self)\n\nio.ResultWriter.commit = commit\n")
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hold), root]), "OMP_NUM_THREADS": "1"}
+    env = _held_before_commit(tmp_path)  # the run never finishes before the signal
     cmd = [sys.executable, "-m", "mdiff.cli", "rq1", "--pair", str(pairdir / "pair.toml"), "--out",
            str(tmp_path / "o"), *RQ1]
     codes = []
