@@ -260,3 +260,29 @@ def test_study_picks_rq2_sites_from_rq1_components(pairs, rq1_runs):
     steps = {s["step"]: s for s in rec["steps"]}
     assert steps["rq1"]["status"] == "done"
     assert "mlp_out" in steps["rq2"]["settings"]["hooks"] and f"L{LP.MLP_LAYER} MLP" in steps["rq2"]["why"]
+
+
+def test_rq4_in_layer_chunks_equals_one_go_in_bf16(pairs, tmp_path):
+    """A study's RQ4 units (one tuned-model call per chunk of layers) give the bytes of one call over all layers
+    with the pair in bf16 too: conditions are grouped by layer and the rounding noise is seeded per site."""
+    from mdiff import rq4
+    from mdiff.config import RQ4Config
+    from mdiff.pairs import resolve_pair
+    from mdiff.session import PairSession
+
+    spec = resolve_pair(str(pairs["bf16"]))
+    assert spec.dtype == "bfloat16"
+    cfg = RQ4Config(layers=[LP.ATTN_LAYER, LP.MLP_LAYER], ks=[1, 2], sources=["raw", "mapped"], n=32, n_boot=50,
+                    random_sets=10, control_layer=0, batch_size=8)
+    with PairSession(spec, tmp_path, n=cfg.n, batch_size=cfg.batch_size, keep_model=True) as s:
+        with s.model("base") as m:
+            side = rq4.rq4_side(s, cfg, m)
+        with s.model("tuned") as m:
+            whole = rq4.rq4_heads(s, cfg, m, side, rq4.rq4_layers(cfg))
+            chunks = [rq4.rq4_heads(s, cfg, m, side, [L]) for L in reversed(rq4.rq4_layers(cfg))]
+        a, b = rq4.reduce_rq4(s, cfg, [whole]), rq4.reduce_rq4(s, cfg, chunks)
+    assert a.metrics.to_csv(index=False) == b.metrics.to_csv(index=False)
+    assert json.dumps(a.summary, sort_keys=True) == json.dumps(b.summary, sort_keys=True)
+    assert a.summary["noise"]["dtype"] == "bfloat16"
+    top = next(x for x in a.summary["layers"] if (x["layer"], x["site"], x["source"]) == (LP.ATTN_LAYER, "result", "raw"))
+    assert set(top["ranking_select"][:1]) <= set(LP.GROUP_HEADS), top["ranking_select"]  # the planted KV group
